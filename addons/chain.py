@@ -1,0 +1,128 @@
+"""The mitmproxy addon that turns a runmd file into the chain of plugin addons.
+
+`acr_addons.py` (for `mitmdump -s`) and `acr mirror start` both use this one class, so a
+pipeline behaves the same however it is started. The children are ordinary addons: mitmweb
+lists them, and mitmproxy calls their hooks in runmd order.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, exceptions, hooks
+
+from addons import catalog
+from addons.catalog import Compiled
+from addons.plugin import ProxyPlugin
+from addons.proxy import Proxy, ProxyTail
+from addons.routes import Route
+from addons.runmd import RunmdError, Step
+from addons.state import MirrorState, Settings
+
+logger = logging.getLogger(__name__)
+
+
+def build_state(compiled: Compiled, settings: Settings | None = None) -> MirrorState:
+    """The shared state of one loaded runmd: its upstreams, in the order `.mirror` lists them."""
+    upstreams = {}
+    for _, step in compiled.document.steps("mirror"):
+        upstream = compiled.config(step)
+        upstreams.setdefault(upstream.ns.lower(), upstream)
+    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
+
+
+def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
+    """The proxy root's addon, each step's addon in runmd order, and the tail guard."""
+    roots = list(compiled.document.roots("proxy"))
+    if not roots:
+        return []
+    root = roots[0]
+    if not state.upstreams:
+        raise RunmdError(compiled.path, root.line, "no upstream: add ': .mirror HOST' under '+ .runtime'")
+    routes: dict[str, tuple[Step, frozenset[str]]] = {}
+    steps: list[Any] = []
+    route: Step | None = None
+    for step in root.steps:
+        cls = compiled.classes[step.id]
+        assert issubclass(cls, ProxyPlugin)
+        if issubclass(cls, Route):
+            route = step
+            # The first route of a kind wins; a later duplicate would never see a flow.
+            routes.setdefault(cls.route_kind, (step, compiled.config(step)))
+        steps.append(cls(step, compiled.config(step), route, state))
+    return [Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
+
+
+class AcrMirror:
+    """Declares the mirror's options and holds the plugin addons built from the runmd."""
+
+    name = "acr"
+
+    def __init__(self, compiled: Compiled | None = None) -> None:
+        self.compiled = compiled
+        self.loaded_path: str | None = None
+        self.state: MirrorState | None = None
+        self.addons: list[Any] = []
+        if compiled is not None:
+            self.state = build_state(compiled)
+            self.addons = build_addons(compiled, self.state)
+            self.loaded_path = str(Path(compiled.path).resolve())
+
+    def load(self, loader) -> None:
+        loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
+        loader.add_option(
+            "acr_upstream_timeout", float, 30.0,
+            "Seconds to wait for an upstream answer before answering the client with 504.",
+        )
+        loader.add_option(
+            "acr_connect_timeout", float, 5.0,
+            "Seconds to wait for an upstream connection before answering the client with 502.",
+        )
+        loader.add_option(
+            "acr_follow_redirects", bool, True,
+            "Follow blob redirects to storage in the mirror (Authorization is dropped when the host "
+            "changes); off hands the redirect to the client.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "acr_upstream_timeout" in updated and ctx.options.acr_upstream_timeout <= 0:
+            raise exceptions.OptionsError("acr_upstream_timeout must be positive")
+        if "acr_connect_timeout" in updated and ctx.options.acr_connect_timeout <= 0:
+            raise exceptions.OptionsError("acr_connect_timeout must be positive")
+        if "acr_runmd" in updated and ctx.options.acr_runmd:
+            path = str(Path(ctx.options.acr_runmd).resolve())
+            if path != self.loaded_path:
+                try:
+                    compiled = catalog.load(path)
+                    state = build_state(compiled)
+                    children = build_addons(compiled, state)
+                except RunmdError as e:
+                    raise exceptions.OptionsError(str(e)) from None
+                self._replace(children)
+                self.compiled, self.state, self.loaded_path = compiled, state, path
+                logger.info("loaded %s: %d proxy steps", path, len(children))
+        if self.state is not None:
+            s = self.state.settings
+            s.upstream_timeout = ctx.options.acr_upstream_timeout
+            s.connect_timeout = ctx.options.acr_connect_timeout
+            s.follow_redirects = ctx.options.acr_follow_redirects
+
+    def _replace(self, children: list[Any]) -> None:
+        """Swap the plugin addons, the way mitmproxy's script loader swaps a script's addons."""
+        manager = ctx.master.addons
+        for old in self.addons:
+            manager.remove(old)
+        self.addons = []
+        for child in children:
+            manager.register(child)
+        self.addons = children
+        for child in children:
+            manager.invoke_addon_sync(child, hooks.ConfigureHook(set(ctx.options.keys())))
+        if getattr(self, "_running", False):
+            for child in children:
+                manager.invoke_addon_sync(child, hooks.RunningHook())
+
+    def running(self) -> None:
+        self._running = True

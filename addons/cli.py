@@ -1,0 +1,279 @@
+"""The `acr` command: write a mirror.runmd, show its steps, run the mirror.
+
+Every failure is one line on stderr and a non-zero exit: an operator reading a node's
+journal should see what is wrong without a traceback to dig through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import string
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from addons import __version__, catalog
+from addons.address import Address
+from addons.catalog import Compiled
+from addons.runmd import RunmdError
+from addons.runtime import Runtime, StepError
+
+logger = logging.getLogger("acr")
+
+DEFAULT_ARTIFACT_TYPES = (
+    "application/vnd.azure.artifact.streaming.v1",
+    "application/vnd.azure.artifact.streaming.link.v1",
+    "application/vnd.containerd.overlaybd.native.v1+json",
+)
+#: containerd's `ns` never carries a scheme; reverse mode needs a target, so a closed port.
+PLACEHOLDER_TARGET = "http://127.0.0.1:9"
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A one-line error for the operator, with the exit code to leave with."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def template_path() -> Path:
+    """The template beside the package (source checkout) or in the installed data folder."""
+    for candidate in (
+        Path(__file__).resolve().parent.parent / "mirror.runmd.template",
+        Path(sys.prefix) / "share" / "lifec-registry" / "mirror.runmd.template",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise CliError("mirror.runmd.template is not installed")
+
+
+def render_template(
+    *,
+    registry: str | None,
+    registry_host: str,
+    mirror_address: str,
+    upstream: str | None,
+    teleport_format: str,
+    artifact_types: Sequence[str],
+) -> str:
+    """Fill the template; with `upstream` the ACR login steps are left out."""
+    if upstream:
+        upstream_spec = upstream
+        host = upstream.split("://", 1)[-1]
+        runtime_steps = ""
+        login_acr_note = ""
+        runtime_notes = (
+            f"This mirror serves `{upstream}`. Put its credentials (if it needs any) in a file "
+            "`access_token` next to this file: `user:password`, or a bare refresh token.\n"
+        )
+    else:
+        if not registry:
+            raise CliError("acr init needs --registry NAME (or --upstream URL)", EXIT_USAGE)
+        host = f"{registry}.{registry_host}"
+        upstream_spec = host
+        runtime_steps = f": .login-acr    {registry}\n: .install      access_token\n"
+        login_acr_note = (
+            f"- `.login-acr {registry}` signs in to Azure with this node's identity and writes an ACR\n"
+            "  refresh token to `access_token` next to this file.\n"
+            "- `.install access_token` copies it, owner-only, into the work folder `.work/`.\n"
+        )
+        runtime_notes = f"This mirror serves the Azure Container Registry `{host}`.\n"
+    return string.Template(template_path().read_text()).substitute(
+        registry_host=host,
+        runtime_notes=runtime_notes,
+        login_acr_note=login_acr_note,
+        runtime_steps=runtime_steps,
+        upstream=upstream_spec,
+        mirror_address=mirror_address,
+        teleport_format=teleport_format,
+        artifact_types=", ".join(artifact_types),
+    )
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.runmd)
+    if path.exists() and not args.force:
+        raise CliError(f"{path} exists; use --force to overwrite it")
+    text = render_template(
+        registry=args.registry,
+        registry_host=args.registry_host,
+        mirror_address=args.mirror_address,
+        upstream=args.upstream,
+        teleport_format=args.teleport_format,
+        artifact_types=args.artifact_type or DEFAULT_ARTIFACT_TYPES,
+    )
+    try:
+        catalog.parse_text(text, str(path))
+    except RunmdError as e:
+        # The options made a file the mirror would refuse: say which option, not which line.
+        raise CliError(f"these options make an invalid mirror.runmd: {e.message}", EXIT_USAGE) from None
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def dump(compiled: Compiled) -> str:
+    """The numbered map of a runmd: blocks, roots and steps with their ids and inputs."""
+    lines = [f"# {compiled.path}"]
+    width = len(str(max(compiled.document.ids(), default=1)))
+    for block in compiled.document.blocks:
+        lines.append(f"block "{block.title}" (line {block.line})")
+        for control in block.controls:
+            lines.append(f"  {'':>{width}}  {control.name} .{control.type} "{control.value}"")
+        for root in block.roots:
+            lines.append(f"  {root.id:>{width}}: {root.kind}{' "' + root.input + '"' if root.input else ''}")
+            depth = 1
+            for step in root.steps:
+                cls = compiled.classes[step.id]
+                if getattr(cls, "route_kind", ""):
+                    depth = 1
+                text = f"  {step.id:>{width}}: {'  ' * depth}{step.plugin}"
+                if step.input:
+                    text += f" "{step.input}""
+                lines.append(text)
+                for attr in step.attributes:
+                    lines.append(f"  {'':>{width}}  {'  ' * (depth + 1)}.{attr.name} "{attr.input}"")
+                if getattr(cls, "route_kind", ""):
+                    depth = 2
+    return "\n".join(lines)
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    print(dump(load(args.runmd)))
+    return 0
+
+
+def load(path: str) -> Compiled:
+    try:
+        return catalog.load(path)
+    except RunmdError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+def listen_address(compiled: Compiled, allow_remote: bool) -> Address:
+    roots = list(compiled.document.roots("proxy"))
+    if not roots:
+        raise CliError(f"{compiled.path}: no '+ .proxy ADDR' block: nothing to serve", EXIT_USAGE)
+    address: Address = compiled.config(roots[0])
+    if not address.loopback:
+        if not allow_remote:
+            raise CliError(
+                f"{compiled.path}:{roots[0].line}: '{address}' is not a loopback address; whoever reaches "
+                "the mirror pulls with this node's credentials: pass --allow-remote if you mean it",
+                EXIT_USAGE,
+            )
+        logger.warning("listening on %s: every client that reaches it pulls with this node's credentials", address)
+    return address
+
+
+def cmd_mirror_start(args: argparse.Namespace) -> int:
+    compiled = load(args.runmd)
+    address = listen_address(compiled, args.allow_remote)
+    start_id = args.id or 0
+    if start_id:
+        try:
+            compiled.step(start_id)
+        except KeyError as e:
+            raise CliError(str(e.args[0]), EXIT_USAGE) from None
+    runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
+    try:
+        ran = runtime.run(start_id)
+    except StepError as e:
+        raise CliError(str(e)) from None
+    logger.info("%d runtime step(s) ran; serving on %s", ran, address)
+    return asyncio.run(serve(compiled, address, args))
+
+
+async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
+    """Run mitmproxy in-process with the runmd's chain until SIGINT or SIGTERM."""
+    from mitmproxy import options
+    from mitmproxy.tools.dump import DumpMaster
+
+    from addons.chain import AcrMirror
+
+    # From here on mitmproxy's termlog prints every log line; ours would print them twice.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG)
+    opts = options.Options()
+    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    opts.update(
+        mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
+        connection_strategy="lazy",
+        termlog_verbosity="debug" if args.verbose else "info",
+    )
+    master.addons.add(AcrMirror(compiled))
+    try:
+        opts.update(acr_runmd=str(Path(compiled.path).resolve()))
+        if args.set:
+            opts.set(*args.set)
+    except Exception as e:  # OptionsError and friends: one line, no traceback
+        raise CliError(f"bad option: {e}", EXIT_USAGE) from None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    await master.run()
+    logger.info("mirror stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acr", description="lifec-registry: a registry mirror for containerd")
+    parser.add_argument("--version", action="version", version=f"acr {__version__}")
+    parser.add_argument("--runmd", default="mirror.runmd", help="the runmd file (default: ./mirror.runmd)")
+    parser.add_argument("--registry", help="the ACR registry name, e.g. example for example.azurecr.io")
+    parser.add_argument("--registry-host", default="azurecr.io", help="the registry's domain (default: azurecr.io)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    init = sub.add_parser("init", help="write ./mirror.runmd from the template")
+    init.add_argument("--mirror-address", default="localhost:8578", help="where the mirror listens (default: localhost:8578)")
+    init.add_argument("--upstream", help="serve this registry URL instead of ACR, e.g. http://127.0.0.1:5000")
+    init.add_argument("--teleport-format", default="overlaybd", help="the streamable format (default: overlaybd)")
+    init.add_argument("--artifact-type", action="append", help="a referrer artifact type to discover (repeatable)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing mirror.runmd")
+    init.set_defaults(func=cmd_init)
+
+    dump_p = sub.add_parser("dump", help="print the numbered steps of mirror.runmd")
+    dump_p.set_defaults(func=cmd_dump)
+
+    mirror = sub.add_parser("mirror", help="run the mirror")
+    mirror_sub = mirror.add_subparsers(dest="mirror_command", metavar="COMMAND", required=True)
+    start = mirror_sub.add_parser("start", help="run the runtime steps, then serve until SIGINT/SIGTERM")
+    start.add_argument("--id", type=int, default=0, help="start at step N (see 'acr dump')")
+    start.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
+    start.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
+    start.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
+    start.set_defaults(func=cmd_mirror_start)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"acr: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
