@@ -120,16 +120,20 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _q(text: str) -> str:
+    return '"' + text.replace('"', '\\"') + '"'
+
+
 def dump(compiled: Compiled) -> str:
     """The numbered map of a runmd: blocks, roots and steps with their ids and inputs."""
     lines = [f"# {compiled.path}"]
     width = len(str(max(compiled.document.ids(), default=1)))
     for block in compiled.document.blocks:
-        lines.append(f"block "{block.title}" (line {block.line})")
+        lines.append(f"block {_q(block.title)} (line {block.line})")
         for control in block.controls:
-            lines.append(f"  {'':>{width}}  {control.name} .{control.type} "{control.value}"")
+            lines.append(f"  {'':>{width}}  {control.name} .{control.type} {_q(control.value)}")
         for root in block.roots:
-            lines.append(f"  {root.id:>{width}}: {root.kind}{' "' + root.input + '"' if root.input else ''}")
+            lines.append(f"  {root.id:>{width}}: {root.kind}{' ' + _q(root.input) if root.input else ''}")
             depth = 1
             for step in root.steps:
                 cls = compiled.classes[step.id]
@@ -137,10 +141,10 @@ def dump(compiled: Compiled) -> str:
                     depth = 1
                 text = f"  {step.id:>{width}}: {'  ' * depth}{step.plugin}"
                 if step.input:
-                    text += f" "{step.input}""
+                    text += f" {_q(step.input)}"
                 lines.append(text)
                 for attr in step.attributes:
-                    lines.append(f"  {'':>{width}}  {'  ' * (depth + 1)}.{attr.name} "{attr.input}"")
+                    lines.append(f"  {'':>{width}}  {'  ' * (depth + 1)}.{attr.name} {_q(attr.input)}")
                 if getattr(cls, "route_kind", ""):
                     depth = 2
     return "\n".join(lines)
