@@ -17,6 +17,7 @@ from addons import catalog
 from addons.catalog import Compiled
 from addons.plugin import ProxyPlugin
 from addons.proxy import Proxy, ProxyTail
+from addons.pull import TokenScrub
 from addons.routes import Route
 from addons.runmd import RunmdError, Step
 from addons.state import MirrorState, Settings
@@ -71,6 +72,12 @@ class AcrMirror:
             self.loaded_path = str(Path(compiled.path).resolve())
 
     def load(self, loader) -> None:
+        # First in the master's chain, ahead of the flow writer and mitmweb (see TokenScrub).
+        manager = ctx.master.addons
+        if manager.get(TokenScrub.name) is None:
+            scrubber = TokenScrub()
+            manager.lookup[TokenScrub.name] = scrubber
+            manager.chain.insert(0, scrubber)
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
         loader.add_option(
             "acr_upstream_timeout", float, 30.0,

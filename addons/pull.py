@@ -1,20 +1,59 @@
-"""`.pull [follow|client]`: stream blobs from upstream, following storage redirects."""
+"""`.pull [follow|client]`: blobs streamed from upstream; tag lists passed through.
+
+A blob GET is probed first by the mirror itself (bounded by the upstream timeout, renewing
+an expired token once): a registry that redirects to blob storage answers the probe with
+the storage URL, which mitmproxy then streams from *without* the registry token; a
+registry that serves blobs itself is remembered, probed with a cheap HEAD from then on, and
+streamed with the token. Bodies are streamed chunk by chunk, never held whole. HEAD
+requests and tag lists are small: the mirror answers them itself.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from urllib.parse import urljoin, urlsplit
 
+import requests
+from mitmproxy import http
+
+from addons import oci
 from addons.plugin import ProxyPlugin
+from addons.state import info, note
+from addons.upstream import Authorizer, UpstreamError, send
 
 logger = logging.getLogger(__name__)
 
 REDIRECTS = ("follow", "client")
+MAX_REDIRECTS = 5
+#: Upstream headers worth passing on with a blob or tag list.
+_PASS_HEADERS = (
+    "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified",
+    oci.CONTENT_DIGEST_HEADER, "Link", "Retry-After",
+)
+AUTH_FORWARDED = "authorization_forwarded"
+
+
+def _pass_headers(resp: requests.Response) -> dict[str, str]:
+    out = {k: resp.headers[k] for k in _PASS_HEADERS if k in resp.headers}
+    out[oci.API_VERSION_HEADER] = oci.API_VERSION
+    return out
+
+
+def same_origin(a: str, b: str) -> bool:
+    x, y = urlsplit(a), urlsplit(b)
+    return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
+
+
+def scrub(flow: http.HTTPFlow) -> None:
+    """Remove the upstream token from a forwarded request once it is on the wire."""
+    flow.request.headers.pop("Authorization", None)
 
 
 class Pull(ProxyPlugin):
     plugin = "pull"
     routes = frozenset({"blobs", "tags"})
-    summary = "stream the blob (or tag list) from upstream; 'client' hands storage redirects to the client"
+    summary = "stream blobs (follow storage redirects; 'client' hands them to the client) and pass tag lists"
 
     @classmethod
     def parse(cls, text: str) -> str:
@@ -22,3 +61,180 @@ class Pull(ProxyPlugin):
         if mode not in REDIRECTS:
             raise ValueError(f"unknown redirect mode '{text}' (expected: {', '.join(REDIRECTS)})")
         return mode
+
+    @property
+    def follow(self) -> bool:
+        return self.config == "follow" and self.state.settings.follow_redirects
+
+    def blob_modes(self) -> dict[str, str]:
+        """upstream ns -> 'direct' or 'redirect', as learned from the probes."""
+        return self.state.service("blob_modes", dict)
+
+    # -- blocking helpers (run in a thread) ---------------------------------------------
+
+    def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str) -> tuple[str, requests.Response | None]:
+        """Follow registry redirects; return the URL to stream from and, for HEAD, the answer."""
+        current, current_auth = url, auth
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = send(self.state, method, current, headers=extra, auth=current_auth, stream=True, what=what)
+            if resp.is_redirect and "Location" in resp.headers:
+                resp.close()
+                target = urljoin(current, resp.headers["Location"])
+                if not same_origin(target, current):
+                    current_auth = None  # a storage host never gets the registry's token
+                current = target
+                if current_auth is None and method == "GET":
+                    return current, None  # storage: let mitmproxy stream it
+                continue
+            if resp.status_code >= 400:
+                resp.close()
+                raise UpstreamError.from_status(resp, what)
+            if method == "GET":
+                resp.close()
+                return current, None
+            return current, resp
+        raise UpstreamError(502, "UNAVAILABLE", f"{what}: too many redirects upstream")
+
+    # -- hooks --------------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if not self.claims(flow):
+            return
+        meta = info(flow)
+        private = self.state.private_of(flow)
+        auth: Authorizer | None = private.get("authorizer")
+        upstream = self.state.upstreams[meta["ns"].lower()]
+        method = flow.request.method
+        if meta["route"] == "tags":
+            path = f"/v2/{meta['name']}/tags/list"
+            what = f"tags of {meta['name']}"
+        else:
+            path = f"/v2/{meta['name']}/blobs/{meta['reference']}"
+            what = f"blob {meta['reference']}"
+        query = [(k, v) for k, v in flow.request.query.items(multi=True) if k != "ns"]
+        url = upstream.url(path)
+        if query:
+            url += "?" + "&".join(f"{k}={v}" for k, v in query)
+        extra = {k: v for k, v in flow.request.headers.items() if k.lower() in ("range", "accept", "if-none-match")}
+        try:
+            if method == "HEAD" or meta["route"] == "tags":
+                await self.answer_small(flow, method, url, extra, auth, what)
+                return
+            await self.forward_blob(flow, url, extra, auth, what, upstream.ns)
+        except UpstreamError as e:
+            flow.response = e.response(method)
+            meta["upstream_status"] = e.status
+            note(flow, "pull", e.message)
+            logger.info("%s %s -> %d (%s)", method, what, e.status, e.message)
+
+    async def answer_small(self, flow: http.HTTPFlow, method: str, url: str, extra: dict[str, str], auth: Authorizer | None, what: str) -> None:
+        """HEAD of a blob, or a tag list: the mirror answers from its own request."""
+
+        def fetch() -> http.Response:
+            _, resp = self.probe(url, method, extra, auth, what) if method == "HEAD" else (url, None)
+            if resp is None:
+                resp = send(self.state, method, url, headers=extra, auth=auth, stream=True, what=what)
+                if resp.status_code >= 400:
+                    resp.close()
+                    raise UpstreamError.from_status(resp, what)
+            try:
+                body = b"" if method == "HEAD" else resp.raw.read(4 * 1024 * 1024 + 1, decode_content=True)
+            except (requests.RequestException, OSError):
+                raise UpstreamError(502, "UNAVAILABLE", f"{what}: upstream body cut short") from None
+            finally:
+                resp.close()
+            if len(body) > 4 * 1024 * 1024:
+                raise UpstreamError(502, "UNSUPPORTED", f"{what}: upstream answer is larger than 4 MiB")
+            headers = _pass_headers(resp)
+            if method != "HEAD":
+                headers.pop("Content-Length", None)  # the body may have been decoded
+            out = http.Response.make(resp.status_code, body, headers)
+            if method == "HEAD" and "Content-Length" in headers:
+                out.headers["Content-Length"] = headers["Content-Length"]
+            return out
+
+        flow.response = await asyncio.to_thread(fetch)
+        note(flow, "pull", f"{method} answered by the mirror ({flow.response.status_code})")
+
+    async def forward_blob(self, flow: http.HTTPFlow, url: str, extra: dict[str, str], auth: Authorizer | None, what: str, ns: str) -> None:
+        """Point the flow at the URL to stream from; mitmproxy streams it to the client."""
+        modes = self.blob_modes()
+        if not self.follow:
+            target = url
+        elif modes.get(ns) == "direct":
+            # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
+            await asyncio.to_thread(self.probe, url, "HEAD", extra, auth, what)
+            target = url
+        else:
+            target, _ = await asyncio.to_thread(self.probe, url, "GET", extra, auth, what)
+            modes[ns] = "direct" if target == url else "redirect"
+        meta = info(flow)
+        flow.request.url = target
+        flow.request.headers.pop("Authorization", None)
+        if same_origin(target, url) and auth is not None:
+            header = await asyncio.to_thread(auth.header)
+            if header:
+                flow.request.headers["Authorization"] = header
+                self.state.private_of(flow)[AUTH_FORWARDED] = True
+        meta["forward"] = True
+        meta["redirected"] = target != url
+        host = urlsplit(target).netloc
+        note(flow, "pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("acr") or {}
+        if not meta.get("forward") or meta.get("route_id") != getattr(self.route, "id", None):
+            return
+        scrub(flow)
+        resp = flow.response
+        assert resp is not None
+        self.state.counters["blobs_streamed"] += 1
+        resp.stream = True
+        meta["upstream_status"] = resp.status_code
+        if 300 <= resp.status_code < 400 and "Location" in resp.headers:
+            # Redirected where the probe was not: hand the redirect on; learn for next time.
+            self.blob_modes()[meta["ns"]] = "redirect"
+        elif resp.status_code in (401, 403, 429):
+            # The client must not be sent to the upstream's token realm: make it fall back.
+            mapped = {401: 502, 403: 502, 429: 503}[resp.status_code]
+            resp.status_code = mapped
+            resp.headers.pop("WWW-Authenticate", None)
+            auth = self.state.private_of(flow).get("authorizer")
+            if auth is not None:
+                auth.tokens.invalidate(auth.upstream, auth.scope)
+        for name in ("Set-Cookie",):
+            resp.headers.pop(name, None)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("acr") or {}
+        if meta.get("forward") and meta.get("route_id") == getattr(self.route, "id", None):
+            logger.info("GET %s -> %d streamed", meta.get("reference"), flow.response.status_code if flow.response else 0)
+
+
+class TokenScrub:
+    """Removes the upstream token from forwarded requests before mitmproxy's own addons see them.
+
+    mitmproxy's flow writer (`-w`) and mitmweb run before script addons, and the writer saves
+    a flow in its `response` and `error` hooks: this addon is placed first in the master's
+    chain (by addons.chain) so that no saved or displayed flow ever carries the token.
+    """
+
+    name = "acr-token-scrub"
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if (flow.metadata.get("acr") or {}).get("forward"):
+            scrub(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.responseheaders(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.responseheaders(flow)
+
+    def done(self) -> None:
+        from mitmproxy import ctx
+
+        save = ctx.master.addons.get("save")
+        for flow in list(getattr(save, "active_flows", ())):
+            if isinstance(flow, http.HTTPFlow):
+                self.responseheaders(flow)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,13 @@ class MirrorState:
     upstreams: dict[str, Upstream]
     settings: Settings = field(default_factory=Settings)
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
-    #: Set by the `.authn` step's first use; shared by every route.
+    #: Helpers shared by every route (HTTP session, token client), made on first use.
     services: dict[str, Any] = field(default_factory=dict)
+    #: Per-flow objects that must never enter flow.metadata, which is saved to flow files:
+    #: credentials, authorizers, the manifest body behind a HEAD answer.
+    private: weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, Any]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
         """The upstream named by containerd's `ns`, or the only one when a client sends none."""
@@ -48,6 +54,9 @@ class MirrorState:
                 return next(iter(self.upstreams.values()))
             return None
         return self.upstreams.get(ns.lower())
+
+    def private_of(self, flow: http.HTTPFlow) -> dict[str, Any]:
+        return self.private.setdefault(flow, {})
 
     def service(self, key: str, factory: Any) -> Any:
         """One shared helper object per mirror (token client, HTTP session), made on first use."""
