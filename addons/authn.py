@@ -51,7 +51,7 @@ class Authn(ProxyPlugin):
         except UpstreamError as e:
             flow.response = e.response(flow.request.method)
             note(flow, "authn", e.message)
-            logger.info("%s %s: %s", flow.request.method, meta["name"], e.message)
+            logger.debug("%s %s: %s", flow.request.method, meta["name"], e.message)
             return
         private["authorizer"] = authorizer
         scheme = header.split(" ", 1)[0].lower() if header else "anonymous"

@@ -11,13 +11,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions, hooks
+from collections.abc import Sequence
+
+from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
 from addons.catalog import Compiled
 from addons.plugin import ProxyPlugin
 from addons.proxy import Proxy, ProxyTail
 from addons.pull import TokenScrub
+from addons.teleport import parse_platform
 from addons.routes import Route
 from addons.runmd import RunmdError, Step
 from addons.state import MirrorState, Settings
@@ -93,11 +96,28 @@ class AcrMirror:
             "changes); off hands the redirect to the client.",
         )
 
+        loader.add_option(
+            "acr_discover_timeout", float, 5.0,
+            "Seconds a referrers lookup may take before teleport gives up and serves the original.",
+        )
+        loader.add_option(
+            "acr_platform", str, "",
+            "The platform teleport picks streamable images for, as os/arch[/variant] "
+            "(default: this machine's).",
+        )
+
     def configure(self, updated: set[str]) -> None:
         if "acr_upstream_timeout" in updated and ctx.options.acr_upstream_timeout <= 0:
             raise exceptions.OptionsError("acr_upstream_timeout must be positive")
         if "acr_connect_timeout" in updated and ctx.options.acr_connect_timeout <= 0:
             raise exceptions.OptionsError("acr_connect_timeout must be positive")
+        if "acr_discover_timeout" in updated and ctx.options.acr_discover_timeout <= 0:
+            raise exceptions.OptionsError("acr_discover_timeout must be positive")
+        if "acr_platform" in updated and ctx.options.acr_platform:
+            try:
+                parse_platform(ctx.options.acr_platform)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"acr_platform: {e}") from None
         if "acr_runmd" in updated and ctx.options.acr_runmd:
             path = str(Path(ctx.options.acr_runmd).resolve())
             if path != self.loaded_path:
@@ -115,6 +135,8 @@ class AcrMirror:
             s.upstream_timeout = ctx.options.acr_upstream_timeout
             s.connect_timeout = ctx.options.acr_connect_timeout
             s.follow_redirects = ctx.options.acr_follow_redirects
+            s.discover_timeout = ctx.options.acr_discover_timeout
+            s.platform = ctx.options.acr_platform
 
     def _replace(self, children: list[Any]) -> None:
         """Swap the plugin addons, the way mitmproxy's script loader swaps a script's addons."""
@@ -133,3 +155,20 @@ class AcrMirror:
 
     def running(self) -> None:
         self._running = True
+
+    @command.command("acr.teleports")
+    def teleports(self, flows: Sequence[flow.Flow]) -> Sequence[str]:
+        """One line per manifest flow: teleported from -> to, or why not."""
+        out = []
+        for f in flows:
+            meta = f.metadata.get("acr") or {}
+            t = meta.get("teleport")
+            if not t:
+                continue
+            where = f"{meta.get('name')}:{meta.get('reference')}"
+            if "to" in t:
+                out.append(f"{where} teleported {t['from']} -> {t['to']} ({t['format']})")
+            else:
+                out.append(f"{where} not teleported: {t['skipped']}: {t.get('message', '')}")
+        return out
+

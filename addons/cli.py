@@ -208,6 +208,9 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(logging.DEBUG)
+    if not args.verbose:
+        # Connection open/close lines drown the one line per request the mirror writes.
+        logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     opts = options.Options()
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     opts.update(

@@ -76,7 +76,7 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
         flow.response.headers[k] = v
     info(flow)["refused"] = f"{status} {code}"
     flow.comment = f"refused: {status} {code}: {message}"
-    logger.info("%s %s -> %d %s (%s)", flow.request.method, _safe_path(flow), status, code, message)
+    note(flow, "proxy", f"refused {status} {code}: {message}")
 
 
 def _safe_path(flow: http.HTTPFlow) -> str:
@@ -146,10 +146,39 @@ class Proxy(ProxyPlugin):
         flow.comment = f"{target.kind} {target.name}{':' if target.reference else ''}{target.reference} ← {upstream.ns}"
 
 
+def summary(flow: http.HTTPFlow) -> str:
+    """The one log line of a request: what was asked, the answer, and the decisions that shaped it."""
+    meta = flow.metadata.get("acr") or {}
+    req = flow.request
+    status = flow.response.status_code if flow.response else "error"
+    what = _safe_path(flow)
+    if meta.get("route") and meta.get("route") != "ping":
+        what = f"{meta['route']} {meta.get('name')}{':' if meta.get('reference') else ''}{meta.get('reference', '')}"
+    parts = [f"{req.method} {what} -> {status}"]
+    resolved = meta.get("resolved")
+    if resolved:
+        parts.append(resolved["digest"])
+    teleport = meta.get("teleport") or {}
+    if "to" in teleport:
+        parts.append(f"teleported to {teleport['to']}")
+    elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
+        parts.append(f"no teleport ({teleport['skipped']})")
+    if meta.get("redirected"):
+        parts.append("via storage")
+    if meta.get("refused"):
+        parts.append(f"refused {meta['refused']}")
+    if flow.error:
+        parts.append(f"error: {flow.error.msg}")
+    if meta.get("upstream") and not meta.get("refused"):
+        parts.append(f"[{meta.get('ns')}]")
+    return " ".join(parts)
+
+
 class ProxyTail:
     """The last addon of the chain: a routed flow that no step answered or forwarded gets a 500.
 
-    Without it mitmproxy would send the request to reverse mode's placeholder target.
+    Without it mitmproxy would send the request to reverse mode's placeholder target. It also
+    writes each request's one log line, once the answer is complete.
     """
 
     name = "acr-proxy-tail"
@@ -167,3 +196,11 @@ class ProxyTail:
             refuse(flow, 500, "UNSUPPORTED", f"no step of the .{meta['route']} route answered: check mirror.runmd")
         else:
             refuse(flow, 404, "NOT_FOUND", "not served")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if "acr" in flow.metadata:
+            logger.info(summary(flow))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if "acr" in flow.metadata:
+            logger.info(summary(flow))

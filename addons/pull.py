@@ -125,7 +125,7 @@ class Pull(ProxyPlugin):
             flow.response = e.response(method)
             meta["upstream_status"] = e.status
             note(flow, "pull", e.message)
-            logger.info("%s %s -> %d (%s)", method, what, e.status, e.message)
+            logger.debug("%s %s -> %d (%s)", method, what, e.status, e.message)
 
     async def answer_small(self, flow: http.HTTPFlow, method: str, url: str, extra: dict[str, str], auth: Authorizer | None, what: str) -> None:
         """HEAD of a blob, or a tag list: the mirror answers from its own request."""
@@ -208,7 +208,7 @@ class Pull(ProxyPlugin):
     def response(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get("acr") or {}
         if meta.get("forward") and meta.get("route_id") == getattr(self.route, "id", None):
-            logger.info("GET %s -> %d streamed", meta.get("reference"), flow.response.status_code if flow.response else 0)
+            logger.debug("GET %s -> %d streamed", meta.get("reference"), flow.response.status_code if flow.response else 0)
 
 
 class TokenScrub:

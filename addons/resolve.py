@@ -23,7 +23,8 @@ from mitmproxy import http
 from addons import oci
 from addons.plugin import ProxyPlugin, split_list
 from addons.state import MirrorState, info, note
-from addons.upstream import UpstreamError, send
+from addons.oci import Upstream
+from addons.upstream import Authorizer, UpstreamError, send
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,28 @@ def manifest_cache(state: MirrorState) -> ManifestCache:
     return state.service("manifests", ManifestCache)
 
 
+def fetch_manifest(
+    state: MirrorState, upstream: Upstream, name: str, ref: str, accept: str, authorizer: Authorizer | None
+) -> tuple[Manifest, bool]:
+    """Blocking: a manifest from the cache (by digest) or upstream; True when it came from the cache."""
+    cache = manifest_cache(state)
+    if oci.is_digest(ref):
+        hit = cache.get((upstream.ns, name, ref))
+        if hit is not None:
+            return hit, True
+    what = f"manifest {name}:{ref}"
+    resp = send(
+        state, "GET", upstream.url(f"/v2/{name}/manifests/{ref}"),
+        headers={"Accept": accept}, auth=authorizer, stream=True, what=what,
+    )
+    if resp.status_code != 200:
+        resp.close()
+        raise UpstreamError.from_status(resp, what)
+    manifest = read_manifest(resp, ref, what)
+    cache.put((upstream.ns, name, manifest.digest), manifest)
+    return manifest, False
+
+
 class Resolve(ProxyPlugin):
     plugin = "resolve"
     routes = frozenset({"manifests"})
@@ -161,28 +184,6 @@ class Resolve(ProxyPlugin):
     def parse(cls, text: str) -> tuple[str, ...]:
         return parse_media_types(text)
 
-    def fetch(self, flow_info: dict, accept: str, authorizer) -> tuple[Manifest, bool]:
-        """Blocking: the manifest from the cache (by digest) or upstream; True when cached."""
-        upstream = self.state.upstreams[flow_info["ns"].lower()]
-        name, ref = flow_info["name"], flow_info["reference"]
-        cache = manifest_cache(self.state)
-        key = (upstream.ns, name, ref)
-        if oci.is_digest(ref):
-            hit = cache.get(key)
-            if hit is not None:
-                return hit, True
-        what = f"manifest {name}:{ref}"
-        resp = send(
-            self.state, "GET", upstream.url(f"/v2/{name}/manifests/{ref}"),
-            headers={"Accept": accept}, auth=authorizer, stream=True, what=what,
-        )
-        if resp.status_code != 200:
-            resp.close()
-            raise UpstreamError.from_status(resp, what)
-        manifest = read_manifest(resp, ref, what)
-        cache.put((upstream.ns, name, manifest.digest), manifest)
-        return manifest, False
-
     async def request(self, flow: http.HTTPFlow) -> None:
         if not self.claims(flow):
             return
@@ -190,19 +191,22 @@ class Resolve(ProxyPlugin):
         private = self.state.private_of(flow)
         accept = oci.merge_accept(oci.accept_values(flow.request.headers), self.config)
         try:
-            manifest, cached = await asyncio.to_thread(self.fetch, meta, accept, private.get("authorizer"))
+            manifest, cached = await asyncio.to_thread(
+                fetch_manifest, self.state, self.state.upstreams[meta["ns"].lower()],
+                meta["name"], meta["reference"], accept, private.get("authorizer"),
+            )
         except UpstreamError as e:
             flow.response = e.response(flow.request.method)
             meta["upstream_status"] = e.status
             note(flow, "resolve", e.message)
-            logger.info("%s %s:%s -> %d (%s)", flow.request.method, meta["name"], meta["reference"], e.status, e.message)
+            logger.debug("%s %s:%s -> %d (%s)", flow.request.method, meta["name"], meta["reference"], e.status, e.message)
             return
         self.state.counters["manifests_cached" if cached else "manifests_fetched"] += 1
         private["manifest"] = manifest
+        private["accept"] = accept
         meta["resolved"] = manifest.as_dict()
         flow.response = manifest_response(flow.request.method, manifest)
         note(flow, "resolve", f"{manifest.digest} {manifest.media_type} {manifest.size} B{' (cached)' if cached else ''}")
-        logger.info(
-            "%s %s:%s -> %s (%s)", flow.request.method, meta["name"], meta["reference"], manifest.digest,
+        logger.debug("%s %s:%s -> %s (%s)", flow.request.method, meta["name"], meta["reference"], manifest.digest,
             "cache" if cached else meta["upstream"],
         )

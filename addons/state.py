@@ -31,6 +31,9 @@ class Settings:
     upstream_timeout: float = 30.0
     connect_timeout: float = 5.0
     follow_redirects: bool = True
+    discover_timeout: float = 5.0
+    #: The platform teleport chooses for, as os/arch[/variant].
+    platform: str = ""
 
 
 @dataclass

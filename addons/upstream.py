@@ -117,12 +117,14 @@ def send(
     auth: Authorizer | None = None,
     stream: bool = False,
     what: str = "upstream",
+    timeout: float | None = None,
 ) -> requests.Response:
     """One upstream request with the mirror's timeouts, retried once after a 401 with a fresh token.
 
     Raises UpstreamError for anything but an HTTP answer; the caller decides about statuses.
     """
-    timeout = (state.settings.connect_timeout, state.settings.upstream_timeout)
+    read_timeout = timeout if timeout is not None else state.settings.upstream_timeout
+    timeouts = (min(state.settings.connect_timeout, read_timeout), read_timeout)
     base = dict(headers or {})
     attempts = 2 if auth is not None else 1
     challenge: str | None = None
@@ -134,7 +136,7 @@ def send(
                 req_headers["Authorization"] = value
         try:
             resp = session(state).request(
-                method, url, headers=req_headers, stream=stream, timeout=timeout, allow_redirects=False
+                method, url, headers=req_headers, stream=stream, timeout=timeouts, allow_redirects=False
             )
         except requests.Timeout:
             raise UpstreamError(504, "UNAVAILABLE", f"{what}: upstream timed out") from None
