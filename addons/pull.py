@@ -93,7 +93,7 @@ class Pull(ProxyPlugin):
                 resp.close()
                 return current, None
             return current, resp
-        raise UpstreamError(502, "UNAVAILABLE", f"{what}: too many redirects upstream")
+        raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: too many redirects upstream")
 
     # -- hooks --------------------------------------------------------------------------
 
@@ -140,7 +140,7 @@ class Pull(ProxyPlugin):
             try:
                 body = b"" if method == "HEAD" else resp.raw.read(4 * 1024 * 1024 + 1, decode_content=True)
             except (requests.RequestException, OSError):
-                raise UpstreamError(502, "UNAVAILABLE", f"{what}: upstream body cut short") from None
+                raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: upstream body cut short") from None
             finally:
                 resp.close()
             if len(body) > 4 * 1024 * 1024:

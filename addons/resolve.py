@@ -87,7 +87,7 @@ def read_manifest(resp: requests.Response, reference: str, what: str) -> Manifes
                 raise UpstreamError(502, "MANIFEST_INVALID", f"{what}: upstream manifest is larger than 4 MiB")
             chunks.append(chunk)
     except requests.RequestException:
-        raise UpstreamError(502, "UNAVAILABLE", f"{what}: upstream body cut short") from None
+        raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: upstream body cut short") from None
     finally:
         resp.close()
     body = b"".join(chunks)

@@ -44,7 +44,8 @@ class UpstreamError(Exception):
 
     @classmethod
     def from_auth(cls, e: AuthError) -> UpstreamError:
-        return cls(e.gateway_status, "UNAUTHORIZED" if e.kind in ("denied", "refused") else "UNAVAILABLE", f"upstream auth: {e}")
+        code = "UNAUTHORIZED" if e.kind in ("denied", "refused") else "UPSTREAM_TIMEOUT" if e.kind == "timeout" else "UPSTREAM_UNAVAILABLE"
+        return cls(e.gateway_status, code, f"upstream auth: {e}")
 
     @classmethod
     def from_status(cls, resp: requests.Response, what: str) -> UpstreamError:
@@ -53,7 +54,7 @@ class UpstreamError(Exception):
             code = "MANIFEST_UNKNOWN" if "manifest" in what else "BLOB_UNKNOWN" if "blob" in what else "NAME_UNKNOWN"
             return cls(404, code, f"{what}: not found upstream")
         mapped = _GATEWAY.get(status, status if status >= 500 else 502)
-        code = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(status, "UNAVAILABLE")
+        code = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(status, "UPSTREAM_UNAVAILABLE")
         return cls(mapped, code, f"{what}: upstream answered {status}", resp.headers.get("Retry-After"))
 
 
@@ -139,11 +140,11 @@ def send(
                 method, url, headers=req_headers, stream=stream, timeout=timeouts, allow_redirects=False
             )
         except requests.Timeout:
-            raise UpstreamError(504, "UNAVAILABLE", f"{what}: upstream timed out") from None
+            raise UpstreamError(504, "UPSTREAM_TIMEOUT", f"{what}: upstream timed out") from None
         except requests.ConnectionError:
-            raise UpstreamError(502, "UNAVAILABLE", f"{what}: upstream unreachable") from None
+            raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: upstream unreachable") from None
         except requests.RequestException as e:
-            raise UpstreamError(502, "UNAVAILABLE", f"{what}: {e.__class__.__name__}") from None
+            raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: {e.__class__.__name__}") from None
         state.counters["upstream_requests"] += 1
         if resp.status_code == 401 and attempt + 1 < attempts:
             challenge = resp.headers.get("WWW-Authenticate")
