@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import string
 import sys
 from collections.abc import Sequence
@@ -114,8 +115,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         # The options made a file the mirror would refuse: say which option, not which line.
         raise CliError(f"these options make an invalid mirror.runmd: {e.message}", EXIT_USAGE) from None
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        raise CliError(f"cannot write {path}: {e.strerror}") from None
     print(f"wrote {path}")
     return 0
 
@@ -178,6 +183,17 @@ def listen_address(compiled: Compiled, allow_remote: bool) -> Address:
     return address
 
 
+def check_listen(address: Address) -> None:
+    """Fail before any runtime step runs when the listen address cannot be bound."""
+    family = socket.AF_INET6 if ":" in address.bind_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((address.bind_host, address.port))
+        except OSError as e:
+            raise CliError(f"cannot listen on {address}: {e.strerror}") from None
+
+
 def cmd_mirror_start(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
@@ -187,6 +203,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
             compiled.step(start_id)
         except KeyError as e:
             raise CliError(str(e.args[0]), EXIT_USAGE) from None
+    check_listen(address)
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
     try:
         ran = runtime.run(start_id)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from mitmproxy import http
 
@@ -45,7 +44,8 @@ class Target:
 
 def parse_target(path: str) -> Target:
     """Check a request path (with or without query) against the distribution API grammar."""
-    raw = urlsplit(path).path
+    # Not urlsplit: it would read a leading `//host` as a network location.
+    raw = path.partition("?")[0]
     if raw in ("/v2", "/v2/"):
         return Target("ping")
     if not raw.startswith("/v2/"):
@@ -80,7 +80,7 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
 
 
 def _safe_path(flow: http.HTTPFlow) -> str:
-    return urlsplit(flow.request.path).path[:200]
+    return flow.request.path.partition("?")[0][:200]
 
 
 class Proxy(ProxyPlugin):
@@ -116,8 +116,10 @@ class Proxy(ProxyPlugin):
             flow.response = http.Response.make(
                 200,
                 b"" if req.method == "HEAD" else body,
-                {"Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0", "Content-Length": str(len(body))},
+                {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION},
             )
+            # Set after make(), which would reset it to the empty HEAD body's length.
+            flow.response.headers["Content-Length"] = str(len(body))
             info(flow)["route"] = "ping"
             return
         ns = req.query.get("ns")

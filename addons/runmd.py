@@ -137,21 +137,23 @@ def parse(
     attributes = attributes or {}
     doc = Document(path=path)
     block: Block | None = None
-    skipping_doc_fence = False
+    skipping_doc_fence, doc_fence_line = False, 0
     next_id = 1
-    lines = text.splitlines()
+    # Only \n, \r\n and \r end a line: str.splitlines() would also split at form feeds
+    # and other separators, and the line numbers in errors would drift from the editor's.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     for lineno, raw in enumerate(lines, start=1):
         info = _fence_info(raw)
         if skipping_doc_fence:
             if info == "":
-                skipping_doc_fence = False
+                skipping_doc_fence, doc_fence_line = False, 0
             continue
         if block is None:
             if info is None:
                 continue
             words = info.split()
             if words and (words[0].lower() in DOC_LANGUAGES or words[0].startswith(("{", "."))):
-                skipping_doc_fence = True
+                skipping_doc_fence, doc_fence_line = True, lineno
                 continue
             if words and words[0] == "runmd":
                 words = words[1:]
@@ -202,6 +204,8 @@ def parse(
         )
     if block is not None:
         raise RunmdError(path, block.line, f"unclosed block '{block.title}': expected a closing '```'")
+    if skipping_doc_fence:
+        raise RunmdError(path, doc_fence_line, "unclosed code fence: expected a closing '```'")
     return doc
 
 

@@ -1,0 +1,227 @@
+"""Shared fixtures: real registries, the token server and containerd, all on loopback.
+
+Slow things (registries, the daemon) live for the session; what tests mutate (token server knobs
+and logs, containerd images) is reset per test: each test gets the token server freshly
+``reset()`` and a containerd namespace of its own that is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import pytest
+
+from tests.harness.containerd import Containerd, Ctr, write_hosts_toml
+from tests.harness.ports import ClosedPort, free_port
+from tests.harness.registry import Registry
+from tests.harness.tokenserver import TokenServer
+
+E2E_BINARIES = ("containerd", "ctr")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "e2e: needs root and a real containerd daemon (skipped when not root)"
+    )
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (large blobs)")
+
+
+def _e2e_skip_reason() -> Optional[str]:
+    if os.geteuid() != 0:
+        return "e2e: containerd needs root (run as root, e.g. via scripts/test)"
+    missing = [b for b in E2E_BINARIES if shutil.which(b) is None]
+    if missing:
+        return f"e2e: {', '.join(missing)} not installed (scripts/test installs them)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _e2e_skip_reason()
+    if reason is None:
+        return
+    for item in items:
+        if "e2e" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the item so fixtures can attach logs to failures."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    rep = getattr(request.node, "rep_call", None)
+    return bool(rep is not None and rep.failed)
+
+
+# --- ports ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def closed_port() -> Iterator[ClosedPort]:
+    """A loopback port that refuses connections, held for the session (hosts.toml ``server``)."""
+    with ClosedPort() as port:
+        yield port
+
+
+# --- registries ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """Anonymous docker-registry; tests push to their own repos (see ``repo_name``)."""
+    with Registry("anonymous", workdir=tmp_path_factory.mktemp("registry")) as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def htpasswd_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry with Basic auth (bcrypt htpasswd); ``.credentials`` is (user, password)."""
+    with Registry("htpasswd", workdir=tmp_path_factory.mktemp("htpasswd-registry")) as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def htpasswd_credentials(htpasswd_registry: Registry) -> tuple[str, str]:
+    assert htpasswd_registry.credentials is not None
+    return htpasswd_registry.credentials
+
+
+@pytest.fixture(scope="session")
+def _token_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TokenServer, Registry]]:
+    """Token server + registry; service is the registry's host:port, as on ACR."""
+    port = free_port()
+    users = {"tester": secrets.token_urlsafe(12)}
+    with TokenServer(service=f"127.0.0.1:{port}", users=users) as ts, Registry(
+        "token", token_server=ts, port=port,
+        workdir=tmp_path_factory.mktemp("token-registry"),
+    ) as reg:
+        yield ts, reg
+
+
+@pytest.fixture
+def token_server(_token_pair: tuple[TokenServer, Registry]) -> Iterator[TokenServer]:
+    """The session's token server, ``reset()`` before and after each test (knobs, logs, tokens)."""
+    ts = _token_pair[0]
+    ts.reset()
+    yield ts
+    ts.reset()
+
+
+@pytest.fixture(scope="session")
+def token_registry(_token_pair: tuple[TokenServer, Registry]) -> Registry:
+    """docker-registry with token auth via ``token_server``; ``.credentials`` is a token-server
+    user that may push and pull."""
+    return _token_pair[1]
+
+
+@pytest.fixture(scope="session")
+def token_credentials(token_registry: Registry) -> tuple[str, str]:
+    assert token_registry.credentials is not None
+    return token_registry.credentials
+
+
+@pytest.fixture
+def registry_factory(tmp_path: Path) -> Iterator[Callable[..., Registry]]:
+    """Start extra registries for one test (``Registry`` kwargs); all stopped at teardown."""
+    with ExitStack() as stack:
+        counter = iter(range(1_000_000))
+
+        def make(mode: str = "anonymous", **kwargs: Any) -> Registry:
+            kwargs.setdefault("workdir", tmp_path / f"registry-{next(counter)}")
+            return stack.enter_context(Registry(mode, **kwargs))  # type: ignore[arg-type]
+
+        yield make
+
+
+@pytest.fixture
+def token_server_factory() -> Iterator[Callable[..., TokenServer]]:
+    """Start extra token servers for one test (``TokenServer`` kwargs); stopped at teardown."""
+    with ExitStack() as stack:
+        yield lambda **kwargs: stack.enter_context(TokenServer(**kwargs))
+
+
+@pytest.fixture
+def repo_name(request: pytest.FixtureRequest) -> str:
+    """A repository name unique to this test, valid per the distribution name grammar."""
+    base = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    return f"test/{base or 'repo'}-{secrets.token_hex(3)}"
+
+
+# --- containerd ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def containerd_daemon() -> Iterator[Containerd]:
+    """One private containerd for the session (skips when not root)."""
+    reason = _e2e_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with Containerd() as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def containerd(containerd_daemon: Containerd, request: pytest.FixtureRequest) -> Iterator[Ctr]:
+    """``ctr`` in a fresh namespace for this test; its images and content are dropped after.
+
+    With ``content_sharing_policy = "isolated"`` nothing a previous test pulled is reused.
+    """
+    ns = "t-" + secrets.token_hex(4)
+    client = containerd_daemon.client(ns)
+    yield client
+    if _failed(request):
+        print(f"--- containerd log (tail) {containerd_daemon.log_path} ---")
+        print(containerd_daemon.log_text()[-6000:])
+    client.drop_namespace()
+
+
+class HostsDir:
+    """A containerd hosts directory (``--hosts-dir``) whose ``server`` lines refuse connections.
+
+    ``write(upstream, hosts)`` writes ``<dir>/<upstream>/hosts.toml``; ``hosts`` is a URL or a list
+    of (url, capabilities), tried in order before ``server``. Passing the object where a path is
+    expected works (``os.fspath``).
+    """
+
+    def __init__(self, path: Path, closed: ClosedPort) -> None:
+        self.path = path
+        self.server = closed.url
+
+    def write(
+        self,
+        upstream: str,
+        hosts: Union[str, Sequence[tuple[str, Sequence[str]]], None] = None,
+        *,
+        capabilities: Sequence[str] = ("pull", "resolve"),
+        server: Optional[str] = None,
+        extra: str = "",
+    ) -> Path:
+        if isinstance(hosts, str):
+            entries: Sequence[tuple[str, Sequence[str]]] = [(hosts, capabilities)]
+        else:
+            entries = hosts or []
+        return write_hosts_toml(self.path, upstream, server or self.server, entries, extra)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@pytest.fixture
+def tmp_hosts_dir(tmp_path: Path, closed_port: ClosedPort) -> HostsDir:
+    """A fresh hosts directory for ``ctr --hosts-dir`` (see ``HostsDir``)."""
+    path = tmp_path / "certs.d"
+    path.mkdir()
+    return HostsDir(path, closed_port)
