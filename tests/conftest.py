@@ -225,3 +225,30 @@ def tmp_hosts_dir(tmp_path: Path, closed_port: ClosedPort) -> HostsDir:
     path = tmp_path / "certs.d"
     path.mkdir()
     return HostsDir(path, closed_port)
+
+
+@pytest.fixture
+def mirror_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., "Mirror"]]:
+    """Start `acr mirror start` processes (see tests.harness.mirror.Mirror); all stopped afterwards.
+
+    On failure the mirrors' logs are printed, since they say what each request decided.
+    """
+    from tests.harness.mirror import Mirror
+
+    started: list[Mirror] = []
+
+    def make(upstreams: Union[str, Sequence[str]], **kwargs: Any) -> Mirror:
+        ups = [upstreams] if isinstance(upstreams, str) else list(upstreams)
+        home = kwargs.pop("home", None) or tmp_path / f"mirror{len(started)}"
+        m = Mirror(home, ups, **kwargs)
+        started.append(m)
+        return m
+
+    try:
+        yield make
+    finally:
+        for m in started:
+            m.stop()
+        if _failed(request):
+            for m in started:
+                print(f"--- mirror log {m.log_path} ---\n{m.log_text()[-4000:]}")

@@ -1,0 +1,122 @@
+"""A real `acr mirror start` process for end-to-end tests.
+
+The mirror runs as the operator runs it: a subprocess of the installed `acr` command with a
+runmd written by `acr init --upstream`, so the tests exercise the CLI, the runmd and the chain
+together. Its log is kept for assertions (no token may appear in it) and for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import requests
+
+from tests.harness.ports import free_port, wait_port
+from tests.harness.procs import kill_group
+
+ACR = str(Path(sys.executable).with_name("acr"))
+
+
+class Mirror:
+    """`acr mirror start` on a free loopback port, serving `upstreams` (URLs like http://127.0.0.1:5000)."""
+
+    def __init__(
+        self,
+        home: Path,
+        upstreams: Sequence[str],
+        *,
+        credentials: Optional[str] = None,
+        runmd: Optional[str] = None,
+        port: Optional[int] = None,
+        sets: Sequence[str] = (),
+        args: Sequence[str] = (),
+        env: Optional[dict[str, str]] = None,
+        start: bool = True,
+    ) -> None:
+        self.home = Path(home)
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.runmd_path = self.home / "mirror.runmd"
+        self.log_path = self.home / "mirror.log"
+        self.sets = list(sets)
+        self.args = list(args)
+        self.env = env
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        if runmd is None:
+            subprocess.run(
+                [ACR, "--runmd", str(self.runmd_path), "init", "--upstream", upstreams[0],
+                 "--mirror-address", f"127.0.0.1:{self.port}", "--force"],
+                check=True, capture_output=True,
+            )
+            text = self.runmd_path.read_text()
+            for extra in upstreams[1:]:
+                text = text.replace(f": .mirror       {upstreams[0]}", f": .mirror       {upstreams[0]}\n: .mirror       {extra}", 1)
+            self.runmd_path.write_text(text)
+        else:
+            self.runmd_path.write_text(runmd.replace("{port}", str(self.port)))
+        if credentials is not None:
+            token = self.home / "access_token"
+            fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(credentials + "\n")
+        if start:
+            self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        cmd = [ACR, "--runmd", str(self.runmd_path), "mirror", "start", *self.args]
+        for s in self.sets:
+            cmd += ["--set", s]
+        env = dict(os.environ, **(self.env or {}))
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.home, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env,
+        )
+        try:
+            wait_port("127.0.0.1", self.port, timeout)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"mirror did not start:\n{self.log_text()[-3000:]}") from None
+
+    def stop(self) -> Optional[int]:
+        if self.proc is None:
+            return None
+        kill_group(self.proc)
+        code = self.proc.returncode
+        self.proc = None
+        self._log.close()
+        return code
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        s = requests.Session()
+        s.trust_env = False
+        return s.get(self.url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def head(self, path: str, **kwargs) -> requests.Response:
+        s = requests.Session()
+        s.trust_env = False
+        return s.head(self.url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
+
+    def __enter__(self) -> "Mirror":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
