@@ -1,0 +1,116 @@
+"""The demo behind ./scripts/demo: a real containerd pull through the mirror, teleported.
+
+It starts everything on loopback in a temporary folder and stops it all at the end:
+a Debian `docker-registry` holding `demo/hello:v1` and its streamable copy (an ACR Artifact
+Streaming style referrer), the mirror (`acr init --upstream ...`, `acr mirror start`), and a
+private containerd daemon that pulls the tag through the mirror with no credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from tests.harness import images  # noqa: E402
+from tests.harness.containerd import Containerd, write_hosts_toml  # noqa: E402
+from tests.harness.mirror import Mirror  # noqa: E402
+from tests.harness.ports import ClosedPort  # noqa: E402
+from tests.harness.registry import Registry  # noqa: E402
+
+STREAMING = "application/vnd.azure.artifact.streaming.v1"
+REPO = "demo/hello"
+
+
+def say(text: str) -> None:
+    print(f"==> {text}", flush=True)
+
+
+def push_demo_images(reg: Registry) -> tuple[images.Image, images.Image]:
+    """The original image and its streamable copy, linked as an ACR streaming referrer."""
+    plat = images.host_platform()
+    original = images.make_image({"hello.txt": b"hello from the original image\n"})
+    images.push_image(reg, REPO, "v1", original)
+    streamable = images.make_image(
+        layers=[{"hello.txt": b"hello from the streamable (overlaybd) image\n", ".overlaybd": b"demo\n"}],
+    )
+    images.push_referrer(
+        reg, REPO, original, STREAMING,
+        {
+            "streaming.format": "overlaybd",
+            "streaming.version": "v1",
+            "streaming.platform.os": plat["os"],
+            "streaming.platform.arch": plat["architecture"],
+        },
+        layers=streamable.layers, config=streamable.config,
+    )
+    return original, streamable
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="keep the demo folder (logs, runmd)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lifec-demo-"))
+    say(f"working in {work}")
+    with Registry("anonymous", workdir=work / "registry") as reg, ClosedPort() as closed:
+        say(f"registry (CNCF distribution) on {reg.url}")
+        original, streamable = push_demo_images(reg)
+        say(f"pushed {REPO}:v1 = {original.digest}")
+        say(f"pushed its streamable referrer ({STREAMING}) = {streamable_digest(reg, original)}")
+        mirror = Mirror(work / "mirror", [reg.url], start=False)
+        say(f"acr init --upstream {reg.url} wrote {mirror.runmd_path}; acr dump:")
+        print(subprocess.run([sys.executable.replace("python", "acr"), "--runmd", str(mirror.runmd_path), "dump"],
+                             capture_output=True, text=True).stdout)
+        mirror.start()
+        try:
+            ping = requests.get(mirror.url + "/v2/", timeout=5)
+            say(f"mirror up on {mirror.url}: GET /v2/ -> {ping.status_code} {ping.text}")
+            with Containerd() as cd:
+                hosts = work / "certs.d"
+                write_hosts_toml(hosts, reg.host, closed.url, hosts=[(mirror.url, ["pull", "resolve"])])
+                say(f"containerd pulls {reg.host}/{REPO}:v1 through the mirror (hosts.toml in {hosts})")
+                started = time.monotonic()
+                result = cd.pull(f"{reg.host}/{REPO}:v1", hosts_dir=hosts)
+                seconds = time.monotonic() - started
+                if result.returncode != 0:
+                    print(result.stdout[-2000:], result.stderr[-2000:], sep="\n")
+                    say("pull FAILED")
+                    return 1
+                target = cd.image_target(f"{reg.host}/{REPO}:v1")
+                pulled = sum(b.size for b in streamable.blobs) + len(streamable.manifest)
+        finally:
+            mirror.stop()
+        say("the mirror's log of that pull:")
+        for line in mirror.log_text().splitlines():
+            if " -> " in line:
+                print("    " + line)
+        teleported = target != original.digest
+        say(f"pulled in {seconds:.2f} s, about {pulled} bytes of manifests and blobs")
+        if teleported:
+            say(f"TELEPORTED: {REPO}:v1 {original.digest} -> {target}")
+        else:
+            say(f"not teleported: containerd has {target}")
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    say("stopped everything the demo started")
+    return 0 if teleported else 1
+
+
+def streamable_digest(reg: Registry, original: images.Image) -> str:
+    r = images.get_manifest(reg, REPO, images.referrers_tag(original.digest), accept=images.OCI_INDEX)
+    return r.json()["manifests"][0]["digest"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
