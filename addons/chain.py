@@ -172,3 +172,24 @@ class AcrMirror:
                 out.append(f"{where} not teleported: {t['skipped']}: {t.get('message', '')}")
         return out
 
+    @command.command("acr.why")
+    def why(self, flows: Sequence[flow.Flow]) -> Sequence[str]:
+        """Each step's decision for the chosen flows, in chain order: why a pull did what it did."""
+        out = []
+        for f in flows:
+            meta = f.metadata.get("acr") or {}
+            req = getattr(f, "request", None)
+            out.append(f"{req.method if req else ''} {req.path if req else ''}".strip())
+            out.extend(f"  {line}" for line in meta.get("steps", ["(no decisions: not a registry request)"]))
+        return out
+
+    @command.command("acr.tokens")
+    def tokens(self) -> Sequence[str]:
+        """The cached upstream tokens: scope and expiry only, never a token."""
+        if self.state is None or "tokens" not in self.state.services:
+            return []
+        return [
+            f"{t.get('upstream')} {t.get('scope')} expires in {int(t.get('expires_in', 0))} s"
+            for t in self.state.services["tokens"].tokens()
+        ]
+
