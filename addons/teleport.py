@@ -32,6 +32,9 @@ STREAMING = "application/vnd.azure.artifact.streaming.v1"
 STREAMING_LINK = "application/vnd.azure.artifact.streaming.link.v1"
 OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
 DADI = "dadi.image.v1"
+#: Seed-era artifact manifests (ORAS, then the OCI 1.1 release candidates): a `dadi.image.v1`
+#: referrer of this kind lists the converted image manifest among its `blobs`.
+ARTIFACT_MANIFESTS = ("application/vnd.cncf.oras.artifact.manifest.v1+json", "application/vnd.oci.artifact.manifest.v1+json")
 _MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
@@ -118,6 +121,32 @@ def choose(referrers: list[Descriptor], fmt: str, want: Platform, index_level: b
     raise last
 
 
+def linked_manifest(body: bytes) -> Descriptor | None:
+    """The image manifest a `dadi.image.v1` artifact lists in its `blobs` (or `layers`), if any.
+
+    The seed's converter pushed an artifact manifest whose `blobs[0]` is the overlaybd image
+    manifest; a referrer without such an entry is taken to be the image manifest itself.
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        raise NoTeleport("bad-json", "dadi artifact: not JSON") from None
+    if not isinstance(doc, dict):
+        raise NoTeleport("bad-json", "dadi artifact: not a JSON object")
+    for key in ("blobs", "layers"):
+        items = doc.get(key) or []
+        if not isinstance(items, list):
+            raise NoTeleport("bad-json", f"dadi artifact: {key} is not an array")
+        for item in items:
+            try:
+                d = Descriptor.from_json(item)
+            except ValueError as e:
+                raise NoTeleport("bad-json", f"dadi artifact: {e}") from None
+            if oci.is_manifest_type(d.media_type) and not oci.is_index(d.media_type):
+                return d
+    return None
+
+
 def platform_child(body: bytes, want: Platform) -> Descriptor:
     """The index entry for the wanted platform."""
     try:
@@ -175,20 +204,33 @@ class Teleport(ProxyPlugin):
                 choice = choose(child_referrers, self.config, want, index_level=False)
         else:
             choice = choose(referrers, self.config, want, index_level=False)
-        upstream = self.state.upstreams[meta["ns"].lower()]
-        try:
-            streamable, _ = fetch_manifest(
-                self.state, upstream, meta["name"], choice.target.digest,
-                private.get("accept", oci.DEFAULT_ACCEPT), private.get("authorizer"),
-            )
-        except UpstreamError as e:
-            reason = "timeout" if e.status == 504 else "auth" if e.code in ("UNAUTHORIZED", "DENIED") else "fetch"
-            raise NoTeleport(reason, f"streamable manifest: {e.message}") from None
+        if choice.referrer.artifact_type == DADI:
+            artifact = self._fetch(flow, choice.referrer.digest, "dadi artifact",
+                                   ", ".join((*ARTIFACT_MANIFESTS, private.get("accept", oci.DEFAULT_ACCEPT))))
+            linked = linked_manifest(artifact.body)
+            if linked is not None:
+                choice = Choice(choice.referrer, linked)
+            elif oci.base_media_type(artifact.media_type) in ARTIFACT_MANIFESTS:
+                raise NoTeleport("format", f"dadi artifact {choice.referrer.digest} lists no image manifest")
+        streamable = self._fetch(flow, choice.target.digest, "streamable manifest", private.get("accept", oci.DEFAULT_ACCEPT))
         if streamable.size != choice.target.size:
             raise NoTeleport("size", f"streamable manifest is {streamable.size} B, the referrer says {choice.target.size}")
         if oci.is_index(streamable.media_type) or not oci.is_manifest_type(streamable.media_type):
             raise NoTeleport("format", f"streamable target is a {streamable.media_type}, not an image manifest")
         return choice, streamable
+
+    def _fetch(self, flow: http.HTTPFlow, digest: str, what: str, accept: str) -> Manifest:
+        """Blocking: a manifest by digest (checked against it), or NoTeleport."""
+        meta = info(flow)
+        try:
+            manifest, _ = fetch_manifest(
+                self.state, self.state.upstreams[meta["ns"].lower()], meta["name"], digest,
+                accept, self.state.private_of(flow).get("authorizer"),
+            )
+        except UpstreamError as e:
+            reason = "timeout" if e.status == 504 else "auth" if e.code in ("UNAUTHORIZED", "DENIED") else "fetch"
+            raise NoTeleport(reason, f"{what}: {e.message}") from None
+        return manifest
 
     async def request(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get("acr") or {}
