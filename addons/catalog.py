@@ -23,6 +23,8 @@ _PLUGIN_MODULES = {
     "install": "Install",
     "mirror": "Mirror",
     "host": "Host",
+    "server": "Server",  # issue 5: hosts.toml
+    "https": "Https",  # issue 5: hosts.toml
     "routes": ("Manifests", "Blobs", "Tags"),
     "login": "Login",
     "authn": "Authn",
@@ -30,6 +32,10 @@ _PLUGIN_MODULES = {
     "discover": "Discover",
     "teleport": "Teleport",
     "pull": "Pull",
+    "process": "Process",  # issue 8: runtime
+    "containerd_config": "ContainerdConfig",  # issue 8: runtime
+    "node_check": "NodeCheck",  # issue 8: runtime
+    "engine": ("Event", "Loop", "Exit"),  # issue 8: under '+ .engine'
 }
 
 
@@ -143,6 +149,10 @@ def compile_document(doc: Document) -> Compiled:
                 elif route.plugin not in cls.routes:
                     allowed = ", ".join(f"'.{r}'" for r in sorted(cls.routes))
                     raise RunmdError(doc.path, step.line, f"'.{step.plugin}' does not belong under '.{route.plugin}' (only under {allowed})")
+    if any(doc.roots("engine")):
+        from addons.engine import check as check_engines
+
+        check_engines(out)
     return out
 
 

@@ -18,6 +18,8 @@ from mitmproxy import command, ctx, exceptions, flow, hooks
 from addons import catalog
 from addons.catalog import Compiled
 from addons.plugin import ProxyPlugin
+from addons.endpoints import Endpoints  # issue 5
+from addons.login_acr import LoginRefresh  # issue 5
 from addons.proxy import Proxy, ProxyTail
 from addons.pull import TokenScrub
 from addons.teleport import parse_platform
@@ -56,7 +58,23 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
             # The first route of a kind wins; a later duplicate would never see a flow.
             routes.setdefault(cls.route_kind, (step, compiled.config(step)))
         steps.append(cls(step, compiled.config(step), route, state))
-    return [Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
+    # issue 5: /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
+    # `.login-acr` steps are refreshed while the mirror runs.
+    front: list[Any] = [Endpoints(compiled, state)]
+    if any(True for _ in compiled.document.steps("login-acr")):
+        front.append(LoginRefresh(compiled))
+    return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
+
+
+def seconds(text: str, option: str) -> float:
+    """A positive number of seconds. Options are strings: mitmproxy's --set cannot parse floats."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise exceptions.OptionsError(f"{option}: expected seconds, got '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise exceptions.OptionsError(f"{option} must be a positive number of seconds")
+    return value
 
 
 class AcrMirror:
@@ -83,11 +101,11 @@ class AcrMirror:
             manager.chain.insert(0, scrubber)
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
         loader.add_option(
-            "acr_upstream_timeout", float, 30.0,
+            "acr_upstream_timeout", str, "30",
             "Seconds to wait for an upstream answer before answering the client with 504.",
         )
         loader.add_option(
-            "acr_connect_timeout", float, 5.0,
+            "acr_connect_timeout", str, "5",
             "Seconds to wait for an upstream connection before answering the client with 502.",
         )
         loader.add_option(
@@ -96,8 +114,18 @@ class AcrMirror:
             "changes); off hands the redirect to the client.",
         )
 
+        # issue 5: refreshing the `.login-acr` token while the mirror runs
         loader.add_option(
-            "acr_discover_timeout", float, 5.0,
+            "acr_login_refresh", bool, True,
+            "Log in to ACR again (the .login-acr steps) before the refresh token expires.",
+        )
+        loader.add_option(
+            "acr_login_refresh_lead", int, 900,
+            "Seconds before the ACR refresh token expires to log in again (at most half its lifetime).",
+        )
+
+        loader.add_option(
+            "acr_discover_timeout", str, "5",
             "Seconds a referrers lookup may take before teleport gives up and serves the original.",
         )
         loader.add_option(
@@ -107,12 +135,14 @@ class AcrMirror:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "acr_upstream_timeout" in updated and ctx.options.acr_upstream_timeout <= 0:
-            raise exceptions.OptionsError("acr_upstream_timeout must be positive")
-        if "acr_connect_timeout" in updated and ctx.options.acr_connect_timeout <= 0:
-            raise exceptions.OptionsError("acr_connect_timeout must be positive")
-        if "acr_discover_timeout" in updated and ctx.options.acr_discover_timeout <= 0:
-            raise exceptions.OptionsError("acr_discover_timeout must be positive")
+        if "acr_upstream_timeout" in updated:
+            seconds(ctx.options.acr_upstream_timeout, "acr_upstream_timeout")
+        if "acr_connect_timeout" in updated:
+            seconds(ctx.options.acr_connect_timeout, "acr_connect_timeout")
+        if "acr_login_refresh_lead" in updated and ctx.options.acr_login_refresh_lead < 0:
+            raise exceptions.OptionsError("acr_login_refresh_lead must not be negative")
+        if "acr_discover_timeout" in updated:
+            seconds(ctx.options.acr_discover_timeout, "acr_discover_timeout")
         if "acr_platform" in updated and ctx.options.acr_platform:
             try:
                 parse_platform(ctx.options.acr_platform)
@@ -132,10 +162,10 @@ class AcrMirror:
                 logger.info("loaded %s: %d proxy steps", path, len(children))
         if self.state is not None:
             s = self.state.settings
-            s.upstream_timeout = ctx.options.acr_upstream_timeout
-            s.connect_timeout = ctx.options.acr_connect_timeout
+            s.upstream_timeout = seconds(ctx.options.acr_upstream_timeout, "acr_upstream_timeout")
+            s.connect_timeout = seconds(ctx.options.acr_connect_timeout, "acr_connect_timeout")
             s.follow_redirects = ctx.options.acr_follow_redirects
-            s.discover_timeout = ctx.options.acr_discover_timeout
+            s.discover_timeout = seconds(ctx.options.acr_discover_timeout, "acr_discover_timeout")
             s.platform = ctx.options.acr_platform
 
     def _replace(self, children: list[Any]) -> None:

@@ -16,12 +16,16 @@ import string
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from addons import __version__, catalog
 from addons.address import Address
 from addons.catalog import Compiled
 from addons.runmd import RunmdError
 from addons.runtime import Runtime, StepError
+
+if TYPE_CHECKING:
+    from addons.engine import EngineSpec  # issue 8
 
 logger = logging.getLogger("acr")
 
@@ -196,6 +200,9 @@ def check_listen(address: Address) -> None:
 
 def cmd_mirror_start(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
+    engine = select_engine(compiled, args.engine_name)
+    if engine is not None:
+        return run_engine(compiled, engine, args)
     address = listen_address(compiled, args.allow_remote)
     start_id = args.id or 0
     if start_id:
@@ -211,6 +218,69 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
     return asyncio.run(serve(compiled, address, args))
+
+
+# issue 8: `+ .engine`, `acr mirror serve`, `acr containerd configure`
+
+
+def select_engine(compiled: Compiled, name: str | None) -> "EngineSpec | None":
+    """The engine `acr mirror start` runs, or None for a file without one (runtime, then serve)."""
+    from addons import engine
+
+    try:
+        return engine.select(compiled, name)
+    except ValueError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace) -> int:
+    """Run the engine's events; its proxy is a supervised `acr mirror serve` child."""
+    from addons import engine
+
+    start_id = args.id or 0
+    if start_id:
+        try:
+            compiled.step(start_id)
+            engine.start_point(spec, start_id)
+        except KeyError as e:
+            raise CliError(str(e.args[0]), EXIT_USAGE) from None
+        except ValueError as e:
+            raise CliError(str(e), EXIT_USAGE) from None
+    if spec.proxies():
+        check_listen(listen_address(compiled, args.allow_remote))
+    serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
+    serve_argv += ["-v"] if args.verbose else []
+    serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
+    for option in args.set or ():
+        serve_argv += ["--set", option]
+    runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
+    try:
+        return engine.Engine(spec, runtime, serve_argv).run(start_id)
+    except (StepError, engine.EngineError) as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_mirror_serve(args: argparse.Namespace) -> int:
+    """Serve the proxy only, no runtime step: what an engine runs and restarts."""
+    compiled = load(args.runmd)
+    address = listen_address(compiled, args.allow_remote)
+    check_listen(address)
+    return asyncio.run(serve(compiled, address, args))
+
+
+def cmd_containerd_configure(args: argparse.Namespace) -> int:
+    from addons import containerd_config
+
+    path = Path(args.config)
+    try:
+        edit, backup = containerd_config.configure(
+            path, hosts_dir=args.hosts_dir, snapshotter=args.snapshotter, dry_run=args.dry_run
+        )
+    except containerd_config.ConfigError as e:
+        raise CliError(str(e)) from None
+    for line in containerd_config.report(path, edit, backup, args.dry_run):
+        print(line)
+    return 0
 
 
 async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
@@ -238,6 +308,13 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     master.addons.add(AcrMirror(compiled))
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
+        # issue 5: `.https CERT` serves TLS with that key and certificate, for every name.
+        from addons.https import certs_option
+
+        if certs_option(compiled):
+            # HTTP/1.1 only: an HTTP/2 request carries :authority, which the proxy root refuses as
+            # forward-proxy (absolute-form) traffic; clients negotiate h2 over TLS when offered.
+            opts.update(certs=certs_option(compiled), http2=False)
         if args.set:
             opts.set(*args.set)
     except Exception as e:  # OptionsError and friends: one line, no traceback
@@ -278,8 +355,53 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
     start.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     start.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
+    start.add_argument("--engine-name", help="the engine to run when the file has several ('``` NAME' of its block)")
     start.set_defaults(func=cmd_mirror_start)
+    serve_p = mirror_sub.add_parser("serve", help="serve the proxy only, no runtime steps (what an engine supervises)")
+    serve_p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
+    serve_p.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
+    serve_p.set_defaults(func=cmd_mirror_serve)
+
+    # issue 8: containerd's own config.toml
+    containerd = sub.add_parser("containerd", help="containerd's own configuration")
+    containerd_sub = containerd.add_subparsers(dest="containerd_command", metavar="COMMAND", required=True)
+    configure = containerd_sub.add_parser(
+        "configure", help="point containerd's CRI config_path at the hosts folder (edits config.toml, keeps a backup)"
+    )
+    configure.add_argument("--config", default="/etc/containerd/config.toml", help="default: /etc/containerd/config.toml")
+    configure.add_argument(
+        "--hosts-dir", help="the hosts folder (default: keep a config_path already set, else /etc/containerd/certs.d)"
+    )
+    configure.add_argument("--snapshotter", choices=("overlaybd",), help="also declare this snapshotter and make it CRI's")
+    configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    configure.set_defaults(func=cmd_containerd_configure)
+
+    # issue 5: containerd's hosts.toml files the runmd asks for
+    hosts = sub.add_parser("hosts", help="show, install or remove the hosts.toml files for containerd")
+    hosts.add_argument("hosts_command", choices=("show", "install", "remove"), metavar="{show,install,remove}")
+    hosts.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
+    hosts.set_defaults(func=cmd_hosts)
     return parser
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    """issue 5: `acr hosts show|install|remove` (see addons.hostsfile)."""
+    from addons import hostsfile
+
+    compiled = load(args.runmd)
+    hosts_dir = Path(args.hosts_dir) if args.hosts_dir else hostsfile.DEFAULT_HOSTS_DIR
+    work = compiled.home / ".work"
+    try:
+        if args.hosts_command == "show":
+            print(hostsfile.show(compiled, work, hosts_dir))
+            return 0
+        action = hostsfile.install_all if args.hosts_command == "install" else hostsfile.remove_all
+        lines = action(compiled, work, hosts_dir)
+    except hostsfile.HostsError as e:
+        raise CliError(str(e)) from None
+    for line in lines or [f"{compiled.path}: no '.host' step, so no hosts.toml"]:
+        print(line)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

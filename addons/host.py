@@ -1,13 +1,28 @@
-"""`.host ADDR, CAPABILITIES`: the mirror's entry in containerd's hosts.toml."""
+"""`.host ADDR, CAPABILITIES`: the mirror's entry in containerd's hosts.toml.
+
+Attribute lines under it set that entry's other hosts.toml keys:
+
+    : .host           localhost:8578, resolve, pull
+    :   .dial_timeout 2s
+    :   .header       X-Mirror node-1
+    :   .skip_verify
+    :   .ca           /etc/ssl/mirror-ca.pem
+    :   .default
+
+`.default` also lists the entry in `_default/hosts.toml`, which containerd uses for every
+registry that has no folder of its own. The last `.host` step of the runmd writes every file
+(see addons.hostsfile), so `.mirror`, `.server` and `.https` may stand anywhere in `+ .runtime`.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
+from addons import hostsfile
 from addons.address import Address, parse_address
 from addons.plugin import RuntimePlugin, split_list
-from addons.runtime import Runtime
+from addons.runtime import Runtime, StepError
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +38,7 @@ class HostEntry:
 class Host(RuntimePlugin):
     plugin = "host"
     summary = "write hosts.toml so containerd pulls through ADDR with CAPABILITIES (pull, resolve)"
+    attributes = hostsfile.HOST_ATTRIBUTES
 
     @classmethod
     def parse(cls, text: str) -> HostEntry:
@@ -34,10 +50,22 @@ class Host(RuntimePlugin):
         for c in caps:
             if c not in CAPABILITIES:
                 raise ValueError(f"unknown capability '{c}' (known: {', '.join(CAPABILITIES)})")
+        if len(set(caps)) != len(caps):
+            raise ValueError(f"a capability is listed twice in '{text}'")
         return HostEntry(address, caps)
 
+    @classmethod
+    def parse_attribute(cls, name: str, text: str) -> object:
+        return hostsfile.parse_host_attribute(name, text)
+
     def run(self, runtime: Runtime) -> None:
-        logger.warning(
-            "step %d: .host is not implemented yet: write hosts.toml for %s by hand",
-            self.step.id, self.config.address,
-        )
+        last = [s for _, s in runtime.compiled.document.steps("host")][-1]
+        if last.id != self.step.id:
+            logger.info("step %d: hosts.toml is written by the last .host step (%d)", self.step.id, last.id)
+            return
+        hosts_dir = runtime.hosts_dir or hostsfile.DEFAULT_HOSTS_DIR
+        try:
+            for line in hostsfile.install_all(runtime.compiled, runtime.work, hosts_dir):
+                logger.info("%s", line)
+        except hostsfile.HostsError as e:
+            raise StepError(str(e)) from None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from addons.catalog import Compiled
+from addons.children import Children
 from addons.plugin import Plugin, RuntimePlugin
+from addons.runmd import Root
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +38,19 @@ class Runtime:
     home: Path
     work: Path
     hosts_dir: Path | None = None
+    #: Programs that steps started (`.process`): an engine stops them when it is stopped.
+    children: Children = field(default_factory=Children)
 
     @classmethod
     def for_document(cls, compiled: Compiled, hosts_dir: Path | None = None) -> "Runtime":
         home = compiled.home
         return cls(compiled=compiled, home=home, work=home / ".work", hosts_dir=hosts_dir)
 
-    def steps_from(self, start_id: int = 0) -> list[tuple[RuntimePlugin, Any]]:
+    def steps_from(self, start_id: int = 0, roots: Iterable[Root] | None = None) -> list[tuple[RuntimePlugin, Any]]:
+        """The steps of `roots` (default: every `+ .runtime` of the file) from `start_id` on."""
         out: list[tuple[RuntimePlugin, Any]] = []
-        for root in self.compiled.document.roots("runtime"):
+        chosen = self.compiled.document.roots("runtime") if roots is None else (r for r in roots if r.kind == "runtime")
+        for root in chosen:
             for step in root.steps:
                 if step.id >= start_id:
                     cls = self.compiled.classes[step.id]
@@ -51,9 +58,10 @@ class Runtime:
                     out.append((cls(step, self.compiled.config(step)), step))
         return out
 
-    def run(self, start_id: int = 0) -> int:
-        """Run every runtime step whose id is at least `start_id`; return how many ran."""
-        steps = self.steps_from(start_id)
+    def run(self, start_id: int = 0, roots: Iterable[Root] | None = None) -> int:
+        """Run every runtime step (of `roots`, default all) whose id is at least `start_id`;
+        return how many ran."""
+        steps = self.steps_from(start_id, roots)
         for plugin, step in steps:
             logger.info("step %d: .%s %s", step.id, step.plugin, step.input)
             try:

@@ -252,3 +252,42 @@ def mirror_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[C
         if _failed(request):
             for m in started:
                 print(f"--- mirror log {m.log_path} ---\n{m.log_text()[-4000:]}")
+
+
+# --- referrers API in front of the registry (tests/harness/referrers.py) ---------------
+
+
+@pytest.fixture
+def referrers_front(registry: Registry) -> Iterator[Any]:
+    """The OCI 1.1 referrers API (and legacy ORAS) in front of the session's ``registry``.
+
+    ``front.mode`` picks how the referrers endpoints answer (oci, none, oras, error, slow,
+    garbage, nofilter); everything else is proxied to the registry. Stopped after the test.
+    """
+    from tests.harness.referrers import ReferrersFront
+
+    with ReferrersFront(registry.url) as front:
+        yield front
+
+
+# --- AAD and IMDS stand-in (tests/harness/aad.py), for `.login-acr` ---------------------
+
+
+@pytest.fixture(scope="session")
+def _aad_stand_in() -> Iterator[Any]:
+    from tests.harness.aad import AadStandIn
+
+    with AadStandIn() as stand_in:
+        yield stand_in
+
+
+@pytest.fixture
+def aad(_aad_stand_in: Any, token_server: TokenServer) -> Iterator[Any]:
+    """AAD + IMDS stand-in, reset per test; every AAD token it issues is one that ``token_server``'s
+    ACR exchange accepts (``/oauth2/exchange``), as real ACR accepts its tenant's tokens.
+    ``aad.env()`` is the environment that points MSAL at it."""
+    _aad_stand_in.reset()
+    _aad_stand_in.on_issue = lambda token, subject: token_server.aad_tokens.__setitem__(token, subject)
+    yield _aad_stand_in
+    _aad_stand_in.on_issue = None
+    _aad_stand_in.reset()

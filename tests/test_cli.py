@@ -85,7 +85,8 @@ def test_init_writes_an_acr_mirror_runmd(tmp_path: Path) -> None:
     assert "+ .proxy          localhost:8578" in lines
     compiled = catalog.load(path)
     runtime = [s.plugin for r in compiled.document.roots("runtime") for s in r.steps]
-    assert runtime == ["login-acr", "install", "mirror", "host"]
+    # issue 8: the install event's node check runs first, then the start event's steps.
+    assert runtime == ["node-check", "login-acr", "install", "mirror", "host"]
     proxy = [s.plugin for r in compiled.document.roots("proxy") for s in r.steps]
     assert proxy == ["manifests", "login", "authn", "resolve", "discover", "teleport", "blobs", "login", "authn", "pull"]
     assert not list(tmp_path.glob(".*.tmp"))
@@ -220,10 +221,15 @@ def test_dump_of_the_seed_pads_ids(tmp_path: Path) -> None:
     result = run_acr(tmp_path, "dump")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "   1: runtime" in lines
-    assert '   2:   login-acr "example"' in lines
-    assert '  13:   blobs "head, get"' in lines
-    assert "  16:     pull" in lines
+    # issue 8: the seed's shape, an engine over the install and start events, ids running on.
+    assert [line.split(" (line ")[0] for line in lines[1:7]] == [
+        'block "mirror"', "   1: engine", '   2:   event "install"', '   3:   event "start"', "   4:   loop",
+        'block "install mirror"',
+    ]
+    assert "   7: runtime" in lines
+    assert '   8:   login-acr "example"' in lines
+    assert '  19:   blobs "head, get"' in lines
+    assert "  22:     pull" in lines
 
 
 # --- one-line errors -------------------------------------------------------------

@@ -15,6 +15,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
 from addons.chain import AcrMirror
+from addons.plugin import ProxyPlugin
 from addons.proxy import Proxy, ProxyTail, RouteError, Target, parse_target
 
 SHA = "sha256:" + "a" * 64
@@ -165,9 +166,10 @@ def error_of(flow: http.HTTPFlow) -> dict[str, Any]:
 
 def test_chain_order_is_proxy_steps_then_tail() -> None:
     mirror = make_mirror(ONE_UPSTREAM)
-    assert isinstance(mirror.addons[0], Proxy)
     assert isinstance(mirror.addons[-1], ProxyTail)
-    assert [a.step.plugin for a in mirror.addons[1:-1]] == ["manifests", "blobs"]
+    root = _proxy_index(mirror)
+    assert all(not isinstance(a, ProxyPlugin) for a in mirror.addons[:root])  # endpoints in front
+    assert [a.step.plugin for a in mirror.addons[root + 1:-1]] == ["manifests", "blobs"]
     names = [a.name for a in mirror.addons]
     assert len(set(names)) == len(names)
 
@@ -218,14 +220,14 @@ def test_no_ns_with_one_upstream_is_routed() -> None:
     mirror = make_mirror(ONE_UPSTREAM)
     flow = make_flow("/v2/library/alpine/manifests/latest")
     with taddons.context(mirror):
-        _call(mirror.addons[0], "requestheaders", flow)
+        _call(mirror.addons[_proxy_index(mirror)], "requestheaders", flow)
     assert flow.response is None
     meta = flow.metadata["acr"]
     assert meta["route"] == "manifests"
     assert meta["upstream"] == "http://127.0.0.1:5000"
     assert meta["ns"] == "127.0.0.1:5000"
     assert (meta["name"], meta["reference"]) == ("library/alpine", "latest")
-    manifests_step = mirror.addons[1].step
+    manifests_step = mirror.addons[_proxy_index(mirror) + 1].step
     assert meta["route_id"] == manifests_step.id
     json.dumps(flow.metadata)  # plain data only: it is saved into flow files
 
@@ -235,7 +237,7 @@ def test_ns_naming_the_upstream_is_routed(ns: str) -> None:
     flow = make_flow(f"/v2/library/alpine/blobs/{SHA}?ns={ns}")
     mirror = make_mirror(ONE_UPSTREAM)
     with taddons.context(mirror):
-        _call(mirror.addons[0], "requestheaders", flow)
+        _call(mirror.addons[_proxy_index(mirror)], "requestheaders", flow)
     assert flow.response is None
     assert flow.metadata["acr"]["route"] == "blobs"
     assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
@@ -261,7 +263,7 @@ def test_ns_picks_one_of_two_upstreams() -> None:
     mirror = make_mirror(TWO_UPSTREAMS)
     flow = make_flow("/v2/library/alpine/manifests/latest?ns=example.azurecr.io")
     with taddons.context(mirror):
-        _call(mirror.addons[0], "requestheaders", flow)
+        _call(mirror.addons[_proxy_index(mirror)], "requestheaders", flow)
     assert flow.response is None
     assert flow.metadata["acr"]["upstream"] == "https://example.azurecr.io"
 
@@ -322,3 +324,8 @@ def test_a_flow_that_already_has_a_response_is_left_alone() -> None:
     drive(make_mirror(ONE_UPSTREAM), flow)
     assert flow.response.status_code == 204
     assert "acr" not in flow.metadata
+
+
+def _proxy_index(mirror: AcrMirror) -> int:
+    """Where the `.proxy` root stands in the chain (front addons such as /auth come before it)."""
+    return next(i for i, a in enumerate(mirror.addons) if isinstance(a, Proxy))

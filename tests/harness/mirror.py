@@ -67,6 +67,11 @@ class Mirror:
             self.start()
 
     @property
+    def hosts_dir(self) -> Path:
+        """Where this mirror's `.host` steps install hosts.toml (a folder of the test's own)."""
+        return self.home / "certs.d"
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -76,9 +81,12 @@ class Mirror:
 
     def start(self, timeout: float = 15.0) -> None:
         cmd = [ACR, "--runmd", str(self.runmd_path), "mirror", "start", *self.args]
+        if "--hosts-dir" not in self.args:
+            # `.host` installs hosts.toml: never into the machine's /etc/containerd/certs.d.
+            cmd += ["--hosts-dir", str(self.hosts_dir)]
         for s in self.sets:
             cmd += ["--set", s]
-        env = dict(os.environ, **(self.env or {}))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             cmd, cwd=self.home, stdout=self._log, stderr=subprocess.STDOUT,
