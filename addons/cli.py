@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from addons import __version__, catalog
+from addons import __version__, catalog, tuning
 from addons.address import Address
 from addons.catalog import Compiled
 from addons.runmd import RunmdError
@@ -217,7 +217,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     except StepError as e:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
-    return asyncio.run(serve(compiled, address, args))
+    return tuning.run(serve(compiled, address, args))
 
 
 # issue 8: `+ .engine`, `acr mirror serve`, `acr containerd configure`
@@ -251,6 +251,9 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
+    if getattr(args, "web", False):  # issue 6: the proxy child runs mitmweb
+        check_web_port("127.0.0.1", args.web_port)
+        serve_argv += ["--web", "--web-port", str(args.web_port)]
     for option in args.set or ():
         serve_argv += ["--set", option]
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
@@ -265,7 +268,7 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
     check_listen(address)
-    return asyncio.run(serve(compiled, address, args))
+    return tuning.run(serve(compiled, address, args))
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
@@ -299,13 +302,16 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         # Connection open/close lines drown the one line per request the mirror writes.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     opts = options.Options()
-    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    if getattr(args, "web", False):  # issue 6: mitmweb (WebMaster) with the same chain
+        master = web_master(opts, args)
+    else:
+        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     opts.update(
         mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled))
+    master.addons.add(AcrMirror(compiled), tuning.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         # issue 5: `.https CERT` serves TLS with that key and certificate, for every name.
@@ -319,6 +325,8 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
             opts.set(*args.set)
     except Exception as e:  # OptionsError and friends: one line, no traceback
         raise CliError(f"bad option: {e}", EXIT_USAGE) from None
+    if getattr(args, "web", False):  # issue 6
+        check_web(opts, args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)
@@ -326,6 +334,82 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     await master.run()
     logger.info("mirror stopped")
     return 0
+
+
+# issue 6: `--web` runs mitmweb with the chain; `acr service install|uninstall`
+
+#: The flow list's columns in `--web`: the comment is where the mirror says what it decided.
+WEB_COLUMNS = ["icon", "method", "path", "status", "size", "time", "comment"]
+DEFAULT_WEB_PORT = 8081
+
+
+def web_master(opts, args: argparse.Namespace):
+    """mitmweb's master on loopback, without opening a browser: inspect flows as they pass."""
+    from mitmproxy.tools.web.master import WebMaster
+
+    master = WebMaster(opts, with_termlog=True)
+    opts.update(web_host="127.0.0.1", web_port=args.web_port, web_open_browser=False, web_columns=WEB_COLUMNS)
+    return master
+
+
+def check_web(opts, args: argparse.Namespace) -> None:
+    """mitmweb 11.0 has no login: whoever reaches it sees every flow, so loopback only."""
+    from addons.address import is_loopback
+
+    if not is_loopback(opts.web_host):
+        raise CliError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
+                       "so it only listens on this machine", EXIT_USAGE)
+    check_web_port(opts.web_host, opts.web_port)
+    logger.info("mitmweb on http://%s:%d/ (flows carry the mirror's decisions: try the filter ~comment teleport)",
+                opts.web_host, opts.web_port)
+
+
+def check_web_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise CliError(f"mitmweb cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from addons import service
+
+    unit_dir = Path(args.unit_dir)
+    try:
+        if args.service_command == "install":
+            home = Path(args.home) if args.home else Path(args.runmd).resolve().parent
+            lines = service.install(home, unit_dir, args.name, dry_run=args.dry_run, enable=args.enable)
+        else:
+            lines = service.uninstall(unit_dir, args.name, dry_run=args.dry_run, disable=args.disable)
+    except service.ServiceError as e:
+        raise CliError(str(e)) from None
+    for line in lines:
+        print(line)
+    return 0
+
+
+def add_web_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--web", action="store_true", help="run mitmweb (on loopback) instead of mitmdump, to watch flows")
+    p.add_argument("--web-port", type=int, default=DEFAULT_WEB_PORT, help=f"mitmweb's port (default: {DEFAULT_WEB_PORT})")
+
+
+def add_service_parser(sub) -> None:
+    from addons.service import DEFAULT_NAME, DEFAULT_UNIT_DIR
+
+    svc = sub.add_parser("service", help="run the mirror as a systemd service")
+    svc_sub = svc.add_subparsers(dest="service_command", metavar="COMMAND", required=True)
+    install = svc_sub.add_parser("install", help="write the systemd unit that runs 'acr mirror start' in a home folder")
+    install.add_argument("--home", help="the folder with mirror.runmd (default: the folder of --runmd)")
+    install.add_argument("--enable", action="store_true", help="also run systemctl daemon-reload and enable --now")
+    uninstall = svc_sub.add_parser("uninstall", help="remove the systemd unit")
+    uninstall.add_argument("--disable", action="store_true", help="first run systemctl disable --now")
+    for p in (install, uninstall):
+        p.add_argument("--unit-dir", default=str(DEFAULT_UNIT_DIR), help=f"default: {DEFAULT_UNIT_DIR}")
+        p.add_argument("--name", default=DEFAULT_NAME, help=f"the unit's name (default: {DEFAULT_NAME})")
+        p.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
+        p.set_defaults(func=cmd_service)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,11 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     start.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
     start.add_argument("--engine-name", help="the engine to run when the file has several ('``` NAME' of its block)")
+    add_web_arguments(start)  # issue 6
     start.set_defaults(func=cmd_mirror_start)
     serve_p = mirror_sub.add_parser("serve", help="serve the proxy only, no runtime steps (what an engine supervises)")
     serve_p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     serve_p.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
+    add_web_arguments(serve_p)  # issue 6
     serve_p.set_defaults(func=cmd_mirror_serve)
+    add_service_parser(sub)  # issue 6
 
     # issue 8: containerd's own config.toml
     containerd = sub.add_parser("containerd", help="containerd's own configuration")
@@ -407,6 +494,10 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under systemd or a supervisor stdout is a pipe: one line per request must arrive as it happens.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import urljoin, urlsplit
+import re
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from mitmproxy import http
@@ -43,6 +44,17 @@ def _pass_headers(resp: requests.Response) -> dict[str, str]:
 def same_origin(a: str, b: str) -> bool:
     x, y = urlsplit(a), urlsplit(b)
     return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
+
+
+def link_with_ns(link: str, ns: str) -> str:
+    """Keep containerd's `ns` on a tag list's next-page link, so the next page reaches the same upstream."""
+
+    def add(m: re.Match[str]) -> str:
+        target = m.group(1)
+        sep = "&" if "?" in target else "?"
+        return f"<{target}{sep}ns={quote(ns, safe='')}>"
+
+    return re.sub(r"<([^>]*)>", add, link, count=1)
 
 
 def scrub(flow: http.HTTPFlow) -> None:
@@ -118,7 +130,7 @@ class Pull(ProxyPlugin):
         extra = {k: v for k, v in flow.request.headers.items() if k.lower() in ("range", "accept", "if-none-match")}
         try:
             if method == "HEAD" or meta["route"] == "tags":
-                await self.answer_small(flow, method, url, extra, auth, what)
+                await self.answer_small(flow, method, url, extra, auth, what, flow.request.query.get("ns"))
                 return
             await self.forward_blob(flow, url, extra, auth, what, upstream.ns)
         except UpstreamError as e:
@@ -127,7 +139,10 @@ class Pull(ProxyPlugin):
             note(flow, "pull", e.message)
             logger.debug("%s %s -> %d (%s)", method, what, e.status, e.message)
 
-    async def answer_small(self, flow: http.HTTPFlow, method: str, url: str, extra: dict[str, str], auth: Authorizer | None, what: str) -> None:
+    async def answer_small(
+        self, flow: http.HTTPFlow, method: str, url: str, extra: dict[str, str], auth: Authorizer | None, what: str,
+        ns: str | None = None,
+    ) -> None:
         """HEAD of a blob, or a tag list: the mirror answers from its own request."""
 
         def fetch() -> http.Response:
@@ -148,6 +163,8 @@ class Pull(ProxyPlugin):
             headers = _pass_headers(resp)
             if method != "HEAD":
                 headers.pop("Content-Length", None)  # the body may have been decoded
+            if ns and "Link" in headers:
+                headers["Link"] = link_with_ns(headers["Link"], ns)
             out = http.Response.make(resp.status_code, body, headers)
             if method == "HEAD" and "Content-Length" in headers:
                 out.headers["Content-Length"] = headers["Content-Length"]

@@ -88,7 +88,7 @@ def test_init_writes_an_acr_mirror_runmd(tmp_path: Path) -> None:
     # issue 8: the install event's node check runs first, then the start event's steps.
     assert runtime == ["node-check", "login-acr", "install", "mirror", "host"]
     proxy = [s.plugin for r in compiled.document.roots("proxy") for s in r.steps]
-    assert proxy == ["manifests", "login", "authn", "resolve", "discover", "teleport", "blobs", "login", "authn", "pull"]
+    assert proxy == ["manifests", "login", "authn", "resolve", "discover", "teleport", "blobs", "login", "authn", "pull", "tags", "login", "authn", "pull"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -123,7 +123,7 @@ def test_rendered_template_for_acr_parses() -> None:
     assert plugin_names(compiled, "runtime") == ["node-check", "login-acr", "install", "mirror", "host"]
     assert plugin_names(compiled, "engine") == ["event", "event", "loop"]
     assert plugin_names(compiled, "proxy") == [
-        "manifests", "login", "authn", "resolve", "discover", "teleport", "blobs", "login", "authn", "pull",
+        "manifests", "login", "authn", "resolve", "discover", "teleport", "blobs", "login", "authn", "pull", "tags", "login", "authn", "pull",
     ]
     steps = {s.plugin: s for _, s in compiled.document.steps()}
     assert steps["login-acr"].input == "example"

@@ -1,0 +1,353 @@
+"""Benchmark of the mirror's data path: direct from the registry vs through `acr mirror start`.
+
+One run, same registry (docker-registry with token auth, on loopback), measured alternately so
+that both sides see the same machine load:
+
+* blob throughput with curl (MB/s, median of --repeat), and the mirror's CPU seconds per GiB
+  (a figure that machine load barely moves, unlike MB/s on a shared 2-core box);
+* mirror peak RSS while a large blob streams through it (VmRSS sampled, and VmHWM);
+* `ctr images pull` time of an image with large layers (fetch and unpack), containerd with
+  credentials direct vs containerd with none through the mirror;
+* manifest HEAD latency by tag, p50/p99 over a keep-alive connection, with warm tokens.
+
+Prints a table, then the figures as one JSON object on the last line of stdout. Everything it
+starts (token server, registry, mirror, containerd) is stopped when it ends, also on SIGTERM.
+Run it as `scripts/bench` (which makes sure the test prerequisites are installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import zlib
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+
+from tests.harness.containerd import Containerd, write_hosts_toml  # noqa: E402
+from tests.harness.images import (  # noqa: E402
+    ACCEPT_ALL_MANIFESTS,
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    RegistryClient,
+    canonical_json,
+    host_platform,
+    push_random_blob,
+    random_chunks,
+)
+from tests.harness.mirror import Mirror  # noqa: E402
+from tests.harness.ports import ClosedPort, free_port  # noqa: E402
+from tests.harness.registry import Registry  # noqa: E402
+from tests.harness.tokenserver import TokenServer  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+TARGETS = {"rss_mb": 150, "containerd_ratio": 1.15, "curl_ratio": 0.5}
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# --- /proc ------------------------------------------------------------------------------
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A kB figure from /proc/PID/status (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serving_pid(root: int) -> int:
+    """The process running mitmproxy: `acr mirror start` itself, or the `acr mirror serve` child
+    its engine supervises (a runmd with `+ .engine`)."""
+    todo, seen = [root], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    for pid in seen:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mirror" in argv and b"serve" in argv:
+            return pid
+    return root
+
+
+class RssSampler:
+    """Samples a process's VmRSS every 20 ms while active; `peak_kb` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_kb = max(self.peak_kb, proc_status(self.pid, "VmRSS"))
+            except OSError:
+                return
+            time.sleep(0.02)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- content ----------------------------------------------------------------------------
+
+
+def layer_stream(size: int, seed: int, diff: "hashlib._Hash") -> Iterator[bytes]:
+    """A gzip (stored blocks: random data does not compress) tar of one `size`-byte random file,
+    produced chunk by chunk; `diff` is fed the uncompressed tar for the config's diff_id."""
+    info = tarfile.TarInfo("bench.bin")
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    gz = zlib.compressobj(0, zlib.DEFLATED, 31)
+
+    def emit(raw: bytes) -> bytes:
+        diff.update(raw)
+        return gz.compress(raw)
+
+    yield emit(info.tobuf(format=tarfile.GNU_FORMAT))
+    for chunk in random_chunks(seed, size):
+        out = emit(chunk)
+        if out:
+            yield out
+    pad = (-size) % 512
+    yield emit(b"\0" * (pad + 1024)) + gz.flush()
+
+
+def push_big_image(client: RegistryClient, repo: str, tag: str, layers: int, layer_size: int) -> str:
+    """An image of `layers` random layers of `layer_size` bytes each; returns its digest."""
+    descriptors, diff_ids = [], []
+    for i in range(layers):
+        diff = hashlib.sha256()
+        digest, size = client.push_stream(repo, layer_stream(layer_size, 100 + i, diff))
+        descriptors.append({"mediaType": DOCKER_LAYER_GZIP, "digest": digest, "size": size})
+        diff_ids.append("sha256:" + diff.hexdigest())
+    plat = host_platform()
+    config = canonical_json({
+        "architecture": plat["architecture"], "os": plat["os"], "created": "1970-01-01T00:00:00Z",
+        "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    })
+    config_digest = client.push_blob(repo, config)
+    manifest = canonical_json({
+        "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": descriptors,
+    })
+    return client.put_manifest(repo, tag, manifest, DOCKER_MANIFEST)
+
+
+# --- measurements -----------------------------------------------------------------------
+
+
+def curl_mbps(url: str, headers: dict[str, str]) -> tuple[float, int]:
+    cmd = ["curl", "-sS", "--fail", "--noproxy", "*", "-o", "/dev/null", "-w", "%{size_download} %{time_total}"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True, timeout=300).stdout.split()
+    size, seconds = int(out[0]), float(out[1])
+    return size / seconds / 1e6, size
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def head_latencies(url: str, headers: dict[str, str], n: int, warmup: int = 20) -> list[float]:
+    out = []
+    with requests.Session() as s:
+        s.trust_env = False
+        for i in range(warmup + n):
+            t = time.perf_counter()
+            r = s.head(url, headers=headers, timeout=30)
+            took = time.perf_counter() - t
+            if r.status_code != 200:
+                raise RuntimeError(f"HEAD {url} -> {r.status_code}")
+            if i >= warmup:
+                out.append(took * 1000)
+    return out
+
+
+def alternate(repeat: int, direct: Callable[[], Any], mirror: Callable[[], Any]) -> tuple[list[Any], list[Any]]:
+    d, m = [], []
+    for _ in range(repeat):
+        d.append(direct())
+        m.append(mirror())
+    return d, m
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace, stack: ExitStack) -> dict[str, Any]:
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="acr-bench-")))
+    port = free_port()
+    password = os.urandom(9).hex()
+    ts = stack.enter_context(TokenServer(service=f"127.0.0.1:{port}", users={"bench": password}))
+    reg = stack.enter_context(Registry("token", token_server=ts, port=port, workdir=tmp / "registry"))
+    client = RegistryClient(reg.url, ("bench", password), timeout=600)
+    stack.callback(client.close)
+    repo = "bench/datapath"
+
+    blob_size = args.blob_mib * MiB
+    log(f"pushing a {args.blob_mib} MiB blob and an image of {args.layers} x {args.layer_mib} MiB layers")
+    blob, _ = push_random_blob(client, repo, blob_size, seed=1)
+    image = push_big_image(client, repo, "big", args.layers, args.layer_mib * MiB)
+    token = client._auth[repo]  # the harness client's Bearer header, for direct requests
+
+    mirror = Mirror(tmp / "mirror", [reg.url], credentials=ts.issue_refresh_token(),
+                    args=["--hosts-dir", str(tmp / "mirror-hosts")])
+    stack.callback(mirror.stop)
+    assert mirror.proc is not None
+    pid = serving_pid(mirror.proc.pid)
+    ns = f"ns={reg.host}"
+    results: dict[str, Any] = {"blob_mib": args.blob_mib, "repeat": args.repeat}
+
+    # Blob throughput with curl, and the mirror's memory and CPU while it streams.
+    direct_url = f"{reg.url}/v2/{repo}/blobs/{blob}"
+    mirror_url = f"{mirror.url}/v2/{repo}/blobs/{blob}?{ns}"
+    curl_mbps(mirror_url, {})  # warm: token, probe, connection
+    log("curl: blob direct vs through the mirror")
+    cpu0 = cpu_seconds(pid)
+    with RssSampler(pid) as rss:
+        d, m = alternate(args.repeat, lambda: curl_mbps(direct_url, {"Authorization": token}),
+                         lambda: curl_mbps(mirror_url, {}))
+    cpu = cpu_seconds(pid) - cpu0
+    assert all(size == blob_size for _, size in d + m), "a blob arrived short"
+    results["curl_direct_mbps"] = round(statistics.median(x for x, _ in d))
+    results["curl_mirror_mbps"] = round(statistics.median(x for x, _ in m))
+    results["curl_ratio"] = round(results["curl_mirror_mbps"] / results["curl_direct_mbps"], 2)
+    results["mirror_cpu_s_per_gib"] = round(cpu / args.repeat / (blob_size / GiB), 2)
+    results["mirror_peak_rss_mb"] = round(rss.peak_kb / 1024)
+    results["mirror_vmhwm_mb"] = round(proc_status(pid, "VmHWM") / 1024)
+
+    # Manifest HEAD latency with warm tokens.
+    log("HEAD latency")
+    accept = {"Accept": ACCEPT_ALL_MANIFESTS}
+    hd = head_latencies(f"{reg.url}/v2/{repo}/manifests/big", {**accept, "Authorization": token}, args.heads)
+    hm = head_latencies(f"{mirror.url}/v2/{repo}/manifests/big?{ns}", accept, args.heads)
+    for name, values in (("direct", hd), ("mirror", hm)):
+        results[f"head_{name}_p50_ms"] = round(percentile(values, 50), 2)
+        results[f"head_{name}_p99_ms"] = round(percentile(values, 99), 2)
+
+    # containerd: credentials direct vs none through the mirror (server on a closed port).
+    if os.geteuid() != 0 or args.no_containerd:
+        log("containerd: skipped (needs root)" if os.geteuid() != 0 else "containerd: skipped")
+    else:
+        log("containerd: ctr images pull direct vs through the mirror")
+        ctd = stack.enter_context(Containerd())
+        closed = stack.enter_context(ClosedPort())
+        direct_hosts, mirror_hosts = tmp / "hosts-direct", tmp / "hosts-mirror"
+        write_hosts_toml(direct_hosts, reg.host, reg.url)
+        write_hosts_toml(mirror_hosts, reg.host, closed.url, [(mirror.url, ("pull", "resolve"))])
+        ref = f"{reg.host}/{repo}:big"
+        runs = iter(range(10_000))
+
+        def pull(hosts: Path, user: Optional[str]) -> float:
+            c = ctd.client(f"bench-{next(runs)}")
+            try:
+                t = time.monotonic()
+                r = c.pull(ref, hosts_dir=hosts, user=user, timeout=600)
+                took = time.monotonic() - t
+                if r.returncode != 0:
+                    raise RuntimeError(f"ctr pull failed: {r.stderr[-2000:]}")
+                if c.image_target(ref) != image:
+                    raise RuntimeError("ctr pulled another digest")
+                return took
+            finally:
+                c.drop_namespace()
+
+        d, m = alternate(args.repeat, lambda: pull(direct_hosts, f"bench:{password}"), lambda: pull(mirror_hosts, None))
+        results["image_mib"] = args.layers * args.layer_mib
+        results["containerd_direct_s"] = round(statistics.median(d), 2)
+        results["containerd_mirror_s"] = round(statistics.median(m), 2)
+        results["containerd_ratio"] = round(results["containerd_mirror_s"] / results["containerd_direct_s"], 2)
+    results["mirror_peak_rss_mb"] = max(results["mirror_peak_rss_mb"], round(proc_status(pid, "VmHWM") / 1024))
+    try:
+        import uvloop  # noqa: F401
+
+        results["uvloop_installed"] = True
+    except ImportError:
+        results["uvloop_installed"] = False
+    return results
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("blob via curl (MB/s)", r["curl_direct_mbps"], r["curl_mirror_mbps"],
+         f"{r['curl_ratio']:.2f} (target >= {TARGETS['curl_ratio']})"),
+        ("mirror CPU per GiB (s)", "", r["mirror_cpu_s_per_gib"], ""),
+        (f"mirror peak RSS, {r['blob_mib']} MiB blob (MB)", "", r["mirror_peak_rss_mb"], f"(target < {TARGETS['rss_mb']})"),
+        ("manifest HEAD p50 (ms)", r["head_direct_p50_ms"], r["head_mirror_p50_ms"], ""),
+        ("manifest HEAD p99 (ms)", r["head_direct_p99_ms"], r["head_mirror_p99_ms"], ""),
+    ]
+    if "containerd_direct_s" in r:
+        rows.append((f"ctr images pull, {r['image_mib']} MiB (s)", r["containerd_direct_s"], r["containerd_mirror_s"],
+                     f"{r['containerd_ratio']:.2f} (target <= {TARGETS['containerd_ratio']})"))
+    w = max(len(x[0]) for x in rows)
+    lines = [f"{'':{w}}  {'direct':>10}  {'mirror':>10}  mirror/direct", "-" * (w + 44)]
+    for name, direct, mirror, ratio in rows:
+        lines.append(f"{name:{w}}  {direct!s:>10}  {mirror!s:>10}  {ratio}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--blob-mib", type=int, default=1024, help="blob size for curl and RSS (default 1024)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the containerd image (default 2)")
+    p.add_argument("--layer-mib", type=int, default=256, help="size of each layer (default 256)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported (default 3)")
+    p.add_argument("--heads", type=int, default=300, help="manifest HEADs per side (default 300)")
+    p.add_argument("--no-containerd", action="store_true", help="skip the containerd pulls")
+    args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so everything started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with ExitStack() as stack:
+        results = bench(args, stack)
+    print(table(results))
+    print(json.dumps(results, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
