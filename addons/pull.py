@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+import weakref
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
-from mitmproxy import http
+from mitmproxy import ctx, http
 
 from addons import oci
 from addons.plugin import ProxyPlugin
@@ -46,6 +48,32 @@ def same_origin(a: str, b: str) -> bool:
     return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
 
 
+class Activity:
+    """A pass-through stream function that remembers when data last moved."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.done = False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.last = time.monotonic()
+        if not chunk:
+            self.done = True  # mitmproxy calls it with b"" at the end of the body
+        return chunk
+
+
+def close_upstream(flow: http.HTTPFlow) -> bool:
+    """Close the server side of a flow's connection (found the way addons.tuning finds readers)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    io = getattr(handler, "transports", {}).get(flow.server_conn)
+    writer = getattr(io, "writer", None)
+    if writer is None:
+        return False
+    writer.transport.abort()
+    return True
+
+
 def link_with_ns(link: str, ns: str) -> str:
     """Keep containerd's `ns` on a tag list's next-page link, so the next page reaches the same upstream."""
 
@@ -73,6 +101,11 @@ class Pull(ProxyPlugin):
         if mode not in REDIRECTS:
             raise ValueError(f"unknown redirect mode '{text}' (expected: {', '.join(REDIRECTS)})")
         return mode
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._watched: weakref.WeakKeyDictionary[http.HTTPFlow, Activity] = weakref.WeakKeyDictionary()
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def follow(self) -> bool:
@@ -198,6 +231,37 @@ class Pull(ProxyPlugin):
         host = urlsplit(target).netloc
         note(flow, "pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
 
+    def watch(self, flow: http.HTTPFlow) -> "Activity":
+        """Stream the body, noting when each chunk passes so a stalled upstream can be cut off."""
+        activity = Activity()
+        self._watched[flow] = activity
+        if self._watchdog is None or self._watchdog.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not serving (hooks called directly, e.g. offline replay)
+                return activity
+            self._watchdog = loop.create_task(self._watch_stalls())
+        return activity
+
+    async def _watch_stalls(self) -> None:
+        """Close the upstream connection of a streamed body that has not moved for the upstream timeout.
+
+        mitmproxy itself waits 10 minutes; closing the connection makes it end the response
+        early, and the client sees a broken transfer (never a short blob with success).
+        """
+        while self._watched:
+            await asyncio.sleep(min(1.0, self.state.settings.upstream_timeout / 4))
+            limit = self.state.settings.upstream_timeout
+            now = time.monotonic()
+            for flow, activity in list(self._watched.items()):
+                if activity.done or not flow.live:
+                    self._watched.pop(flow, None)
+                elif now - activity.last > limit:
+                    self._watched.pop(flow, None)
+                    info(flow)["stalled"] = True
+                    note(flow, "pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
+                    close_upstream(flow)
+
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get("acr") or {}
         if not meta.get("forward") or meta.get("route_id") != getattr(self.route, "id", None):
@@ -206,7 +270,7 @@ class Pull(ProxyPlugin):
         resp = flow.response
         assert resp is not None
         self.state.counters["blobs_streamed"] += 1
-        resp.stream = True
+        resp.stream = self.watch(flow)
         meta["upstream_status"] = resp.status_code
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.

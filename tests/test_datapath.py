@@ -816,8 +816,6 @@ def test_an_upstream_that_never_answers_is_bounded_by_the_timeout(
         assert took < timeout + 2, (method, path, took)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: once mitmproxy streams a forwarded blob, nothing bounds an "
-                   "upstream that stalls mid-body (mitmproxy's own inactivity timeout is 10 min)")
 def test_an_upstream_that_stalls_mid_body_is_cut_off(
     start_mirror: Callable[..., Mirror], loop_server: Callable[..., LoopServer],
 ) -> None:
