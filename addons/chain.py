@@ -20,6 +20,9 @@ from addons.catalog import Compiled
 from addons.plugin import ProxyPlugin
 from addons.endpoints import Endpoints  # issue 5
 from addons.login_acr import LoginRefresh  # issue 5
+from addons import record  # issue 6: flow files scrubbed of credentials
+from addons.metrics import Metrics  # issue 6: GET /metrics
+from addons.replay import ReplayCheck  # issue 6: decisions re-made offline over read flows
 from addons.proxy import Proxy, ProxyTail
 from addons.pull import TokenScrub
 from addons.teleport import parse_platform
@@ -61,6 +64,7 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     # issue 5: /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
     front: list[Any] = [Endpoints(compiled, state)]
+    front += [Metrics(state), ReplayCheck(compiled, state)]  # issue 6
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
     return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
@@ -99,6 +103,7 @@ class AcrMirror:
             scrubber = TokenScrub()
             manager.lookup[TokenScrub.name] = scrubber
             manager.chain.insert(0, scrubber)
+        record.install(ctx.master)  # issue 6: `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
         loader.add_option(
             "acr_upstream_timeout", str, "30",
@@ -132,6 +137,17 @@ class AcrMirror:
             "acr_platform", str, "",
             "The platform teleport picks streamable images for, as os/arch[/variant] "
             "(default: this machine's).",
+        )
+
+        # issue 6: re-making the chain's decisions over flows read with `mitmdump -n -r`
+        loader.add_option(
+            "acr_replay_upstream", str, "",
+            "An upstream recording (scripts/record) that answers the chain's upstream requests when "
+            "recorded client flows are re-run offline; without it only the routing is re-run.",
+        )
+        loader.add_option(
+            "acr_replay_report", str, "",
+            "Write the offline re-run's result (per flow: recorded and re-made decision) as JSON here.",
         )
 
     def configure(self, updated: set[str]) -> None:
