@@ -61,7 +61,7 @@ def parse_referrers(body: bytes, api: str) -> list[Descriptor]:
     """Descriptors from an OCI index (API or tag schema) or a legacy ORAS `{"referrers": [...]}`."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read
         raise DiscoverError("bad-json", f"{api} referrers: not JSON") from None
     if not isinstance(doc, dict):
         raise DiscoverError("bad-json", f"{api} referrers: not a JSON object")

@@ -7,7 +7,8 @@
   matches keys against `host`, `host/ns`, ... of the URL). Only registries this mirror serves
   get an answer, and only clients on loopback: the answer is the node's registry credential.
 * `GET /status`: health as JSON: upstreams, the credentials files and the ACR login with their
-  expiry, cached upstream tokens by scope and expiry, and the mirror's counters. No secret.
+  expiry, cached upstream tokens by scope and expiry, and the mirror's counters. No secret, but
+  it maps what this node may pull: loopback clients only, like `/auth` and `/metrics`.
 
 The credential in an `/auth` answer is put into the response only in this addon's `response`
 hook, which runs after mitmproxy's flow writer and mitmweb's view have taken the flow, and it is
@@ -125,6 +126,12 @@ class Endpoints:
             flow.response.headers["Allow"] = ", ".join(allowed)
             return
         if endpoint == "status":
+            if not loopback_peer(flow):
+                # Health names the upstreams, the credential files and token expiry: this machine only.
+                self.state.counters["status_refused"] += 1
+                flow.response = _json(403, self._failure("health is only served to clients on this machine"), req.method)
+                info(flow)["refused"] = "403 not loopback"
+                return
             body = await asyncio.to_thread(self.status)
             flow.response = _json(200, body, req.method)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from addons.plugin import RuntimePlugin
@@ -37,8 +38,8 @@ class Install(RuntimePlugin):
         if not src.is_file():
             raise StepError(f"no file {src}")
         dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A fresh name, created 0600 with O_EXCL: never a file or symlink someone left there.
+        fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
         try:
             with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
                 shutil.copyfileobj(inp, out)

@@ -36,6 +36,8 @@ class Login(ProxyPlugin):
         self._stamp: tuple[int, int] | None = None
         self._credentials: Credentials | None = None
         self._warned_missing = False
+        #: The version of the file last found unusable: said once in the log, not once per request.
+        self._bad_stamp: tuple[int, int] | None = None
 
     @property
     def path(self) -> Path:
@@ -56,7 +58,9 @@ class Login(ProxyPlugin):
             try:
                 creds = Credentials.from_file(self.path)
             except (ValueError, OSError) as e:
-                logger.error("step %d: %s", self.step.id, e)
+                if stamp != self._bad_stamp:
+                    logger.error("step %d: %s", self.step.id, e)
+                    self._bad_stamp = stamp
                 raise UpstreamError(502, "UNAUTHORIZED", f"the mirror's credentials file {self.config} is unusable") from None
             if insecure_permissions(self.path):
                 logger.warning("%s is readable by group or others: chmod 600 it", self.path)

@@ -23,6 +23,11 @@ from addons.state import MirrorState, info, note
 logger = logging.getLogger(__name__)
 
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+?)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|(?P<tags>tags)/list)$")
+#: The digest algorithms the mirror can check content against (resolve, oci.DigestVerifier).
+DIGEST_ALGORITHMS = ("sha256", "sha512")
+#: Request line and headers together; containerd sends about 1 KiB. mitmproxy itself has no
+#: limit, and a client's `Accept` is passed upstream, so a larger request is refused here.
+MAX_REQUEST_HEAD = 64 * 1024
 
 
 class RouteError(Exception):
@@ -66,6 +71,9 @@ def parse_target(path: str) -> Target:
             raise RouteError(400, "TAG_INVALID", "invalid tag")
     elif not oci.valid_digest(ref):
         raise RouteError(400, "DIGEST_INVALID", "invalid digest")
+    elif ref.split(":", 1)[0] not in DIGEST_ALGORITHMS:
+        # The mirror could not check such content: refuse before asking upstream.
+        raise RouteError(400, "DIGEST_INVALID", f"unsupported digest algorithm (supported: {', '.join(DIGEST_ALGORITHMS)})")
     return Target(kind, name, ref)
 
 
@@ -77,6 +85,11 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     info(flow)["refused"] = f"{status} {code}"
     flow.comment = f"refused: {status} {code}: {message}"
     note(flow, "proxy", f"refused {status} {code}: {message}")
+
+
+def head_size(req: http.Request) -> int:
+    """The size of a request's head as it came: request line and header lines."""
+    return len(req.method) + len(req.path) + 12 + sum(len(k) + len(v) + 4 for k, v in req.headers.fields)
 
 
 def _safe_path(flow: http.HTTPFlow) -> str:
@@ -105,6 +118,8 @@ class Proxy(ProxyPlugin):
         if req.first_line_format != "relative":
             # Absolute-form means a client uses us as a forward proxy: never.
             return refuse(flow, 400, "UNSUPPORTED", "this is a registry mirror, not an HTTP proxy")
+        if head_size(req) > MAX_REQUEST_HEAD:
+            return refuse(flow, 431, "UNSUPPORTED", f"request line and headers are larger than {MAX_REQUEST_HEAD // 1024} KiB")
         try:
             target = parse_target(req.path)
         except RouteError as e:

@@ -62,6 +62,19 @@ class Activity:
         return chunk
 
 
+def client_backlogged(flow: http.HTTPFlow) -> bool:
+    """Whether bytes for the client are still queued: mitmproxy then waits for the *client*
+    (it reads upstream only once its writers drained), so a quiet upstream is not stalled."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    io = getattr(handler, "transports", {}).get(flow.client_conn)
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    try:
+        return transport is not None and transport.get_write_buffer_size() > 0
+    except Exception:  # another transport type: assume the upstream is the one to watch
+        return False
+
+
 def close_upstream(flow: http.HTTPFlow) -> bool:
     """Close the server side of a flow's connection (found the way addons.tuning finds readers)."""
     proxyserver = ctx.master.addons.get("proxyserver")
@@ -256,6 +269,8 @@ class Pull(ProxyPlugin):
             for flow, activity in list(self._watched.items()):
                 if activity.done or not flow.live:
                     self._watched.pop(flow, None)
+                elif now - activity.last > limit and client_backlogged(flow):
+                    activity.last = now  # the client is slow, not the upstream (backpressure)
                 elif now - activity.last > limit:
                     self._watched.pop(flow, None)
                     info(flow)["stalled"] = True

@@ -62,7 +62,9 @@ URL_HEADERS = frozenset({"location", "content-location", "link", "refresh"})
 #: Bodies larger than this are not scanned (they are blobs, not token answers).
 MAX_SCAN = 4 * 1024 * 1024
 
-JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+#: A token starts where a run of token characters starts (or after a %XX escape): anchored there
+#: the scans below stay linear; unanchored, a 100 KB request path held the event loop for seconds.
+JWT_RE = re.compile(r"(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2}))eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _QUERY_PARAM_RE = re.compile(
     r"(?P<lead>[?&;])(?P<key>[A-Za-z0-9_.%-]+)=(?P<value>[^&#\s\"'<>;]*)"
 )
@@ -70,7 +72,7 @@ _QUERY_PARAM_RE = re.compile(
 _ENCODED_PARAM_RE = re.compile(
     r"(?P<lead>%3[Ff]|%26)(?P<key>[A-Za-z0-9_.-]+)%3[Dd](?P<value>(?:(?!%26)[^&#\s\"'<>;])*)"
 )
-_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s\"'<>]+)@")
+_USERINFO_RE = re.compile(r"(?<![A-Za-z0-9+.-])(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s\"'<>]+)@")
 _JSON_FIELD_RE = re.compile(
     r'"(?P<key>[A-Za-z_]+)"(?P<sep>\s*:\s*)"(?P<value>(?:[^"\\]|\\.)*)"'
 )

@@ -114,7 +114,7 @@ def _media_type_from_body(body: bytes) -> str | None:
 
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested garbage is garbage too
         return None
     value = doc.get("mediaType") if isinstance(doc, dict) else None
     return value if isinstance(value, str) else None

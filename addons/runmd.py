@@ -213,9 +213,16 @@ def load(path: str | Path, attributes: Mapping[str, Collection[str]] | None = No
     """Read and parse a runmd file; a missing or unreadable file is a RunmdError too."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = p.read_bytes()
     except FileNotFoundError:
         raise RunmdError(str(p), 0, "no such file (run 'acr init' to write one)") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise RunmdError(str(p), 0, f"cannot read: {e.__class__.__name__}") from None
-    return parse(text, str(p), attributes)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Name the line, counted the way parse() counts: \n, \r\n and \r end a line.
+        before = data[: e.start].decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+        raise RunmdError(str(p), before.count("\n") + 1, f"not UTF-8 text (byte 0x{data[e.start]:02x})") from None
+    # Editors on Windows start UTF-8 files with a byte order mark; it is not part of line 1.
+    return parse(text.removeprefix("\ufeff"), str(p), attributes)

@@ -129,7 +129,7 @@ def linked_manifest(body: bytes) -> Descriptor | None:
     """
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise NoTeleport("bad-json", "dadi artifact: not JSON") from None
     if not isinstance(doc, dict):
         raise NoTeleport("bad-json", "dadi artifact: not a JSON object")
@@ -152,8 +152,10 @@ def platform_child(body: bytes, want: Platform) -> Descriptor:
     try:
         doc = json.loads(body)
         entries = [Descriptor.from_json(m) for m in doc.get("manifests", [])]
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, TypeError) as e:  # not an object, `manifests` not a list
         raise NoTeleport("bad-json", f"index: {e}") from None
+    except RecursionError:
+        raise NoTeleport("bad-json", "index: nested too deeply") from None
     for d in entries:
         p = d.platform
         if p is not None and platform_matches(want, p.os, p.architecture, p.variant):
