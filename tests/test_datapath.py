@@ -47,6 +47,7 @@ from tests.harness.images import (
     push_random_blob,
     sha256_digest,
 )
+from tests.harness.procs import rss_kib
 from tests.harness.mirror import Mirror
 from tests.harness.ports import LOOPBACK, ClosedPort
 from tests.harness.registry import Registry
@@ -121,40 +122,10 @@ def issued_tokens(ts: TokenServer) -> list[str]:
     return [ts.sign(claims) for claims in list(ts.issued)] + list(ts.refresh_tokens)
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
 
 
-def serving_pid(m: Mirror) -> int:
-    """The process that runs mitmproxy: `acr mirror start` itself, or the `acr mirror serve`
-    child that an engine (`+ .engine` in the runmd) supervises."""
-    assert m.proc is not None
-    todo, seen = [m.proc.pid], []
-    while todo:
-        pid = todo.pop()
-        seen.append(pid)
-        todo += children(pid)
-    for pid in seen:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"serve" in argv and b"mirror" in argv:
-            return pid
-    return m.proc.pid
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -448,7 +419,7 @@ def test_a_1gib_blob_arrives_whole_in_flat_memory(
     digest, pushed = push_random_blob(registry, repo_name, size, seed=7)
     assert pushed == size
     m = start_mirror(registry.url)
-    pid = serving_pid(m)
+    pid = m.serving_pid()
     peak = [rss_kib(pid)]
     stop = threading.Event()
 

@@ -53,6 +53,7 @@ from tests.harness.images import (
     sha256_digest,
 )
 from tests.harness.mirror import ACR, Mirror
+from tests.harness.procs import rss_kib
 from tests.harness.ports import LOOPBACK
 from tests.harness.registry import Registry
 from tests.harness.tokenserver import TokenServer, decode_jwt
@@ -74,44 +75,10 @@ def ns(host: str) -> str:
     return urllib.parse.quote(host, safe="")
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return out
-    for task in tasks:
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
 
 
-def proxy_pid(m: Mirror) -> int:
-    """The process that runs mitmproxy: the `acr mirror serve` child of the engine, or
-    `acr mirror start` itself when the runmd has no engine."""
-    assert m.proc is not None
-    todo, seen = [m.proc.pid], []
-    while todo:
-        pid = todo.pop()
-        seen.append(pid)
-        todo += _children(pid)
-    for pid in seen:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"serve" in argv and b"mirror" in argv:
-            return pid
-    return m.proc.pid
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def fd_count(pid: int) -> int:
@@ -443,7 +410,7 @@ def test_registry_killed_mid_blob_is_an_error_and_the_mirror_serves_the_next_pul
     image = make_image({"after": repo_name.encode()})
     push_image(reg, repo_name, "v1", image)
     m = start(reg.url)
-    pid = proxy_pid(m)
+    pid = m.serving_pid()
     url = f"{m.url}/v2/{repo_name}/blobs/{digest}?ns={ns(reg.host)}"
 
     got, error = 0, None
@@ -475,7 +442,7 @@ def test_registry_killed_mid_blob_is_an_error_and_the_mirror_serves_the_next_pul
             for chunk in r.iter_content(MiB):
                 h.update(chunk)
         assert "sha256:" + h.hexdigest() == digest
-    assert proxy_pid(m) == pid, "the proxy process was restarted: it must have crashed"
+    assert m.serving_pid() == pid, "the proxy process was restarted: it must have crashed"
 
 
 def test_a_slow_token_server_is_a_bounded_504_and_the_mirror_recovers(
@@ -639,10 +606,10 @@ def test_a_slow_client_gets_the_whole_blob_in_bounded_memory(
     up, small, big = _big_blob_upstream(fake, size)
     timeout = 2.0
     m = start(up.url, sets=[f"acr_upstream_timeout={timeout}"])
-    pid = proxy_pid(m)
+    pid = m.serving_pid()
     with session() as s:
         assert s.get(f"{m.url}/v2/x/blobs/{small}", timeout=15).status_code == 200
-    base = rss_mib(pid)
+    base = rss_kib(pid) / 1024
     peak = [base]
     got = 0
     with session() as s, s.get(f"{m.url}/v2/x/blobs/{big}", stream=True, timeout=30) as r:
@@ -652,7 +619,7 @@ def test_a_slow_client_gets_the_whole_blob_in_bounded_memory(
             got += len(next(chunks))
         for _ in range(int((timeout + 1.5) / 0.25)):  # a pause longer than the upstream timeout
             time.sleep(0.25)
-            peak[0] = max(peak[0], rss_mib(pid))
+            peak[0] = max(peak[0], rss_kib(pid) / 1024)
         sent_while_paused = up.sent
         try:
             for chunk in chunks:
@@ -670,7 +637,7 @@ def test_a_client_that_disconnects_mid_blob_releases_the_upstream_connection(
     size = 256 * MiB
     up, small, big = _big_blob_upstream(fake, size)
     m = start(up.url)
-    pid = proxy_pid(m)
+    pid = m.serving_pid()
     with session() as s:
         assert s.get(f"{m.url}/v2/x/blobs/{small}", timeout=15).status_code == 200
     time.sleep(0.3)
@@ -717,14 +684,14 @@ def test_64_parallel_pulls_of_mixed_images_in_flat_memory_and_fds(
         images.append((token_registry.host, repo, "v1"))
 
     m = start([registry.url, token_registry.url], credentials=token_server.issue_refresh_token())
-    pid = proxy_pid(m)
+    pid = m.serving_pid()
     fds: list[int] = []
-    peak = [rss_mib(pid)]
+    peak = [rss_kib(pid) / 1024]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], rss_mib(pid))
+            peak[0] = max(peak[0], rss_kib(pid) / 1024)
             time.sleep(0.05)
 
     def one(i: int) -> int:
@@ -758,13 +725,13 @@ def test_the_listener_is_loopback_unless_allow_remote_which_warns(
     registry: Registry, start: Callable[..., Mirror], tmp_path: Path,
 ) -> None:
     m = start(registry.url)
-    assert listening_addresses(proxy_pid(m), m.port) == {"0100007F"}  # 127.0.0.1 and nothing else
+    assert listening_addresses(m.serving_pid(), m.port) == {"0100007F"}  # 127.0.0.1 and nothing else
     assert "every client that reaches it" not in m.log_text()
     text, n = re.subn(rf"(?m)^(\+ \.proxy\s+)127\.0\.0\.1:{m.port}$", r"\g<1>0.0.0.0:{port}", m.runmd_path.read_text())
     m.stop()
     assert n == 1
     remote = start(registry.url, runmd=text, args=["--allow-remote"], home=tmp_path / "remote")
-    assert listening_addresses(proxy_pid(remote), remote.port) == {"00000000"}
+    assert listening_addresses(remote.serving_pid(), remote.port) == {"00000000"}
     assert remote.get("/v2/").status_code == 200
     warnings = [line for line in remote.log_text().splitlines() if "every client that reaches it pulls" in line]
     assert warnings and all(line.startswith("WARNING") for line in warnings), remote.log_text()[-2000:]

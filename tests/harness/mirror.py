@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import requests
 
 from tests.harness.ports import free_port, wait_port
-from tests.harness.procs import kill_group
+from tests.harness.procs import descendants, kill_group
 
 ACR = str(Path(sys.executable).with_name("acr"))
 
@@ -97,6 +97,19 @@ class Mirror:
         except Exception:
             self.stop()
             raise RuntimeError(f"mirror did not start:\n{self.log_text()[-3000:]}") from None
+
+    def serving_pid(self) -> int:
+        """The process that runs mitmproxy: the `acr mirror serve` child that an engine
+        supervises, or `acr mirror start` itself when the runmd has no engine."""
+        assert self.proc is not None
+        for pid in descendants(self.proc.pid):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in argv and b"mirror" in argv:
+                return pid
+        return self.proc.pid
 
     def stop(self) -> Optional[int]:
         if self.proc is None:

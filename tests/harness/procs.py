@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 
 def kill_group(proc: "subprocess.Popen[bytes]", grace: float = 5.0) -> None:
@@ -32,3 +33,40 @@ def kill_group(proc: "subprocess.Popen[bytes]", grace: float = 5.0) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of a process, from /proc (empty when it is gone)."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """The process and everything below it, parents first."""
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo += children(p)
+    return seen
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process in KiB (0 when it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
