@@ -23,8 +23,6 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +45,7 @@ from tests.harness.images import (
     push_random_blob,
     sha256_digest,
 )
+from tests.harness.fakeserver import Fake as LoopServer, Handler, Seen, _Handler
 from tests.harness.procs import rss_kib
 from tests.harness.mirror import Mirror
 from tests.harness.ports import LOOPBACK, ClosedPort
@@ -156,87 +155,6 @@ def status_of(raw: bytes) -> int:
 
 
 # --- loopback servers the tests control -----------------------------------------------
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-
-
-Handler = Callable[["_Handler", Seen], None]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "_Server"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
-
-    def _any(self) -> None:
-        seen = Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
-        owner = self.server.owner
-        with owner.lock:
-            owner.requests.append(seen)
-        try:
-            owner.handler(self, seen)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_CONNECT = do_OPTIONS = _any
-
-    def reply(self, status: int, body: bytes = b"", headers: Optional[dict[str, str]] = None,
-              length: Optional[int] = None) -> None:
-        self.send_response(status)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body) if length is None else length))
-        self.end_headers()
-        if self.command != "HEAD" and body:
-            self.wfile.write(body)
-
-    def json(self, status: int, obj: Any, headers: Optional[dict[str, str]] = None) -> None:
-        self.reply(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
-
-    def cut(self) -> None:
-        """Drop the connection at once (no more bytes)."""
-        self.close_connection = True
-        self.wfile.flush()
-        try:
-            self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    owner: "LoopServer"
-
-
-class LoopServer:
-    """A threaded HTTP server on loopback that records each request and lets `handler` answer.
-
-    The default handler answers 404, so as an upstream it proves (by `requests`) whether the
-    mirror sent it anything at all.
-    """
-
-    def __init__(self, handler: Optional[Handler] = None) -> None:
-        self.handler: Handler = handler or (lambda h, seen: h.json(404, {"errors": []}))
-        self.lock = threading.Lock()
-        self.requests: list[Seen] = []
-        self._httpd = _Server((LOOPBACK, 0), _Handler)
-        self._httpd.owner = self
-        self.port = int(self._httpd.server_address[1])
-        self.host = f"{LOOPBACK}:{self.port}"
-        self.url = f"http://{self.host}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
 
 
 @pytest.fixture
