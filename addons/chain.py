@@ -16,19 +16,19 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
-from addons.catalog import Compiled
-from addons.plugin import ProxyPlugin
-from addons.endpoints import Endpoints  # issue 5
-from addons.login_acr import LoginRefresh  # issue 5
-from addons import record  # issue 6: flow files scrubbed of credentials
-from addons.metrics import Metrics  # issue 6: GET /metrics
-from addons.replay import ReplayCheck  # issue 6: decisions re-made offline over read flows
-from addons.proxy import Proxy, ProxyTail
-from addons.pull import TokenScrub
-from addons.teleport import parse_platform
-from addons.routes import Route
-from addons.runmd import RunmdError, Step
-from addons.state import MirrorState, Settings
+from addons.runmd.compile import Compiled
+from addons.proxy.plugin import ProxyPlugin
+from addons.observe.endpoints import Endpoints  # issue 5
+from addons.node.login_acr import LoginRefresh  # issue 5
+from addons.observe import record  # issue 6: flow files scrubbed of credentials
+from addons.observe.metrics import Metrics  # issue 6: GET /metrics
+from addons.observe.replay import ReplayCheck  # issue 6: decisions re-made offline over read flows
+from addons.proxy.front import Proxy, ProxyTail
+from addons.proxy.pull import TokenScrub
+from addons.teleport.teleport import parse_platform
+from addons.proxy.routes import Route
+from addons.runmd.syntax import RunmdError, Step
+from addons.proxy.state import MirrorState, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +64,18 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     # issue 5: /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
     front: list[Any] = [Endpoints(compiled, state)]
-    front += [Metrics(state), ReplayCheck(compiled, state)]  # issue 6
+    front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
     return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
+
+
+def offline_request_path(compiled: Compiled, settings: Settings, session: Any, full: bool) -> list[Any]:
+    """The request path again, for re-running recorded flows offline with a state of its own."""
+    state = build_state(compiled, settings)
+    state.services["session"] = session
+    chain = [a for a in build_addons(compiled, state) if isinstance(a, (Proxy, ProxyPlugin, ProxyTail))]
+    return chain if full else [a for a in chain if isinstance(a, Proxy)]
 
 
 def seconds(text: str, option: str) -> float:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import socket
 import string
@@ -18,14 +17,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from addons import __version__, catalog, tuning
-from addons.address import Address
-from addons.catalog import Compiled
-from addons.runmd import RunmdError
-from addons.runtime import Runtime, StepError
+from addons import __version__, catalog
+
+from addons.core.files import atomic_write
+from addons.core import mitm as tuning
+from addons.core.address import Address
+from addons.runmd.compile import Compiled
+from addons.runmd.syntax import RunmdError
+from addons.runmd.runtime import Runtime, StepError
 
 if TYPE_CHECKING:
-    from addons.engine import EngineSpec  # issue 8
+    from addons.runmd.engine import EngineSpec  # issue 8
 
 logger = logging.getLogger("acr")
 
@@ -118,12 +120,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     except RunmdError as e:
         # The options made a file the mirror would refuse: say which option, not which line.
         raise CliError(f"these options make an invalid mirror.runmd: {e.message}", EXIT_USAGE) from None
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text, make_folder=False)
     except OSError as e:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         raise CliError(f"cannot write {path}: {e.strerror}") from None
     print(f"wrote {path}")
     return 0
@@ -225,7 +224,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
 
 def select_engine(compiled: Compiled, name: str | None) -> "EngineSpec | None":
     """The engine `acr mirror start` runs, or None for a file without one (runtime, then serve)."""
-    from addons import engine
+    from addons.runmd import engine
 
     try:
         return engine.select(compiled, name)
@@ -235,7 +234,7 @@ def select_engine(compiled: Compiled, name: str | None) -> "EngineSpec | None":
 
 def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace) -> int:
     """Run the engine's events; its proxy is a supervised `acr mirror serve` child."""
-    from addons import engine
+    from addons.runmd import engine
 
     start_id = args.id or 0
     if start_id:
@@ -272,7 +271,7 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
-    from addons import containerd_config
+    from addons.node import containerd_config
 
     path = Path(args.config)
     try:
@@ -315,7 +314,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         # issue 5: `.https CERT` serves TLS with that key and certificate, for every name.
-        from addons.https import certs_option
+        from addons.node.https import certs_option
 
         if certs_option(compiled):
             # HTTP/1.1 only: an HTTP/2 request carries :authority, which the proxy root refuses as
@@ -354,7 +353,7 @@ def web_master(opts, args: argparse.Namespace):
 
 def check_web(opts, args: argparse.Namespace) -> None:
     """mitmweb 11.0 has no login: whoever reaches it sees every flow, so loopback only."""
-    from addons.address import is_loopback
+    from addons.core.address import is_loopback
 
     if not is_loopback(opts.web_host):
         raise CliError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
@@ -374,13 +373,13 @@ def check_web_port(host: str, port: int) -> None:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from addons import service
+    from addons.node import service
 
     unit_dir = Path(args.unit_dir)
     try:
         if args.service_command == "install":
             home = Path(args.home) if args.home else Path(args.runmd).resolve().parent
-            lines = service.install(home, unit_dir, args.name, dry_run=args.dry_run, enable=args.enable)
+            lines = service.install(home, unit_dir, catalog.load, args.name, dry_run=args.dry_run, enable=args.enable)
         else:
             lines = service.uninstall(unit_dir, args.name, dry_run=args.dry_run, disable=args.disable)
     except service.ServiceError as e:
@@ -396,7 +395,7 @@ def add_web_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_service_parser(sub) -> None:
-    from addons.service import DEFAULT_NAME, DEFAULT_UNIT_DIR
+    from addons.node.service import DEFAULT_NAME, DEFAULT_UNIT_DIR
 
     svc = sub.add_parser("service", help="run the mirror as a systemd service")
     svc_sub = svc.add_subparsers(dest="service_command", metavar="COMMAND", required=True)
@@ -472,8 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
-    """issue 5: `acr hosts show|install|remove` (see addons.hostsfile)."""
-    from addons import hostsfile
+    """issue 5: `acr hosts show|install|remove` (see addons.node.hostsfile)."""
+    from addons.node import hostsfile
 
     compiled = load(args.runmd)
     hosts_dir = Path(args.hosts_dir) if args.hosts_dir else hostsfile.DEFAULT_HOSTS_DIR

@@ -4,7 +4,7 @@ Two recordings per session, both mitmproxy flow files:
 
 * `client.mitm`: what the client (containerd) asked the mirror and what the mirror answered,
   with the mirror's decisions in `flow.metadata["acr"]`, its comments and marks: the mirror runs
-  with `--set save_stream_file=...`, and its flow writer writes scrubbed copies (addons/record.py).
+  with `--set save_stream_file=...`, and its flow writer writes scrubbed copies (addons/observe/record.py).
 * `upstream.mitm`: what the mirror's own requests sent the registry and got back (the challenge,
   the token grant, manifests, referrers, blob redirects): a second mitmdump, a recording reverse
   proxy with the same scrubber, stands in front of the registry, and `acr_rehost` keeps the
@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from addons import catalog  # noqa: E402
-from addons.record import JWT_RE  # noqa: E402
-from addons.replay import Origin, read_flows, rehost_flow, write_flows  # noqa: E402
+from addons.observe.record import JWT_RE  # noqa: E402
+from addons.observe.replay import Origin, read_flows, rehost_flow, write_flows  # noqa: E402
 from tests.harness import images  # noqa: E402
 from tests.harness.ports import free_port, wait_port  # noqa: E402
 from tests.harness.procs import kill_group  # noqa: E402
@@ -67,7 +67,7 @@ def say(text: str) -> None:
 
 
 class Recorder:
-    """The recording reverse proxy: `mitmdump --mode reverse:TARGET@PORT ... -s addons/record.py -w FILE`."""
+    """The recording reverse proxy: `mitmdump --mode reverse:TARGET@PORT ... -s addons/observe/record.py -w FILE`."""
 
     def __init__(self, out: Path, targets: dict[int, str], rehost: str = "", log: Optional[Path] = None) -> None:
         self.out = out

@@ -16,8 +16,8 @@ import pytest
 import requests
 from requests.structures import CaseInsensitiveDict
 
-from addons import oci
-from addons.auth import (
+from addons.registry import oci
+from addons.registry.auth import (
     ACR_REFRESH_TOKEN_USER,
     AuthError,
     Credentials,

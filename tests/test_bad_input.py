@@ -409,7 +409,7 @@ def test_a_wrong_content_length_from_upstream_is_never_served_as_good_content(wo
     world.still_serving()
 
 
-@pytest.mark.xfail(strict=True, reason="addons/pull.py streams blob bytes unchecked: a registry that announces fewer "
+@pytest.mark.xfail(strict=True, reason="addons/proxy/pull.py streams blob bytes unchecked: a registry that announces fewer "
                    "bytes than the blob has gives a 200 with the wrong bytes (containerd's own check then fails the pull). "
                    "The patch in the issue 7 report checks the digest as the body streams and cuts the connection "
                    "before the last chunk on a mismatch")

@@ -24,14 +24,14 @@ from typing import Any, Callable, Optional
 import pytest
 
 from addons import catalog
-from addons.containerd_config import (
+from addons.node.containerd_config import (
     BACKUP_SUFFIX,
     SCHEMAS,
     ConfigError,
     configure_text,
 )
-from addons.node_check import check_node, parse_containerd_version
-from addons.runtime import Runtime
+from addons.node.node_check import check_node, parse_containerd_version
+from addons.runmd.runtime import Runtime
 from tests.harness.containerd import Containerd, write_hosts_toml
 from tests.harness.cri import pull_image
 from tests.harness.images import make_image, push_image

@@ -2,7 +2,7 @@
 upstream requests (`send`: one retry after 401, timeouts, no redirects), how upstream answers map
 to what the client gets, manifest checks, blob forwarding (storage redirects never carry the
 token; `client` mode hands them on), token scrubbing before mitmproxy's flow writer, the one log
-line per request, credentials files, and the mitmproxy internals addons.tuning relies on.
+line per request, credentials files, and the mitmproxy internals addons.core.mitm relies on.
 
 The upstream is a `requests` transport adapter mounted on the mirror's own session, so the
 plugins run their real code paths; flows go through the hooks the way mitmproxy calls them.
@@ -30,15 +30,19 @@ from mitmproxy.proxy import server as mserver
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import catalog, oci, tuning
+from addons import catalog
+
+from addons.registry import oci
+
+from addons.core import mitm as tuning
 from addons.chain import AcrMirror
-from addons.login import Login
-from addons.oci import Upstream
-from addons.proxy import summary
-from addons.pull import AUTH_FORWARDED, Pull, TokenScrub, same_origin
-from addons.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
-from addons.state import MirrorState
-from addons.upstream import Authorizer, UpstreamError, send
+from addons.proxy.login import Login
+from addons.registry.oci import Upstream
+from addons.proxy.front import summary
+from addons.proxy.pull import AUTH_FORWARDED, Pull, TokenScrub, same_origin
+from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
+from addons.proxy.state import MirrorState
+from addons.proxy.upstream import Authorizer, UpstreamError, send
 
 UPSTREAM = Upstream.from_spec("http://127.0.0.1:5000")
 NS = UPSTREAM.ns
@@ -503,9 +507,9 @@ def test_each_request_writes_exactly_one_info_line(tmp_path: Path, caplog: pytes
                 for addon in mirror.addons:
                     _call(addon, hook, flow)
             flows.append(flow)
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy.front"]
     assert lines == [f"{m} manifests app:v1 -> 200 {sha(MANIFEST)} [{NS}]" for m in ("HEAD", "GET", "GET")]
-    others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy"]
+    others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy.front"]
     assert len(others) == 1 and others[0].endswith(": loaded user user")  # once, not per request
     for flow in flows:
         assert flow.comment and flow.metadata["acr"]["steps"]
@@ -551,11 +555,11 @@ def test_login_with_an_unusable_file_is_a_gateway_error_without_its_content(tmp_
     assert info.value.status == 502 and "a b c" not in info.value.message
 
 
-# --- addons.tuning: the mitmproxy internals it relies on --------------------------------------
+# --- addons.core.mitm: the mitmproxy internals it relies on --------------------------------------
 
 
 def test_mitmproxy_reads_64k_per_event_and_calls_server_connected_before_reading() -> None:
-    """If an upgrade changes these, ReadSize may stop working: revisit addons/tuning.py."""
+    """If an upgrade changes these, ReadSize may stop working: revisit addons/core/mitm.py."""
     assert "reader.read(65535)" in inspect.getsource(mserver.ConnectionHandler.handle_connection)
     source = inspect.getsource(mserver.ConnectionHandler.open_connection)
     assert "self.transports[command.connection] = ConnectionIO(" in source

@@ -23,11 +23,11 @@ from mitmproxy import io as mio
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
-from addons.auth import ACR_REFRESH_TOKEN_USER
+from addons.registry.auth import ACR_REFRESH_TOKEN_USER
 from addons.chain import AcrMirror
-from addons.endpoints import REDACTED, Endpoints, loopback_peer, remote_host
-from addons.login_acr import write_meta
-from addons.proxy import Proxy
+from addons.observe.endpoints import REDACTED, Endpoints, loopback_peer, remote_host
+from addons.node.login_acr import write_meta
+from addons.proxy.front import Proxy
 from tests.harness.mirror import Mirror
 
 BLOB = "sha256:" + "b" * 64

@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from addons import catalog, engine
-from addons.engine import Backoff, BackoffPolicy, Engine, EngineError
-from addons.runmd import RunmdError
-from addons.runtime import Runtime, StepError
+from addons import catalog
+
+from addons.runmd import engine
+from addons.runmd.engine import Backoff, BackoffPolicy, Engine, EngineError
+from addons.runmd.syntax import RunmdError
+from addons.runmd.runtime import Runtime, StepError
 from tests.harness.ports import free_port, port_open
 
 ACR = str(Path(sys.executable).with_name("acr"))

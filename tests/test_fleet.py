@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from addons import catalog, cli, service
+from addons import catalog, cli
+
+from addons.node import service
 from tests.harness.replay import ROOT
 
 DEPLOY = ROOT / "scripts" / "deploy"

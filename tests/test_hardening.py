@@ -771,7 +771,7 @@ def test_install_never_writes_the_credential_through_a_planted_symlink(tmp_path:
     """`.install` copies `access_token` into `.work/` through a temporary file: if that name is
     a symlink someone left there, the secret must not land in the file it points to."""
     from addons import catalog
-    from addons.runtime import Runtime
+    from addons.runmd.runtime import Runtime
 
     (tmp_path / "access_token").write_text("the-refresh-token\n")
     (tmp_path / "access_token").chmod(0o600)
@@ -794,7 +794,7 @@ def test_install_never_writes_the_credential_through_a_planted_symlink(tmp_path:
 def test_a_persons_symlinked_hosts_toml_is_kept_and_never_written_through(tmp_path: Path) -> None:
     """Configuration management often links hosts.toml to a file it owns: install must move the
     link aside (not write into its target) and remove must put the very link back."""
-    from addons import hostsfile
+    from addons.node import hostsfile
 
     managed = tmp_path / "managed" / "hosts.toml"
     managed.parent.mkdir()

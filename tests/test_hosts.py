@@ -18,10 +18,12 @@ from typing import Callable
 
 import pytest
 
-from addons import catalog, hostsfile
-from addons.hostsfile import HostsError
-from addons.runmd import RunmdError
-from addons.runtime import Runtime, StepError
+from addons import catalog
+
+from addons.node import hostsfile
+from addons.node.hostsfile import HostsError
+from addons.runmd.syntax import RunmdError
+from addons.runmd.runtime import Runtime, StepError
 from tests.harness.aad import pem_of, self_signed
 from tests.harness.containerd import Ctr
 from tests.harness.images import make_image, push_image

@@ -22,12 +22,12 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from addons import aad as aadmod
+from addons.registry import aad as aadmod
 from addons import catalog
-from addons.install import Install
-from addons.login_acr import LoginAcr, meta_path, read_meta, refresh_due
-from addons.runmd import RunmdError
-from addons.runtime import Runtime, StepError
+from addons.node.install import Install
+from addons.node.login_acr import LoginAcr, meta_path, read_meta, refresh_due
+from addons.runmd.syntax import RunmdError
+from addons.runmd.runtime import Runtime, StepError
 from tests.harness.aad import AadStandIn
 from tests.harness.images import ACCEPT_ALL_MANIFESTS, make_image, push_image
 from tests.harness.mirror import Mirror

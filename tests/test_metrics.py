@@ -19,8 +19,8 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
 from addons.chain import AcrMirror, build_addons, build_state
-from addons.metrics import CONTENT_TYPE, Histogram, Metrics, request_kind
-from addons.upstream import session
+from addons.observe.metrics import CONTENT_TYPE, Histogram, Metrics, request_kind
+from addons.proxy.upstream import session
 from tests.harness.replay import (REPLAY_DIR, UPSTREAM_FLOWS, ReplayServer, http_pull, replay_runmd,
                                   session_info)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from mitmproxy import http
 
-from addons import oci
+from addons.registry import oci
 
 SHA = "sha256:" + "a" * 64
 

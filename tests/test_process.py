@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from addons import catalog
-from addons.process import DEFAULT_TIMEOUT, Command, build_command, parse_attribute, parse_program
-from addons.runmd import Attribute, RunmdError
-from addons.runtime import Runtime, StepError
+from addons.runmd.process import DEFAULT_TIMEOUT, Command, build_command, parse_attribute, parse_program
+from addons.runmd.syntax import Attribute, RunmdError
+from addons.runmd.runtime import Runtime, StepError
 from tests.harness.ports import free_port
 
 ACR = str(Path(sys.executable).with_name("acr"))
@@ -102,7 +102,7 @@ def test_output_is_logged_line_by_line_as_it_comes(tmp_path: Path, caplog: pytes
         "while [ ! -e go ]; do sleep 0.02; done; printf \"done\\n\\nlast\"'\n"
         ":   .env GREETING=hi\n",
     )
-    caplog.set_level(logging.INFO, logger="addons.process")
+    caplog.set_level(logging.INFO, logger="addons.runmd.process")
     result: dict = {}
     t = threading.Thread(target=lambda: result.setdefault("ran", runtime.run()), daemon=True)
     t.start()
@@ -142,6 +142,6 @@ def test_acr_mirror_start_fails_with_one_line_and_the_output_in_the_log(tmp_path
     result = subprocess.run([ACR, "mirror", "start"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "INFO addons.process: step 2 sh| checking the node" in result.stderr.splitlines()
+    assert "INFO addons.runmd.process: step 2 sh| checking the node" in result.stderr.splitlines()
     errors = [line for line in result.stderr.splitlines() if line.startswith("acr: ")]
     assert errors == ["acr: step 2 (.process sh -c 'echo checking the node; exit 3'): 'sh' exited with 3: checking the node"]

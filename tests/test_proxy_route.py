@@ -15,8 +15,8 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
 from addons.chain import AcrMirror
-from addons.plugin import ProxyPlugin
-from addons.proxy import Proxy, ProxyTail, RouteError, Target, parse_target
+from addons.proxy.plugin import ProxyPlugin
+from addons.proxy.front import Proxy, ProxyTail, RouteError, Target, parse_target
 
 SHA = "sha256:" + "a" * 64
 

@@ -13,7 +13,7 @@ Three kinds of test use it:
 
 1. The files hold no credential (a scan of every file, and the scrubber itself).
 2. Offline: `mitmdump -n -r acr-client.mitm -s acr_addons.py` with `acr_replay_upstream` re-makes
-   every recorded decision with the chain of today's code (addons.replay.ReplayCheck), and a
+   every recorded decision with the chain of today's code (addons.observe.replay.ReplayCheck), and a
    deliberate change (another platform, a route without HEAD) is reported as a change.
 3. Server replay: `mitmdump --server-replay acr-upstream.mitm` is the mirror's upstream, so a
    real `acr mirror start` serves the whole pull (HTTP client, and containerd as root) with no
@@ -35,10 +35,10 @@ from mitmproxy import http
 from mitmproxy.addons.save import Save
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import record
-from addons.record import (REDACTED, URL_REDACTED, RecordScrub, ScrubbingSave, install, scrub_flow,
+from addons.observe import record
+from addons.observe.record import (REDACTED, URL_REDACTED, RecordScrub, ScrubbingSave, install, scrub_flow,
                            scrub_form_text, scrub_header_value, scrub_json_text, scrub_text)
-from addons.replay import Origin, RecordedUpstream, parse_rehost, read_flows, rehost_flow, replace_origins
+from addons.observe.replay import Origin, RecordedUpstream, parse_rehost, read_flows, rehost_flow, replace_origins
 from tests.harness.mirror import Mirror
 from tests.harness.replay import (CLIENT_FLOWS, MITMDUMP, REPLAY_DIR, ROOT, RUNMD, UPSTREAM_FLOWS, ReplayServer,
                                   check_pull, http_pull, replay_runmd, session_info)

@@ -12,9 +12,9 @@ import re
 import pytest
 
 from addons import catalog
-from addons.address import Address
+from addons.core.address import Address
 from addons.cli import DEFAULT_ARTIFACT_TYPES, render_template
-from addons.runmd import Control, RunmdError
+from addons.runmd.syntax import Control, RunmdError
 
 PATH = "conf/mirror.runmd"
 

@@ -23,12 +23,16 @@ import urllib3
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import catalog, discover, oci
+from addons import catalog
+
+from addons.teleport import discover
+
+from addons.registry import oci
 from addons.chain import AcrMirror
-from addons.discover import DiscoverError, ReferrersClient, filter_types, parse_referrers
-from addons.oci import Descriptor, Platform, Upstream
-from addons.state import MirrorState
-from addons.teleport import (DADI, OVERLAYBD_NATIVE, STREAMING, STREAMING_LINK, NoTeleport,
+from addons.teleport.discover import DiscoverError, ReferrersClient, filter_types, parse_referrers
+from addons.registry.oci import Descriptor, Platform, Upstream
+from addons.proxy.state import MirrorState
+from addons.teleport.teleport import (DADI, OVERLAYBD_NATIVE, STREAMING, STREAMING_LINK, NoTeleport,
                              annotated_platform_matches, choose, parse_platform,
                              platform_child, target_of)
 
@@ -876,7 +880,7 @@ ORAS_ARTIFACT = "application/vnd.cncf.oras.artifact.manifest.v1+json"
 
 
 def test_linked_manifest_reads_the_artifact_blobs() -> None:
-    from addons.teleport import linked_manifest
+    from addons.teleport.teleport import linked_manifest
 
     blob = {"mediaType": oci.DOCKER_MANIFEST, "digest": dg(5), "size": 99}
     body = json.dumps({"mediaType": ORAS_ARTIFACT, "artifactType": DADI,

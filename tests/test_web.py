@@ -23,7 +23,7 @@ from mitmproxy.test import taddons
 
 from addons import catalog
 from addons.chain import AcrMirror
-from addons.replay import read_flows
+from addons.observe.replay import read_flows
 from tests.harness.mirror import ACR, Mirror
 from tests.harness.ports import free_port, wait_port
 from tests.harness.replay import (CLIENT_FLOWS, REPLAY_DIR, RUNMD, UPSTREAM_FLOWS, ReplayServer, http_pull,

@@ -1,0 +1,1 @@
+"""Lowest layer: small helpers every layer shares, and the one module that leans on mitmproxy internals."""

@@ -1,0 +1,371 @@
+"""containerd's hosts.toml for the mirror: what the runmd asks for, rendered, installed, removed.
+
+The runtime steps `.mirror`, `.server`, `.host` (with its attribute lines) and `.https` together
+decide the files; `plan` reads them from the whole document, so their order in the runmd only
+matters for `.server`, which belongs to the `.mirror` above it. Files are first written under
+`<home>/.work/etc/containerd/certs.d/` (what `acr hosts show` prints), then installed into
+containerd's hosts folder. A file that we did not write is never lost: installing over it keeps
+it as `hosts.toml.acr-backup` (or `.acr-backup.N` when that name is taken), and `remove` puts the
+newest backup back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomlkit
+
+from addons.core.files import atomic_write
+from addons.node.https import HttpsError, ca_path, write_ca
+from addons.runmd.compile import Compiled
+from addons.registry.oci import Upstream
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
+#: containerd's catch-all folder: registries without a folder of their own use it.
+DEFAULT_FOLDER = "_default"
+FILE_NAME = "hosts.toml"
+BACKUP_NAME = FILE_NAME + ".acr-backup"
+#: First line of every file we write: how `install` and `remove` tell ours from a person's.
+MARKER = "# Written by lifec-registry (acr) from its runmd file."
+_MARKER_NOTE = "# 'acr hosts remove' deletes this file or puts back the one it replaced."
+#: Where `.host` files are generated, relative to the work folder.
+WORK_SUBDIR = Path("etc/containerd/certs.d")
+
+#: Go's time.ParseDuration grammar, which containerd uses for dial_timeout.
+_DURATION_RE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: Attribute lines `.host` accepts, in the order they are documented.
+HOST_ATTRIBUTES = ("dial_timeout", "header", "skip_verify", "ca", "default")
+
+
+class HostsError(Exception):
+    """A hosts.toml that cannot be planned, written or removed; one line for the operator."""
+
+
+# --- what one [host."URL"] entry says ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """The hosts.toml keys of one mirror entry, from the attribute lines under its `.host`."""
+
+    dial_timeout: str | None = None
+    headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    skip_verify: bool = False
+    ca: tuple[str, ...] = ()
+    #: Also list this entry in `_default/hosts.toml` (every registry tries it first).
+    default: bool = False
+
+
+def parse_host_attribute(name: str, text: str) -> object:
+    """Check one attribute line of `.host`; return its value (ValueError says what was expected)."""
+    text = text.strip()
+    if name == "dial_timeout":
+        if not _DURATION_RE.match(text):
+            raise ValueError(f"expected a duration like 2s or 500ms, got '{text}'")
+        return text
+    if name == "header":
+        header, _, value = text.partition(" ")
+        value = value.strip()
+        if not header or not value:
+            raise ValueError(f"expected 'NAME VALUE', e.g. '.header X-Mirror node-1', got '{text}'")
+        if not _HEADER_NAME_RE.match(header):
+            raise ValueError(f"invalid header name '{header}'")
+        return header, value
+    if name in ("skip_verify", "default"):
+        if text.lower() in ("", "true", "yes", "on"):
+            return True
+        if text.lower() in ("false", "no", "off"):
+            return False
+        raise ValueError(f"expected no input (or true/false), got '{text}'")
+    if name == "ca":
+        if not text or any(c.isspace() for c in text):
+            raise ValueError(f"expected the path of a CA certificate file, got '{text}'")
+        return text
+    raise ValueError(f"unknown attribute '.{name}' (known: {', '.join(HOST_ATTRIBUTES)})")
+
+
+def host_options(attributes: Iterable[tuple[str, str]]) -> HostOptions:
+    """Fold a step's attribute lines into its options; repeated `.header`/`.ca` lines add up."""
+    dial_timeout: str | None = None
+    headers: dict[str, list[str]] = {}
+    skip_verify = default = False
+    ca: list[str] = []
+    for name, text in attributes:
+        value = parse_host_attribute(name, text)
+        if name == "dial_timeout":
+            dial_timeout = value  # type: ignore[assignment]
+        elif name == "header":
+            key, val = value  # type: ignore[misc]
+            headers.setdefault(key, []).append(val)
+        elif name == "skip_verify":
+            skip_verify = bool(value)
+        elif name == "default":
+            default = bool(value)
+        elif name == "ca":
+            ca.append(value)  # type: ignore[arg-type]
+    return HostOptions(
+        dial_timeout=dial_timeout,
+        headers=tuple((k, tuple(v)) for k, v in headers.items()),
+        skip_verify=skip_verify,
+        ca=tuple(ca),
+        default=default,
+    )
+
+
+@dataclass(frozen=True)
+class MirrorHost:
+    """One `[host."URL"]` entry: where containerd tries first, and how."""
+
+    url: str
+    capabilities: tuple[str, ...]
+    options: HostOptions = field(default_factory=HostOptions)
+
+
+@dataclass(frozen=True)
+class HostsFile:
+    """One hosts.toml: its folder (`host[:port]` or `_default`), `server`, and the mirror entries."""
+
+    folder: str
+    server: str | None
+    hosts: tuple[MirrorHost, ...]
+
+    @property
+    def mode(self) -> int:
+        """Owner-only when a header could carry a secret, else readable like any config."""
+        return 0o600 if any(h.options.headers for h in self.hosts) else 0o644
+
+    def render(self) -> str:
+        doc = tomlkit.document()
+        doc.add(tomlkit.comment(MARKER[2:]))
+        doc.add(tomlkit.comment(_MARKER_NOTE[2:]))
+        if self.server:
+            doc.add("server", self.server)
+        table = tomlkit.table(is_super_table=True)
+        for host in self.hosts:
+            entry = tomlkit.table()
+            entry.add("capabilities", list(host.capabilities))
+            opts = host.options
+            if opts.dial_timeout:
+                entry.add("dial_timeout", opts.dial_timeout)
+            if opts.skip_verify:
+                entry.add("skip_verify", True)
+            if opts.ca:
+                entry.add("ca", opts.ca[0] if len(opts.ca) == 1 else list(opts.ca))
+            if opts.headers:
+                headers = tomlkit.table()
+                for name, values in opts.headers:
+                    headers.add(name, list(values))
+                entry.add("header", headers)
+            table.add(host.url, entry)
+        if self.hosts:
+            doc.add(tomlkit.nl())
+            doc.add("host", table)
+        return tomlkit.dumps(doc)
+
+
+# --- the plan: which files the runmd asks for ---------------------------------------------
+
+
+def plan(compiled: Compiled, work: Path | None = None) -> list[HostsFile]:
+    """The hosts.toml files of a runmd: one per `.mirror` (plus `_default` when asked for).
+
+    `work` is the work folder, where `.https` puts the certificate containerd must trust; it
+    defaults to the runmd's `.work`. Raises HostsError on a `.server` without a `.mirror` above.
+    """
+
+    work = work or compiled.home / ".work"
+    servers: dict[str, str] = {}
+    upstreams: list[Upstream] = []
+    entries: list[tuple[object, HostOptions]] = []
+    https = False
+    current: Upstream | None = None
+    for root in compiled.document.roots("runtime"):
+        for step in root.steps:
+            config = compiled.config(step)
+            if step.plugin == "mirror":
+                current = config
+                if all(u.ns != config.ns for u in upstreams):
+                    upstreams.append(config)
+                    servers[config.ns] = config.base_url
+            elif step.plugin == "server":
+                if current is None:
+                    raise HostsError(
+                        f"{compiled.path}:{step.line}: '.server' must follow the '.mirror' whose server it sets"
+                    )
+                servers[current.ns] = config
+            elif step.plugin == "host":
+                options = host_options((a.name, a.input) for a in step.attributes)
+                entries.append((config, options))
+            elif step.plugin == "https":
+                https = True
+    if not entries:
+        return []
+    scheme = "https" if https else "http"
+    hosts: list[MirrorHost] = []
+    for config, options in entries:
+        if https and not options.ca:
+            options = HostOptions(
+                dial_timeout=options.dial_timeout,
+                headers=options.headers,
+                skip_verify=options.skip_verify,
+                ca=(str(ca_path(work)),),
+                default=options.default,
+            )
+        hosts.append(MirrorHost(f"{scheme}://{config.address}", tuple(config.capabilities), options))
+    files = [HostsFile(u.ns, servers[u.ns], tuple(hosts)) for u in upstreams]
+    defaults = tuple(h for h in hosts if h.options.default)
+    if defaults:
+        # No server: containerd falls back to the registry the image names.
+        files.append(HostsFile(DEFAULT_FOLDER, None, defaults))
+    return files
+
+
+def work_path(work: Path, folder: str) -> Path:
+    return work / WORK_SUBDIR / folder / FILE_NAME
+
+
+# --- files on disk ----------------------------------------------------------------------
+
+
+def is_ours(text: str | bytes) -> bool:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return text.startswith(MARKER)
+
+
+def backups(folder: Path) -> list[Path]:
+    """The backups in a hosts folder, oldest first (`.acr-backup`, then `.acr-backup.1`, ...)."""
+    found: list[tuple[int, Path]] = []
+    for p in folder.glob(BACKUP_NAME + "*"):
+        suffix = p.name[len(BACKUP_NAME):]
+        if suffix == "":
+            found.append((0, p))
+        elif suffix.startswith(".") and suffix[1:].isdigit():
+            found.append((int(suffix[1:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def _keep(target: Path) -> Path:
+    """Keep a person's file under a backup name that is not taken; never overwrite a backup."""
+    folder = target.parent
+    name = folder / BACKUP_NAME
+    n = 0
+    while True:
+        try:
+            os.link(target, name)  # the same inode under a second name: nothing is copied or lost
+            return name
+        except FileExistsError:
+            n += 1
+            name = folder / f"{BACKUP_NAME}.{n}"
+
+
+def install(text: str, hosts_dir: Path, folder: str, mode: int = 0o644) -> str:
+    """Install one hosts.toml into `hosts_dir/folder`; return what happened, for the log."""
+    target = Path(hosts_dir) / folder / FILE_NAME
+    data = text.encode()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        kept: Path | None = None
+        if target.exists():
+            current = target.read_bytes()
+            if current == data:
+                return f"{target}: unchanged"
+            if not is_ours(current):
+                kept = _keep(target)
+        atomic_write(target, data, mode)
+    except OSError as e:
+        raise HostsError(f"cannot install {target}: {e.strerror or e}") from None
+    if kept is not None:
+        return f"{target}: installed (the previous file is kept as {kept.name})"
+    return f"{target}: installed"
+
+
+def remove(hosts_dir: Path, folder: str) -> str:
+    """Remove our hosts.toml from `hosts_dir/folder`, putting back the newest backup if any."""
+    directory = Path(hosts_dir) / folder
+    target = directory / FILE_NAME
+    try:
+        if target.exists() and not is_ours(target.read_bytes()):
+            return f"{target}: not written by acr, left alone"
+        kept = backups(directory) if directory.is_dir() else []
+        if kept:
+            os.replace(kept[-1], target)
+            return f"{target}: restored from {kept[-1].name}"
+        if not target.exists():
+            return f"{target}: not installed"
+        target.unlink()
+        try:
+            directory.rmdir()
+        except OSError:
+            pass  # other files live there: not ours to delete
+        return f"{target}: removed"
+    except OSError as e:
+        raise HostsError(f"cannot remove {target}: {e.strerror or e}") from None
+
+
+def state(text: str, hosts_dir: Path, folder: str) -> str:
+    """How the installed file compares with what the runmd asks for."""
+    target = Path(hosts_dir) / folder / FILE_NAME
+    try:
+        current = target.read_bytes()
+    except FileNotFoundError:
+        return "not installed"
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    if current == text.encode():
+        return "installed"
+    if is_ours(current):
+        return "installed, out of date"
+    return "a file acr did not write (install keeps it as a backup)"
+
+
+# --- the runtime side: generate into .work, then install ---------------------------------
+
+
+def generate(compiled: Compiled, work: Path) -> list[tuple[HostsFile, str, Path]]:
+    """Render every planned file into the work folder (and the `.https` CA file it names)."""
+    files = plan(compiled, work)
+    out: list[tuple[HostsFile, str, Path]] = []
+    if any(h.url.startswith("https://") for f in files for h in f.hosts):
+        try:
+            write_ca(compiled, work)
+        except HttpsError as e:
+            raise HostsError(str(e)) from None
+    for f in files:
+        text = f.render()
+        path = work_path(work, f.folder)
+        try:
+            atomic_write(path, text.encode(), f.mode)
+        except OSError as e:
+            raise HostsError(f"cannot write {path}: {e.strerror or e}") from None
+        out.append((f, text, path))
+    return out
+
+
+def install_all(compiled: Compiled, work: Path, hosts_dir: Path) -> list[str]:
+    return [install(text, hosts_dir, f.folder, f.mode) for f, text, _ in generate(compiled, work)]
+
+
+def remove_all(compiled: Compiled, work: Path, hosts_dir: Path) -> list[str]:
+    return [remove(hosts_dir, f.folder) for f in plan(compiled, work)]
+
+
+def show(compiled: Compiled, work: Path, hosts_dir: Path) -> str:
+    """The files the runmd asks for, each headed by where it goes and whether it is there."""
+    files = plan(compiled, work)
+    if not files:
+        return f"# {compiled.path}: no '.host' step, so no hosts.toml"
+    chunks = []
+    for f in files:
+        text = f.render()
+        target = Path(hosts_dir) / f.folder / FILE_NAME
+        chunks.append(f"# --- {target} ({state(text, hosts_dir, f.folder)})\n{text}")
+    return "\n".join(chunks).rstrip("\n")

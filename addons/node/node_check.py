@@ -1,0 +1,162 @@
+"""`.node-check [CONFIG]`: what this node still lacks for the mirror to be used, as warnings.
+
+A mirror that containerd never asks is silently useless, and a teleported image without the
+overlaybd snapshotter is pulled like any other: the check says so at start, in the mirror's
+log, and never fails the event (a node without overlaybd still gets a working mirror).
+Installing overlaybd stays a manual step; the template's Install section says how.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import stat
+import subprocess
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from addons.node.containerd_config import DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD_SOCKET, SCHEMAS
+from addons.runmd.runtime import RuntimePlugin
+from addons.runmd.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: containerd reads hosts.toml through CRI's config_path since 1.5.
+MIN_CONTAINERD = (1, 5)
+#: containerd 2.x's config_path when the file does not set it.
+DEFAULT_CONFIG_PATH_2X = "/etc/containerd/certs.d:/etc/docker/certs.d"
+OVERLAYBD_BINARIES = ("/opt/overlaybd/snapshotter/overlaybd-snapshotter", "/opt/overlaybd/bin/overlaybd-tcmu")
+_VERSION_RE = re.compile(r"\bv?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+@dataclass(frozen=True)
+class Finding:
+    ok: bool
+    message: str
+
+
+def parse_containerd_version(output: str) -> tuple[int, ...] | None:
+    """(1, 6, 20) from `containerd github.com/containerd/containerd 1.6.20~ds1 ...`."""
+    words = output.split()
+    for word in words[1:] if len(words) > 1 else words:
+        m = _VERSION_RE.match(word)
+        if m:
+            return tuple(int(g) for g in m.groups() if g is not None)
+    return None
+
+
+def check_containerd(binary: str = "containerd") -> tuple[Finding, tuple[int, ...] | None]:
+    path = shutil.which(binary)
+    if path is None:
+        return Finding(False, f"containerd is not installed (no '{binary}' on PATH): nothing will pull through this mirror"), None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return Finding(False, f"'{path} --version' failed: {e.__class__.__name__}"), None
+    version = parse_containerd_version(out.stdout)
+    if out.returncode != 0 or version is None:
+        return Finding(False, f"'{path} --version' did not say its version: {out.stdout.strip()[:100]!r}"), None
+    text = ".".join(map(str, version))
+    if version[:2] < MIN_CONTAINERD:
+        return Finding(False, f"containerd {text} is too old: hosts.toml (config_path) needs 1.5 or newer"), version
+    return Finding(True, f"containerd {text}"), version
+
+
+def check_config(config: Path, hosts_dir: str, containerd: tuple[int, ...] | None) -> tuple[list[Finding], dict]:
+    """Whether CRI's config_path (as this config.toml sets it) includes the mirror's hosts folder."""
+    fix = f"run 'acr containerd configure --config {config} --hosts-dir {hosts_dir}'"
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if containerd and containerd[0] >= 2 and hosts_dir in DEFAULT_CONFIG_PATH_2X.split(":"):
+            return [Finding(True, f"no {config}: containerd 2.x's default config_path includes {hosts_dir}")], {}
+        return [Finding(False, f"no {config}: containerd's CRI does not read hosts.toml files: {fix}")], {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        return [Finding(False, f"cannot read {config}: {e}")], {}
+    version = data.get("version", 1)
+    schema = SCHEMAS.get(version) if isinstance(version, int) else None
+    if schema is None:
+        return [Finding(False, f"{config}: unknown config version {version!r}")], data
+    node = data
+    for key in schema.registry:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    config_path = node.get("config_path", "") if isinstance(node, dict) else ""
+    if not config_path and schema.version >= 3:
+        config_path = DEFAULT_CONFIG_PATH_2X
+    if not config_path:
+        return [Finding(False, f"{config}: CRI's config_path is not set, so containerd ignores hosts.toml: {fix}, then restart containerd")], data
+    if hosts_dir not in config_path.split(":"):
+        return [
+            Finding(
+                False,
+                f"{config}: config_path is {config_path!r} but the mirror writes hosts.toml into {hosts_dir}: "
+                f"start the mirror with --hosts-dir {config_path.split(':')[0]}, or {fix}",
+            )
+        ], data
+    return [Finding(True, f"{config}: config_path includes {hosts_dir}")], data
+
+
+def check_overlaybd(data: dict, socket: Path, binaries: tuple[str, ...]) -> list[Finding]:
+    """Whether streamed (teleported) images can be used: the overlaybd snapshotter runs and
+    containerd knows it."""
+    try:
+        running = stat.S_ISSOCK(socket.stat().st_mode)
+    except OSError:
+        running = False
+    installed = [b for b in binaries if Path(b).exists()] or ([w] if (w := shutil.which("overlaybd-snapshotter")) else [])
+    out: list[Finding] = []
+    if running:
+        out.append(Finding(True, f"overlaybd snapshotter is running ({socket})"))
+    elif installed:
+        out.append(Finding(False, f"overlaybd is installed ({installed[0]}) but its snapshotter is not running (no {socket}): start it"))
+    else:
+        out.append(
+            Finding(
+                False,
+                "overlaybd is not installed: pulls work, but teleported images are not streamed; "
+                "installing it is a manual step (see the Install section of mirror.runmd)",
+            )
+        )
+    plugin = (data.get("proxy_plugins") or {}).get("overlaybd") if data else None
+    if (running or installed) and not plugin:
+        out.append(Finding(False, "containerd has no proxy_plugins.overlaybd: run 'acr containerd configure --snapshotter overlaybd'"))
+    return out
+
+
+def check_node(
+    config: Path = DEFAULT_CONFIG,
+    hosts_dir: str = DEFAULT_HOSTS_DIR,
+    *,
+    containerd: str = "containerd",
+    overlaybd_socket: Path = Path(OVERLAYBD_SOCKET),
+    overlaybd_binaries: tuple[str, ...] = OVERLAYBD_BINARIES,
+) -> list[Finding]:
+    found, version = check_containerd(containerd)
+    findings = [found]
+    config_findings, data = check_config(config, hosts_dir, version)
+    findings += config_findings
+    findings += check_overlaybd(data, overlaybd_socket, overlaybd_binaries)
+    return findings
+
+
+class NodeCheck(RuntimePlugin):
+    plugin = "node-check"
+    summary = "check containerd, its config_path and overlaybd on this node; warn about what is missing, never fail"
+
+    @classmethod
+    def parse(cls, text: str) -> Path:
+        if len(text.split()) > 1:
+            raise ValueError(f"expected one config.toml path, got '{text}'")
+        return Path(text) if text else DEFAULT_CONFIG
+
+    def run(self, runtime: Runtime) -> None:
+        path = self.config if self.config.is_absolute() else runtime.home / self.config
+        hosts_dir = str(runtime.hosts_dir) if runtime.hosts_dir else DEFAULT_HOSTS_DIR
+        findings = check_node(path, hosts_dir)
+        for f in findings:
+            (logger.info if f.ok else logger.warning)("step %d: %s", self.step.id, f.message)
+        missing = sum(not f.ok for f in findings)
+        if missing:
+            logger.warning("step %d: %d thing(s) missing on this node (the mirror still starts)", self.step.id, missing)

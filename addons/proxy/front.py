@@ -1,0 +1,223 @@
+"""`+ .proxy ADDR`: the mirror's front door.
+
+Every request passes here first: the mirror refuses to be a forward proxy, answers the
+`/v2/` ping, checks the path against the distribution spec's grammar, maps containerd's
+`ns` to a configured upstream and hands the flow to the route that serves it. Anything it
+refuses is refused before a single byte goes upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from addons.registry import oci
+from addons.core.address import Address, parse_address
+from addons.proxy.plugin import ProxyPlugin
+from addons.runmd.syntax import Root, Step
+from addons.proxy.state import MirrorState, info, note
+
+logger = logging.getLogger(__name__)
+
+_PATH_RE = re.compile(r"^/v2/(?P<name>.+?)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|(?P<tags>tags)/list)$")
+#: The digest algorithms the mirror can check content against (resolve, oci.DigestVerifier).
+DIGEST_ALGORITHMS = ("sha256", "sha512")
+#: Request line and headers together; containerd sends about 1 KiB. mitmproxy itself has no
+#: limit, and a client's `Accept` is passed upstream, so a larger request is refused here.
+MAX_REQUEST_HEAD = 64 * 1024
+
+
+class RouteError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request path asks for: the ping, or a route kind with a repository and reference."""
+
+    kind: str
+    name: str = ""
+    reference: str = ""
+
+
+def parse_target(path: str) -> Target:
+    """Check a request path (with or without query) against the distribution API grammar."""
+    # Not urlsplit: it would read a leading `//host` as a network location.
+    raw = path.partition("?")[0]
+    if raw in ("/v2", "/v2/"):
+        return Target("ping")
+    if not raw.startswith("/v2/"):
+        raise RouteError(404, "NOT_FOUND", "not a registry API path (expected /v2/...)")
+    if "%" in raw:
+        raise RouteError(400, "NAME_INVALID", "percent-encoded characters are not allowed in the path")
+    m = _PATH_RE.match(raw)
+    if not m:
+        raise RouteError(404, "NOT_FOUND", "unknown registry API path")
+    name = m["name"]
+    if not oci.valid_name(name):
+        raise RouteError(400, "NAME_INVALID", "invalid repository name")
+    if m["tags"]:
+        return Target("tags", name)
+    kind, ref = m["kind"], m["ref"]
+    if kind == "manifests" and not oci.is_digest(ref):
+        if not oci.valid_tag(ref):
+            raise RouteError(400, "TAG_INVALID", "invalid tag")
+    elif not oci.valid_digest(ref):
+        raise RouteError(400, "DIGEST_INVALID", "invalid digest")
+    elif ref.split(":", 1)[0] not in DIGEST_ALGORITHMS:
+        # The mirror could not check such content: refuse before asking upstream.
+        raise RouteError(400, "DIGEST_INVALID", f"unsupported digest algorithm (supported: {', '.join(DIGEST_ALGORITHMS)})")
+    return Target(kind, name, ref)
+
+
+def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    """Answer with the OCI error JSON; the reason is kept for mitmweb and the log."""
+    flow.response = oci.error_response(status, code, message, method=flow.request.method)
+    for k, v in (headers or {}).items():
+        flow.response.headers[k] = v
+    info(flow)["refused"] = f"{status} {code}"
+    flow.comment = f"refused: {status} {code}: {message}"
+    note(flow, "proxy", f"refused {status} {code}: {message}")
+
+
+def head_size(req: http.Request) -> int:
+    """The size of a request's head as it came: request line and header lines."""
+    return len(req.method) + len(req.path) + 12 + sum(len(k) + len(v) + 4 for k, v in req.headers.fields)
+
+
+def _safe_path(flow: http.HTTPFlow) -> str:
+    return flow.request.path.partition("?")[0][:200]
+
+
+class Proxy(ProxyPlugin):
+    plugin = "proxy"
+    summary = "the mirror's listener; routes requests to .manifests, .blobs and .tags"
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        return parse_address(text)
+
+    def __init__(self, root: Root, config: Address, routes: dict[str, tuple[Step, frozenset[str]]], state: MirrorState) -> None:
+        # The root is not under a route: it sees every flow.
+        super().__init__(Step(root.id, "proxy", root.input, root.line), config, None, state)
+        #: route kind -> (route step, methods served)
+        self.routes = routes
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        self.state.counters["requests"] += 1
+        req = flow.request
+        if req.first_line_format != "relative":
+            # Absolute-form means a client uses us as a forward proxy: never.
+            return refuse(flow, 400, "UNSUPPORTED", "this is a registry mirror, not an HTTP proxy")
+        if head_size(req) > MAX_REQUEST_HEAD:
+            return refuse(flow, 431, "UNSUPPORTED", f"request line and headers are larger than {MAX_REQUEST_HEAD // 1024} KiB")
+        try:
+            target = parse_target(req.path)
+        except RouteError as e:
+            return refuse(flow, e.status, e.code, e.message)
+        if target.kind == "ping":
+            if req.method not in ("GET", "HEAD"):
+                return refuse(flow, 405, "UNSUPPORTED", "method not allowed", {"Allow": "GET, HEAD"})
+            body = b"{}"
+            flow.response = http.Response.make(
+                200,
+                b"" if req.method == "HEAD" else body,
+                {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION},
+            )
+            # Set after make(), which would reset it to the empty HEAD body's length.
+            flow.response.headers["Content-Length"] = str(len(body))
+            info(flow)["route"] = "ping"
+            return
+        ns = req.query.get("ns")
+        upstream = self.state.upstream_for(ns)
+        if upstream is None:
+            if ns is None:
+                return refuse(flow, 404, "NAME_UNKNOWN", "no ns given and more than one upstream is configured")
+            return refuse(flow, 404, "NAME_UNKNOWN", f"registry '{ns[:100]}' is not mirrored here")
+        route = self.routes.get(target.kind)
+        if route is None:
+            return refuse(flow, 404, "UNSUPPORTED", f"{target.kind} are not served by this mirror")
+        step, methods = route
+        if req.method not in methods:
+            allow = ", ".join(sorted(methods))
+            return refuse(flow, 405, "UNSUPPORTED", f"{req.method} is not served for {target.kind}", {"Allow": allow})
+        meta = info(flow)
+        meta.update(
+            route=target.kind,
+            route_id=step.id,
+            name=target.name,
+            reference=target.reference,
+            ns=upstream.ns,
+            upstream=upstream.base_url,
+        )
+        note(flow, "proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
+        flow.comment = f"{target.kind} {target.name}{':' if target.reference else ''}{target.reference} ← {upstream.ns}"
+
+
+def summary(flow: http.HTTPFlow) -> str:
+    """The one log line of a request: what was asked, the answer, and the decisions that shaped it."""
+    meta = flow.metadata.get("acr") or {}
+    req = flow.request
+    status = flow.response.status_code if flow.response else "error"
+    what = _safe_path(flow)
+    if meta.get("route") and meta.get("route") != "ping":
+        what = f"{meta['route']} {meta.get('name')}{':' if meta.get('reference') else ''}{meta.get('reference', '')}"
+    parts = [f"{req.method} {what} -> {status}"]
+    resolved = meta.get("resolved")
+    if resolved:
+        parts.append(resolved["digest"])
+    teleport = meta.get("teleport") or {}
+    if "to" in teleport:
+        parts.append(f"teleported to {teleport['to']}")
+    elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
+        parts.append(f"no teleport ({teleport['skipped']})")
+    if meta.get("redirected"):
+        parts.append("via storage")
+    if meta.get("refused"):
+        parts.append(f"refused {meta['refused']}")
+    if flow.error:
+        parts.append(f"error: {flow.error.msg}")
+    if meta.get("upstream") and not meta.get("refused"):
+        parts.append(f"[{meta.get('ns')}]")
+    return " ".join(parts)
+
+
+class ProxyTail:
+    """The last addon of the chain: a routed flow that no step answered or forwarded gets a 500.
+
+    Without it mitmproxy would send the request to reverse mode's placeholder target. It also
+    writes each request's one log line, once the answer is complete.
+    """
+
+    name = "acr-proxy-tail"
+
+    def __init__(self, state: MirrorState) -> None:
+        self.state = state
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        meta = flow.metadata.get("acr") or {}
+        if meta.get("forward"):
+            return
+        if meta.get("route"):
+            refuse(flow, 500, "UNSUPPORTED", f"no step of the .{meta['route']} route answered: check mirror.runmd")
+        else:
+            refuse(flow, 404, "NOT_FOUND", "not served")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if "acr" in flow.metadata:
+            logger.info(summary(flow))
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if "acr" in flow.metadata:
+            logger.info(summary(flow))

@@ -1,0 +1,336 @@
+"""`.pull [follow|client]`: blobs streamed from upstream; tag lists passed through.
+
+A blob GET is probed first by the mirror itself (bounded by the upstream timeout, renewing
+an expired token once): a registry that redirects to blob storage answers the probe with
+the storage URL, which mitmproxy then streams from *without* the registry token; a
+registry that serves blobs itself is remembered, probed with a cheap HEAD from then on, and
+streamed with the token. Bodies are streamed chunk by chunk, never held whole. HEAD
+requests and tag lists are small: the mirror answers them itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import weakref
+from urllib.parse import quote, urljoin, urlsplit
+
+import requests
+from mitmproxy import ctx, http
+
+from addons.registry import oci
+from addons.proxy.plugin import ProxyPlugin
+from addons.proxy.state import info, note
+from addons.proxy.upstream import Authorizer, UpstreamError, send
+
+logger = logging.getLogger(__name__)
+
+REDIRECTS = ("follow", "client")
+MAX_REDIRECTS = 5
+#: Upstream headers worth passing on with a blob or tag list.
+_PASS_HEADERS = (
+    "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified",
+    oci.CONTENT_DIGEST_HEADER, "Link", "Retry-After",
+)
+AUTH_FORWARDED = "authorization_forwarded"
+
+
+def _pass_headers(resp: requests.Response) -> dict[str, str]:
+    out = {k: resp.headers[k] for k in _PASS_HEADERS if k in resp.headers}
+    out[oci.API_VERSION_HEADER] = oci.API_VERSION
+    return out
+
+
+def same_origin(a: str, b: str) -> bool:
+    x, y = urlsplit(a), urlsplit(b)
+    return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
+
+
+class Activity:
+    """A pass-through stream function that remembers when data last moved."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.done = False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.last = time.monotonic()
+        if not chunk:
+            self.done = True  # mitmproxy calls it with b"" at the end of the body
+        return chunk
+
+
+def client_backlogged(flow: http.HTTPFlow) -> bool:
+    """Whether bytes for the client are still queued: mitmproxy then waits for the *client*
+    (it reads upstream only once its writers drained), so a quiet upstream is not stalled."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    io = getattr(handler, "transports", {}).get(flow.client_conn)
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    try:
+        return transport is not None and transport.get_write_buffer_size() > 0
+    except Exception:  # another transport type: assume the upstream is the one to watch
+        return False
+
+
+def close_upstream(flow: http.HTTPFlow) -> bool:
+    """Close the server side of a flow's connection (found the way addons.core.mitm finds readers)."""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    io = getattr(handler, "transports", {}).get(flow.server_conn)
+    writer = getattr(io, "writer", None)
+    if writer is None:
+        return False
+    writer.transport.abort()
+    return True
+
+
+def link_with_ns(link: str, ns: str) -> str:
+    """Keep containerd's `ns` on a tag list's next-page link, so the next page reaches the same upstream."""
+
+    def add(m: re.Match[str]) -> str:
+        target = m.group(1)
+        sep = "&" if "?" in target else "?"
+        return f"<{target}{sep}ns={quote(ns, safe='')}>"
+
+    return re.sub(r"<([^>]*)>", add, link, count=1)
+
+
+def scrub(flow: http.HTTPFlow) -> None:
+    """Remove the upstream token from a forwarded request once it is on the wire."""
+    flow.request.headers.pop("Authorization", None)
+
+
+class Pull(ProxyPlugin):
+    plugin = "pull"
+    routes = frozenset({"blobs", "tags"})
+    summary = "stream blobs (follow storage redirects; 'client' hands them to the client) and pass tag lists"
+
+    @classmethod
+    def parse(cls, text: str) -> str:
+        mode = (text or "follow").lower()
+        if mode not in REDIRECTS:
+            raise ValueError(f"unknown redirect mode '{text}' (expected: {', '.join(REDIRECTS)})")
+        return mode
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._watched: weakref.WeakKeyDictionary[http.HTTPFlow, Activity] = weakref.WeakKeyDictionary()
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def follow(self) -> bool:
+        return self.config == "follow" and self.state.settings.follow_redirects
+
+    def blob_modes(self) -> dict[str, str]:
+        """upstream ns -> 'direct' or 'redirect', as learned from the probes."""
+        return self.state.service("blob_modes", dict)
+
+    # -- blocking helpers (run in a thread) ---------------------------------------------
+
+    def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str) -> tuple[str, requests.Response | None]:
+        """Follow registry redirects; return the URL to stream from and, for HEAD, the answer."""
+        current, current_auth = url, auth
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = send(self.state, method, current, headers=extra, auth=current_auth, stream=True, what=what)
+            if resp.is_redirect and "Location" in resp.headers:
+                resp.close()
+                target = urljoin(current, resp.headers["Location"])
+                if not same_origin(target, current):
+                    current_auth = None  # a storage host never gets the registry's token
+                current = target
+                if current_auth is None and method == "GET":
+                    return current, None  # storage: let mitmproxy stream it
+                continue
+            if resp.status_code >= 400:
+                resp.close()
+                raise UpstreamError.from_status(resp, what)
+            if method == "GET":
+                resp.close()
+                return current, None
+            return current, resp
+        raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: too many redirects upstream")
+
+    # -- hooks --------------------------------------------------------------------------
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if not self.claims(flow):
+            return
+        meta = info(flow)
+        private = self.state.private_of(flow)
+        auth: Authorizer | None = private.get("authorizer")
+        upstream = self.state.upstreams[meta["ns"].lower()]
+        method = flow.request.method
+        if meta["route"] == "tags":
+            path = f"/v2/{meta['name']}/tags/list"
+            what = f"tags of {meta['name']}"
+        else:
+            path = f"/v2/{meta['name']}/blobs/{meta['reference']}"
+            what = f"blob {meta['reference']}"
+        query = [(k, v) for k, v in flow.request.query.items(multi=True) if k != "ns"]
+        url = upstream.url(path)
+        if query:
+            url += "?" + "&".join(f"{k}={v}" for k, v in query)
+        extra = {k: v for k, v in flow.request.headers.items() if k.lower() in ("range", "accept", "if-none-match")}
+        try:
+            if method == "HEAD" or meta["route"] == "tags":
+                await self.answer_small(flow, method, url, extra, auth, what, flow.request.query.get("ns"))
+                return
+            await self.forward_blob(flow, url, extra, auth, what, upstream.ns)
+        except UpstreamError as e:
+            flow.response = e.response(method)
+            meta["upstream_status"] = e.status
+            note(flow, "pull", e.message)
+            logger.debug("%s %s -> %d (%s)", method, what, e.status, e.message)
+
+    async def answer_small(
+        self, flow: http.HTTPFlow, method: str, url: str, extra: dict[str, str], auth: Authorizer | None, what: str,
+        ns: str | None = None,
+    ) -> None:
+        """HEAD of a blob, or a tag list: the mirror answers from its own request."""
+
+        def fetch() -> http.Response:
+            _, resp = self.probe(url, method, extra, auth, what) if method == "HEAD" else (url, None)
+            if resp is None:
+                resp = send(self.state, method, url, headers=extra, auth=auth, stream=True, what=what)
+                if resp.status_code >= 400:
+                    resp.close()
+                    raise UpstreamError.from_status(resp, what)
+            try:
+                body = b"" if method == "HEAD" else resp.raw.read(4 * 1024 * 1024 + 1, decode_content=True)
+            except (requests.RequestException, OSError):
+                raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: upstream body cut short") from None
+            finally:
+                resp.close()
+            if len(body) > 4 * 1024 * 1024:
+                raise UpstreamError(502, "UNSUPPORTED", f"{what}: upstream answer is larger than 4 MiB")
+            headers = _pass_headers(resp)
+            if method != "HEAD":
+                headers.pop("Content-Length", None)  # the body may have been decoded
+            if ns and "Link" in headers:
+                headers["Link"] = link_with_ns(headers["Link"], ns)
+            out = http.Response.make(resp.status_code, body, headers)
+            if method == "HEAD" and "Content-Length" in headers:
+                out.headers["Content-Length"] = headers["Content-Length"]
+            return out
+
+        flow.response = await asyncio.to_thread(fetch)
+        note(flow, "pull", f"{method} answered by the mirror ({flow.response.status_code})")
+
+    async def forward_blob(self, flow: http.HTTPFlow, url: str, extra: dict[str, str], auth: Authorizer | None, what: str, ns: str) -> None:
+        """Point the flow at the URL to stream from; mitmproxy streams it to the client."""
+        modes = self.blob_modes()
+        if not self.follow:
+            target = url
+        elif modes.get(ns) == "direct":
+            # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
+            await asyncio.to_thread(self.probe, url, "HEAD", extra, auth, what)
+            target = url
+        else:
+            target, _ = await asyncio.to_thread(self.probe, url, "GET", extra, auth, what)
+            modes[ns] = "direct" if target == url else "redirect"
+        meta = info(flow)
+        flow.request.url = target
+        flow.request.headers.pop("Authorization", None)
+        if same_origin(target, url) and auth is not None:
+            header = await asyncio.to_thread(auth.header)
+            if header:
+                flow.request.headers["Authorization"] = header
+                self.state.private_of(flow)[AUTH_FORWARDED] = True
+        meta["forward"] = True
+        meta["redirected"] = target != url
+        host = urlsplit(target).netloc
+        note(flow, "pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
+
+    def watch(self, flow: http.HTTPFlow) -> "Activity":
+        """Stream the body, noting when each chunk passes so a stalled upstream can be cut off."""
+        activity = Activity()
+        self._watched[flow] = activity
+        if self._watchdog is None or self._watchdog.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not serving (hooks called directly, e.g. offline replay)
+                return activity
+            self._watchdog = loop.create_task(self._watch_stalls())
+        return activity
+
+    async def _watch_stalls(self) -> None:
+        """Close the upstream connection of a streamed body that has not moved for the upstream timeout.
+
+        mitmproxy itself waits 10 minutes; closing the connection makes it end the response
+        early, and the client sees a broken transfer (never a short blob with success).
+        """
+        while self._watched:
+            await asyncio.sleep(min(1.0, self.state.settings.upstream_timeout / 4))
+            limit = self.state.settings.upstream_timeout
+            now = time.monotonic()
+            for flow, activity in list(self._watched.items()):
+                if activity.done or not flow.live:
+                    self._watched.pop(flow, None)
+                elif now - activity.last > limit and client_backlogged(flow):
+                    activity.last = now  # the client is slow, not the upstream (backpressure)
+                elif now - activity.last > limit:
+                    self._watched.pop(flow, None)
+                    info(flow)["stalled"] = True
+                    note(flow, "pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
+                    close_upstream(flow)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("acr") or {}
+        if not meta.get("forward") or meta.get("route_id") != getattr(self.route, "id", None):
+            return
+        scrub(flow)
+        resp = flow.response
+        assert resp is not None
+        self.state.counters["blobs_streamed"] += 1
+        resp.stream = self.watch(flow)
+        meta["upstream_status"] = resp.status_code
+        if 300 <= resp.status_code < 400 and "Location" in resp.headers:
+            # Redirected where the probe was not: hand the redirect on; learn for next time.
+            self.blob_modes()[meta["ns"]] = "redirect"
+        elif resp.status_code in (401, 403, 429):
+            # The client must not be sent to the upstream's token realm: make it fall back.
+            mapped = {401: 502, 403: 502, 429: 503}[resp.status_code]
+            resp.status_code = mapped
+            resp.headers.pop("WWW-Authenticate", None)
+            auth = self.state.private_of(flow).get("authorizer")
+            if auth is not None:
+                auth.tokens.invalidate(auth.upstream, auth.scope)
+        for name in ("Set-Cookie",):
+            resp.headers.pop(name, None)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("acr") or {}
+        if meta.get("forward") and meta.get("route_id") == getattr(self.route, "id", None):
+            logger.debug("GET %s -> %d streamed", meta.get("reference"), flow.response.status_code if flow.response else 0)
+
+
+class TokenScrub:
+    """Removes the upstream token from forwarded requests before mitmproxy's own addons see them.
+
+    mitmproxy's flow writer (`-w`) and mitmweb run before script addons, and the writer saves
+    a flow in its `response` and `error` hooks: this addon is placed first in the master's
+    chain (by addons.chain) so that no saved or displayed flow ever carries the token.
+    """
+
+    name = "acr-token-scrub"
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if (flow.metadata.get("acr") or {}).get("forward"):
+            scrub(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.responseheaders(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.responseheaders(flow)
+
+    def done(self) -> None:
+        from mitmproxy import ctx
+
+        save = ctx.master.addons.get("save")
+        for flow in list(getattr(save, "active_flows", ())):
+            if isinstance(flow, http.HTTPFlow):
+                self.responseheaders(flow)

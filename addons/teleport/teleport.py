@@ -1,0 +1,278 @@
+"""`.teleport FORMAT`: answer a tag pull with the streamable image its referrers name.
+
+containerd trusts the digest that tag resolution reports and checks every later fetch
+against the digest it asked for, so only tag resolution is teleported: a request by digest
+gets exactly that content. The streamable manifest is fetched and hashed before it is served,
+HEAD and GET of a tag take the same decision from the same caches, and any failure serves the
+original manifest with the reason recorded. Teleport never breaks a pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import platform as platform_module
+from dataclasses import dataclass
+
+from mitmproxy import http
+
+from addons.registry import oci
+from addons.teleport.discover import Discover, DiscoverError
+from addons.registry.oci import Descriptor, Platform
+from addons.proxy.plugin import ProxyPlugin
+from addons.proxy.resolve import Manifest, fetch_manifest, manifest_response
+from addons.proxy.state import info, note
+from addons.proxy.upstream import UpstreamError
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("overlaybd",)
+STREAMING = "application/vnd.azure.artifact.streaming.v1"
+STREAMING_LINK = "application/vnd.azure.artifact.streaming.link.v1"
+OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
+DADI = "dadi.image.v1"
+#: Seed-era artifact manifests (ORAS, then the OCI 1.1 release candidates): a `dadi.image.v1`
+#: referrer of this kind lists the converted image manifest among its `blobs`.
+ARTIFACT_MANIFESTS = ("application/vnd.cncf.oras.artifact.manifest.v1+json", "application/vnd.oci.artifact.manifest.v1+json")
+_MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+def parse_platform(text: str) -> Platform:
+    """`os/arch[/variant]`, e.g. linux/amd64 or linux/arm/v7."""
+    parts = text.strip().split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"expected os/arch[/variant], got '{text}'")
+    return Platform(architecture=parts[1], os=parts[0], variant=parts[2] if len(parts) == 3 else None)
+
+
+def host_platform() -> Platform:
+    machine = platform_module.machine().lower()
+    arch = _MACHINE_ARCH.get(machine, machine)
+    return Platform(architecture=arch, os="linux", variant="v7" if machine == "armv7l" else None)
+
+
+def platform_matches(want: Platform, os_: str | None, arch: str | None, variant: str | None) -> bool:
+    if os_ != want.os or arch != want.architecture:
+        return False
+    return variant is None or want.variant is None or variant == want.variant
+
+
+def annotated_platform_matches(d: Descriptor, want: Platform) -> bool | None:
+    """None when the referrer names no platform; else whether it names `want`."""
+    a = d.annotations or {}
+    if "streaming.platform.os" not in a and "streaming.platform.arch" not in a:
+        return None
+    return platform_matches(want, a.get("streaming.platform.os"), a.get("streaming.platform.arch"), a.get("streaming.platform.variant"))
+
+
+class NoTeleport(Exception):
+    """Why the original manifest is served; `reason` is a short word for mitmweb and metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Choice:
+    referrer: Descriptor
+    target: Descriptor
+
+
+def target_of(referrer: Descriptor, fmt: str) -> Descriptor:
+    """The streamable manifest a referrer stands for; raises NoTeleport for a wrong or bad one."""
+    a = referrer.annotations or {}
+    declared = a.get("streaming.format")
+    if declared is not None and declared != fmt:
+        raise NoTeleport("format", f"referrer {referrer.digest} is {declared}, not {fmt}")
+    if referrer.artifact_type == STREAMING_LINK:
+        try:
+            return Descriptor.from_json({
+                "mediaType": a.get("streaming.mediaType", ""),
+                "digest": a.get("streaming.digest", ""),
+                "size": int(a.get("streaming.size", "-1")),
+            })
+        except ValueError as e:
+            raise NoTeleport("bad-json", f"link referrer {referrer.digest}: {e}") from None
+    return referrer
+
+
+def choose(referrers: list[Descriptor], fmt: str, want: Platform, index_level: bool) -> Choice:
+    """The first usable referrer, in preference order (discover already ordered them).
+
+    At index level only referrers that name the wanted platform count; at manifest level a
+    referrer that names another platform is skipped.
+    """
+    if not referrers:
+        raise NoTeleport("no-referrer", "no streamable referrer")
+    last: NoTeleport | None = None
+    for r in referrers:
+        match = annotated_platform_matches(r, want)
+        if match is False or (index_level and match is None):
+            last = NoTeleport("platform", f"no referrer for {want.os}/{want.architecture}")
+            continue
+        try:
+            return Choice(r, target_of(r, fmt))
+        except NoTeleport as e:
+            last = e
+    assert last is not None
+    raise last
+
+
+def linked_manifest(body: bytes) -> Descriptor | None:
+    """The image manifest a `dadi.image.v1` artifact lists in its `blobs` (or `layers`), if any.
+
+    The seed's converter pushed an artifact manifest whose `blobs[0]` is the overlaybd image
+    manifest; a referrer without such an entry is taken to be the image manifest itself.
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise NoTeleport("bad-json", "dadi artifact: not JSON") from None
+    if not isinstance(doc, dict):
+        raise NoTeleport("bad-json", "dadi artifact: not a JSON object")
+    for key in ("blobs", "layers"):
+        items = doc.get(key) or []
+        if not isinstance(items, list):
+            raise NoTeleport("bad-json", f"dadi artifact: {key} is not an array")
+        for item in items:
+            try:
+                d = Descriptor.from_json(item)
+            except ValueError as e:
+                raise NoTeleport("bad-json", f"dadi artifact: {e}") from None
+            if oci.is_manifest_type(d.media_type) and not oci.is_index(d.media_type):
+                return d
+    return None
+
+
+def platform_child(body: bytes, want: Platform) -> Descriptor:
+    """The index entry for the wanted platform."""
+    try:
+        doc = json.loads(body)
+        entries = [Descriptor.from_json(m) for m in doc.get("manifests", [])]
+    except (ValueError, AttributeError, TypeError) as e:  # not an object, `manifests` not a list
+        raise NoTeleport("bad-json", f"index: {e}") from None
+    except RecursionError:
+        raise NoTeleport("bad-json", "index: nested too deeply") from None
+    for d in entries:
+        p = d.platform
+        if p is not None and platform_matches(want, p.os, p.architecture, p.variant):
+            return d
+    raise NoTeleport("platform", f"the index has no {want.os}/{want.architecture} manifest")
+
+
+class Teleport(ProxyPlugin):
+    plugin = "teleport"
+    routes = frozenset({"manifests"})
+    summary = "answer tag resolution with the streamable (overlaybd) manifest"
+
+    @classmethod
+    def parse(cls, text: str) -> str:
+        fmt = (text or "overlaybd").lower()
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format '{text}' (expected: {', '.join(FORMATS)})")
+        return fmt
+
+    @property
+    def platform(self) -> Platform:
+        return parse_platform(self.state.settings.platform) if self.state.settings.platform else host_platform()
+
+    def discover(self) -> Discover | None:
+        return self.state.services.get(f"discover:{self.route.id if self.route else 0}")
+
+    def decide(self, flow: http.HTTPFlow) -> tuple[Choice, Manifest]:
+        """Blocking: the streamable manifest for this tag, or NoTeleport."""
+        meta = info(flow)
+        private = self.state.private_of(flow)
+        original: Manifest = private["manifest"]
+        discover = self.discover()
+        if discover is None:
+            raise NoTeleport("no-discover", "no .discover step in this route")
+        if "error" in meta.get("discover", {}):
+            raise NoTeleport(meta["discover"]["error"], meta["discover"].get("message", ""))
+        want = self.platform
+        referrers: list[Descriptor] = private.get("referrers", [])
+        if oci.is_index(original.media_type):
+            try:
+                choice = choose(referrers, self.config, want, index_level=True)
+            except NoTeleport:
+                child = platform_child(original.body, want)
+                try:
+                    child_referrers, _, _ = discover.lookup(flow, child.digest)
+                except DiscoverError as e:
+                    raise NoTeleport(e.reason, e.message) from None
+                choice = choose(child_referrers, self.config, want, index_level=False)
+        else:
+            choice = choose(referrers, self.config, want, index_level=False)
+        if choice.referrer.artifact_type == DADI:
+            artifact = self._fetch(flow, choice.referrer.digest, "dadi artifact",
+                                   ", ".join((*ARTIFACT_MANIFESTS, private.get("accept", oci.DEFAULT_ACCEPT))))
+            linked = linked_manifest(artifact.body)
+            if linked is not None:
+                choice = Choice(choice.referrer, linked)
+            elif oci.base_media_type(artifact.media_type) in ARTIFACT_MANIFESTS:
+                raise NoTeleport("format", f"dadi artifact {choice.referrer.digest} lists no image manifest")
+        streamable = self._fetch(flow, choice.target.digest, "streamable manifest", private.get("accept", oci.DEFAULT_ACCEPT))
+        if streamable.size != choice.target.size:
+            raise NoTeleport("size", f"streamable manifest is {streamable.size} B, the referrer says {choice.target.size}")
+        if oci.is_index(streamable.media_type) or not oci.is_manifest_type(streamable.media_type):
+            raise NoTeleport("format", f"streamable target is a {streamable.media_type}, not an image manifest")
+        return choice, streamable
+
+    def _fetch(self, flow: http.HTTPFlow, digest: str, what: str, accept: str) -> Manifest:
+        """Blocking: a manifest by digest (checked against it), or NoTeleport."""
+        meta = info(flow)
+        try:
+            manifest, _ = fetch_manifest(
+                self.state, self.state.upstreams[meta["ns"].lower()], meta["name"], digest,
+                accept, self.state.private_of(flow).get("authorizer"),
+            )
+        except UpstreamError as e:
+            reason = "timeout" if e.status == 504 else "auth" if e.code in ("UNAUTHORIZED", "DENIED") else "fetch"
+            raise NoTeleport(reason, f"{what}: {e.message}") from None
+        return manifest
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get("acr") or {}
+        if not meta.get("resolved") or meta.get("route_id") != getattr(self.route, "id", None):
+            return
+        if flow.response is None or flow.response.status_code != 200 or not flow.live:
+            return
+        original = meta["resolved"]["digest"]
+        if oci.is_digest(meta["reference"]):
+            self._record(flow, "digest-pinned", "pulled by digest: served as asked")
+            return
+        try:
+            choice, streamable = await asyncio.to_thread(self.decide, flow)
+        except NoTeleport as e:
+            self._record(flow, e.reason, e.message)
+            return
+        except Exception as e:  # teleport never breaks a pull
+            logger.exception("teleport failed for %s", meta.get("name"))
+            self._record(flow, "error", e.__class__.__name__)
+            return
+        flow.response = manifest_response(flow.request.method, streamable)
+        meta["teleport"] = {
+            "from": original,
+            "to": streamable.digest,
+            "format": self.config,
+            "artifact_type": choice.referrer.artifact_type,
+            "media_type": streamable.media_type,
+            "size": streamable.size,
+        }
+        self.state.counters["teleports"] += 1
+        self.state.counters["teleport:teleported"] += 1
+        flow.marked = ":rocket:"
+        flow.comment = f"teleport {original[:19]}… → {streamable.digest[:19]}… ({self.config})"
+        note(flow, "teleport", f"{original} -> {streamable.digest} ({self.config}, {choice.referrer.artifact_type})")
+        logger.debug("teleport %s:%s %s -> %s (%s)", meta["name"], meta["reference"], original, streamable.digest, self.config)
+
+    def _record(self, flow: http.HTTPFlow, reason: str, message: str) -> None:
+        meta = info(flow)
+        meta["teleport"] = {"skipped": reason, "message": message}
+        self.state.counters[f"teleport:{reason}"] += 1
+        if flow.comment and reason != "digest-pinned":
+            flow.comment += f" · no teleport: {reason}"
+        note(flow, "teleport", f"not teleported: {reason}: {message}")
