@@ -53,14 +53,18 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     routes: dict[str, tuple[Step, frozenset[str]]] = {}
     steps: list[Any] = []
     route: Step | None = None
+    route_addon: Route | None = None
     for step in root.steps:
         cls = compiled.classes[step.id]
         assert issubclass(cls, ProxyPlugin)
-        if issubclass(cls, Route):
-            route = step
+        addon = cls(step, compiled.config(step), route if not issubclass(cls, Route) else step, state)
+        if isinstance(addon, Route):
+            route, route_addon = step, addon
             # The first route of a kind wins; a later duplicate would never see a flow.
             routes.setdefault(cls.route_kind, (step, compiled.config(step)))
-        steps.append(cls(step, compiled.config(step), route, state))
+        elif route_addon is not None:
+            route_addon.steps.append(addon)
+        steps.append(addon)
     # issue 5: /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
     front: list[Any] = [Endpoints(compiled, state)]

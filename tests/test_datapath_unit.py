@@ -39,7 +39,7 @@ from addons.chain import AcrMirror
 from addons.proxy.login import Login
 from addons.registry.oci import Upstream
 from addons.proxy.front import summary
-from addons.proxy.pull import AUTH_FORWARDED, Pull, TokenScrub, same_origin
+from addons.proxy.pull import Pull, TokenScrub, same_origin
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
@@ -101,6 +101,9 @@ class FakeTokens:
             self.issued += 1
             self.current = f"Bearer t{self.issued}"
         return self.current
+
+    def cached_authorization(self, upstream: Any, scope: str, credentials: Any) -> tuple[bool, Optional[str]]:
+        return (True, self.current) if self.current is not None else (False, None)
 
     def invalidate(self, upstream: Any, scope: str) -> None:
         self.invalidated += 1
@@ -298,7 +301,7 @@ def run_blob(mode: str, handler: Callable[[requests.PreparedRequest], Answer], *
             flow = blob_flow(method)
             for addon in mirror.addons:
                 _call(addon, "requestheaders", flow)
-            mirror.state.private_of(flow)["authorizer"] = authorizer(tokens)
+            mirror.state.contexts[flow].authorizer = authorizer(tokens)
             for addon in mirror.addons:
                 _call(addon, "request", flow)
             out.append(flow)
@@ -321,7 +324,7 @@ def test_a_storage_redirect_is_followed_without_the_token() -> None:
     assert flow.request.headers["Range"] == "bytes=0-9"
     meta = flow.metadata["acr"]
     assert meta["forward"] and meta["redirected"] and flow.response is None
-    assert AUTH_FORWARDED not in mirror.state.private_of(flow)  # type: ignore[union-attr]
+    assert mirror.state.contexts[flow].forward.authorization is None  # type: ignore[union-attr]
 
 
 def test_a_registry_that_serves_blobs_gets_the_token_and_is_remembered() -> None:

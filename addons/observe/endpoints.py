@@ -35,7 +35,8 @@ from addons import __version__
 from addons.registry.auth import Credentials, jwt_expiry
 from addons.runmd.compile import Compiled
 from addons.node.login_acr import read_meta
-from addons.proxy.state import MirrorState, info
+from addons.proxy.context import info
+from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
 

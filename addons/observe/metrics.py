@@ -26,7 +26,8 @@ import requests
 from mitmproxy import http
 
 from addons.observe.endpoints import loopback_peer
-from addons.proxy.state import MirrorState, info
+from addons.proxy.context import info
+from addons.proxy.state import MirrorState
 from addons.proxy.upstream import session
 
 logger = logging.getLogger(__name__)

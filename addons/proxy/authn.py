@@ -8,15 +8,12 @@ in the private per-flow table so no token reaches a log line or a flow file.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from mitmproxy import http
-
-from addons.registry import oci
+from addons.proxy.context import RequestContext
 from addons.proxy.plugin import ProxyPlugin
-from addons.proxy.state import info, note
 from addons.proxy.upstream import Authorizer, UpstreamError, token_client
+from addons.registry import oci
 
 logger = logging.getLogger(__name__)
 
@@ -34,26 +31,35 @@ class Authn(ProxyPlugin):
             raise ValueError(f"unknown mode '{text}' (expected: {', '.join(MODES)})")
         return mode
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if not self.claims(flow):
-            return
-        meta = info(flow)
-        private = self.state.private_of(flow)
-        authorizer = Authorizer(
+    def authorizer(self, ctx: RequestContext) -> Authorizer:
+        return Authorizer(
             tokens=token_client(self.state),
-            upstream=self.state.upstreams[meta["ns"].lower()],
-            scope=oci.scope_for(meta["name"]),
-            credentials=private.get("credentials"),
+            upstream=ctx.upstream,
+            scope=oci.scope_for(ctx.name),
+            credentials=ctx.credentials,
             mode=self.config,
         )
+
+    def ready(self, ctx: RequestContext) -> bool:
+        """A token (or the knowledge that none is needed) already in the cache."""
+        authorizer = self.authorizer(ctx)
+        found, header = authorizer.cached_header()
+        if found:
+            self._use(ctx, authorizer, header)
+        return found
+
+    def run(self, ctx: RequestContext) -> None:
+        authorizer = self.authorizer(ctx)
         try:
-            header = await asyncio.to_thread(authorizer.header)
+            header = authorizer.header()
         except UpstreamError as e:
-            flow.response = e.response(flow.request.method)
-            note(flow, "authn", e.message)
-            logger.debug("%s %s: %s", flow.request.method, meta["name"], e.message)
+            ctx.fail("authn", e)
+            logger.debug("%s %s: %s", ctx.method, ctx.name, e.message)
             return
-        private["authorizer"] = authorizer
-        scheme = header.split(" ", 1)[0].lower() if header else "anonymous"
-        meta["auth"] = scheme
-        note(flow, "authn", f"{scheme} for {authorizer.scope}")
+        self._use(ctx, authorizer, header)
+
+    @staticmethod
+    def _use(ctx: RequestContext, authorizer: Authorizer, header: str | None) -> None:
+        ctx.authorizer = authorizer
+        ctx.auth_scheme = header.split(" ", 1)[0].lower() if header else "anonymous"
+        ctx.note("authn", f"{ctx.auth_scheme} for {authorizer.scope}")

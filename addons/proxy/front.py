@@ -18,7 +18,8 @@ from addons.registry import oci
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.state import MirrorState, info, note
+from addons.proxy.context import RequestContext, info, note
+from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ DIGEST_ALGORITHMS = ("sha256", "sha512")
 #: Request line and headers together; containerd sends about 1 KiB. mitmproxy itself has no
 #: limit, and a client's `Accept` is passed upstream, so a larger request is refused here.
 MAX_REQUEST_HEAD = 64 * 1024
+#: The client's headers that go upstream with a blob or a tag list.
+PASSED_HEADERS = ("range", "accept", "if-none-match")
 
 
 class RouteError(Exception):
@@ -150,17 +153,22 @@ class Proxy(ProxyPlugin):
         if req.method not in methods:
             allow = ", ".join(sorted(methods))
             return refuse(flow, 405, "UNSUPPORTED", f"{req.method} is not served for {target.kind}", {"Allow": allow})
-        meta = info(flow)
-        meta.update(
+        ctx = RequestContext(
             route=target.kind,
             route_id=step.id,
+            method=req.method,
             name=target.name,
             reference=target.reference,
-            ns=upstream.ns,
-            upstream=upstream.base_url,
+            upstream=upstream,
+            accept=oci.accept_values(req.headers),
+            query=[(k, v) for k, v in req.query.items(multi=True) if k != "ns"],
+            ns_sent=ns,
+            pass_headers={k: v for k, v in req.headers.items() if k.lower() in PASSED_HEADERS},
         )
-        note(flow, "proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
-        flow.comment = f"{target.kind} {target.name}{':' if target.reference else ''}{target.reference} ← {upstream.ns}"
+        ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
+        ctx.comment = f"{target.kind} {target.name}{':' if target.reference else ''}{target.reference} ← {upstream.ns}"
+        self.state.contexts[flow] = ctx
+        ctx.publish(flow)
 
 
 def summary(flow: http.HTTPFlow) -> str:

@@ -1,26 +1,29 @@
 """`.login FILE`: the upstream credentials this route uses, read from FILE beside the runmd.
 
-The file is re-read when it changes (`.login-acr` refreshes it while the mirror runs), and
-its content never leaves memory: it is handed to `.authn` through the mirror's private
-per-flow table, not through flow.metadata, which mitmproxy saves to flow files.
+The file is re-read when it changes (`.login-acr` refreshes it while the mirror runs; looked
+at again at most once a second, so a warm request needs no thread), and its content never
+leaves memory: it is handed to `.authn` in the request's context, never in flow.metadata,
+which mitmproxy saves to flow files.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import time
 from pathlib import Path
-
-from mitmproxy import http
 
 from addons.registry.auth import Credentials, insecure_permissions
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import parse_relative_file
-from addons.proxy.state import note
+from addons.proxy.context import RequestContext
 from addons.proxy.upstream import UpstreamError
 
 logger = logging.getLogger(__name__)
+
+#: How long a look at the credentials file stays good: a file `.login-acr` rewrites is
+#: picked up within this long.
+RECHECK = 1.0
 
 
 class Login(ProxyPlugin):
@@ -38,16 +41,19 @@ class Login(ProxyPlugin):
         self._warned_missing = False
         #: The version of the file last found unusable: said once in the log, not once per request.
         self._bad_stamp: tuple[int, int] | None = None
+        #: When the file was last looked at (monotonic), for `ready`.
+        self._checked = float("-inf")
 
     @property
     def path(self) -> Path:
         return self.state.home / self.config
 
     def credentials(self) -> Credentials | None:
-        """Blocking: stat the file and re-read it when it changed."""
+        """Blocking: stat the file and re-read it when it changed (an unusable file every time)."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
+            self._checked = time.monotonic()
             if not self._warned_missing:
                 logger.warning("step %d: %s does not exist: pulling anonymously", self.step.id, self.path)
                 self._warned_missing = True
@@ -66,6 +72,7 @@ class Login(ProxyPlugin):
                 logger.warning("%s is readable by group or others: chmod 600 it", self.path)
             self._stamp, self._credentials, self._warned_missing = stamp, creds, False
             logger.info("step %d: loaded %s", self.step.id, self.describe(creds))
+        self._checked = time.monotonic()
         return self._credentials
 
     @staticmethod
@@ -74,14 +81,20 @@ class Login(ProxyPlugin):
             return "anonymous"
         return "an ACR refresh token" if creds.is_refresh_token else f"user {creds.username}"
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if not self.claims(flow):
-            return
+    def ready(self, ctx: RequestContext) -> bool:
+        if time.monotonic() - self._checked >= RECHECK:
+            return False
+        self._use(ctx, self._credentials)
+        return True
+
+    def run(self, ctx: RequestContext) -> None:
         try:
-            creds = await asyncio.to_thread(self.credentials)
+            creds = self.credentials()
         except UpstreamError as e:
-            flow.response = e.response(flow.request.method)
-            note(flow, "login", e.message)
+            ctx.fail("login", e)
             return
-        self.state.private_of(flow)["credentials"] = creds
-        note(flow, "login", self.describe(creds))
+        self._use(ctx, creds)
+
+    def _use(self, ctx: RequestContext, creds: Credentials | None) -> None:
+        ctx.credentials = creds
+        ctx.note("login", self.describe(creds))

@@ -1,12 +1,24 @@
-"""The base class of `+ .proxy` steps: a mitmproxy addon bound to one route."""
+"""The base class of `+ .proxy` steps, and how a route runs its steps with one thread hop at most.
+
+A step is a stage of its route's chain: `ready` does its job from memory when it can (never
+blocking: it runs on the event loop), `run` does it with upstream requests (blocking: it runs
+in a worker thread). The route step (`.manifests`, `.blobs`, `.tags`) calls each step's
+`ready` in runmd order; the first one that must wait for I/O hands itself and every later step
+to *one* worker thread. So a request whose every decision is cached costs no thread hop, and
+any other request exactly one. Steps read and write the request's `RequestContext` only; the
+route puts the answer on the flow once, on the event loop.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from mitmproxy import http
 
+from addons.proxy.context import NeedsIO, RequestContext
 from addons.proxy.state import MirrorState
 from addons.runmd.plugin import Plugin
 from addons.runmd.syntax import Step
@@ -28,9 +40,56 @@ class ProxyPlugin(Plugin):
         # mitmproxy requires unique addon names; a plugin may appear under several routes.
         self.name = f"acr-{step.id}-{self.plugin}"
 
-    def claims(self, flow: http.HTTPFlow) -> bool:
-        """The guard every hook starts with: a live, unanswered flow of this step's route."""
+    def context(self, flow: http.HTTPFlow) -> RequestContext | None:
+        """The context of a flow of this step's route, whatever its state (for response hooks)."""
+        ctx = self.state.contexts.get(flow)
+        if ctx is None or self.route is None or ctx.route_id != self.route.id:
+            return None
+        return ctx
+
+    def claims(self, flow: http.HTTPFlow) -> RequestContext | None:
+        """The guard a request hook starts with: the context of a live, unanswered flow of this route."""
         if flow.response or flow.error or not flow.live:
-            return False
-        acr = flow.metadata.get("acr")
-        return bool(acr) and self.route is not None and acr.get("route_id") == self.route.id
+            return None
+        return self.context(flow)
+
+    # -- the stage protocol (driven by the route, see the module docstring) ----------------
+
+    def applies(self, ctx: RequestContext) -> bool:
+        """Whether this step has work for the request; by default while nothing has answered."""
+        return ctx.answer is None and ctx.forward is None
+
+    def ready(self, ctx: RequestContext) -> bool:
+        """Non-blocking: do the job from memory and return True, or return False to be `run`."""
+        return False
+
+    def run(self, ctx: RequestContext) -> None:
+        """Blocking (in a worker thread): do the job with upstream requests."""
+        raise NotImplementedError
+
+
+def _run_blocking(ctx: RequestContext, steps: Sequence[ProxyPlugin]) -> None:
+    for step in steps:
+        if not step.applies(ctx):
+            continue
+        try:
+            done = step.ready(ctx)
+        except NeedsIO:
+            done = False
+        if not done:
+            step.run(ctx)
+
+
+async def run_steps(ctx: RequestContext, steps: Sequence[ProxyPlugin], state: MirrorState) -> None:
+    """Each step in order: from memory on the event loop, then the rest in one worker thread."""
+    for i, step in enumerate(steps):
+        if not step.applies(ctx):
+            continue
+        try:
+            if step.ready(ctx):
+                continue
+        except NeedsIO:
+            pass
+        state.counters["worker_hops"] += 1
+        await asyncio.to_thread(_run_blocking, ctx, steps[i:])
+        return

@@ -5,7 +5,9 @@ an expired token once): a registry that redirects to blob storage answers the pr
 the storage URL, which mitmproxy then streams from *without* the registry token; a
 registry that serves blobs itself is remembered, probed with a cheap HEAD from then on, and
 streamed with the token. Bodies are streamed chunk by chunk, never held whole. HEAD
-requests and tag lists are small: the mirror answers them itself.
+requests and tag lists are small: the mirror answers them itself. The probe and the small
+answers are made in the route's worker thread (`run`); `ready` sends a blob on at once
+when `.pull client` hands redirects to the client and the token is cached.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from mitmproxy import ctx, http
 
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
-from addons.proxy.state import info, note
+from addons.proxy.context import Forward, RequestContext
 from addons.proxy.upstream import Authorizer, UpstreamError, send
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ _PASS_HEADERS = (
     "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified",
     oci.CONTENT_DIGEST_HEADER, "Link", "Retry-After",
 )
-AUTH_FORWARDED = "authorization_forwarded"
 
 
 def _pass_headers(resp: requests.Response) -> dict[str, str]:
@@ -155,94 +156,94 @@ class Pull(ProxyPlugin):
 
     # -- hooks --------------------------------------------------------------------------
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if not self.claims(flow):
-            return
-        meta = info(flow)
-        private = self.state.private_of(flow)
-        auth: Authorizer | None = private.get("authorizer")
-        upstream = self.state.upstreams[meta["ns"].lower()]
-        method = flow.request.method
-        if meta["route"] == "tags":
-            path = f"/v2/{meta['name']}/tags/list"
-            what = f"tags of {meta['name']}"
+    @staticmethod
+    def target(ctx: RequestContext) -> tuple[str, str]:
+        """The upstream URL of the request, and what it is (for messages)."""
+        if ctx.route == "tags":
+            path, what = f"/v2/{ctx.name}/tags/list", f"tags of {ctx.name}"
         else:
-            path = f"/v2/{meta['name']}/blobs/{meta['reference']}"
-            what = f"blob {meta['reference']}"
-        query = [(k, v) for k, v in flow.request.query.items(multi=True) if k != "ns"]
-        url = upstream.url(path)
-        if query:
-            url += "?" + "&".join(f"{k}={v}" for k, v in query)
-        extra = {k: v for k, v in flow.request.headers.items() if k.lower() in ("range", "accept", "if-none-match")}
+            path, what = f"/v2/{ctx.name}/blobs/{ctx.reference}", f"blob {ctx.reference}"
+        url = ctx.upstream.url(path)
+        if ctx.query:
+            url += "?" + "&".join(f"{k}={v}" for k, v in ctx.query)
+        return url, what
+
+    def ready(self, ctx: RequestContext) -> bool:
+        """A blob GET that needs no probe (`client` mode) and whose token is cached."""
+        if self.follow or ctx.route != "blobs" or ctx.method != "GET":
+            return False
+        header: str | None = None
+        if ctx.authorizer is not None:
+            found, header = ctx.authorizer.cached_header()
+            if not found:
+                return False
+        url, _ = self.target(ctx)
+        self._forward(ctx, url, url, header)
+        return True
+
+    def run(self, ctx: RequestContext) -> None:
+        url, what = self.target(ctx)
         try:
-            if method == "HEAD" or meta["route"] == "tags":
-                await self.answer_small(flow, method, url, extra, auth, what, flow.request.query.get("ns"))
+            if ctx.method == "HEAD" or ctx.route == "tags":
+                ctx.answer = self.answer_small(ctx.method, url, ctx.pass_headers, ctx.authorizer, what, ctx.ns_sent)
+                ctx.note("pull", f"{ctx.method} answered by the mirror ({ctx.answer.status_code})")
                 return
-            await self.forward_blob(flow, url, extra, auth, what, upstream.ns)
+            self.forward_blob(ctx, url, ctx.pass_headers, what)
         except UpstreamError as e:
-            flow.response = e.response(method)
-            meta["upstream_status"] = e.status
-            note(flow, "pull", e.message)
-            logger.debug("%s %s -> %d (%s)", method, what, e.status, e.message)
+            ctx.fail("pull", e)
+            logger.debug("%s %s -> %d (%s)", ctx.method, what, e.status, e.message)
 
-    async def answer_small(
-        self, flow: http.HTTPFlow, method: str, url: str, extra: dict[str, str], auth: Authorizer | None, what: str,
+    def answer_small(
+        self, method: str, url: str, extra: dict[str, str], auth: Authorizer | None, what: str,
         ns: str | None = None,
-    ) -> None:
-        """HEAD of a blob, or a tag list: the mirror answers from its own request."""
-
-        def fetch() -> http.Response:
-            _, resp = self.probe(url, method, extra, auth, what) if method == "HEAD" else (url, None)
-            if resp is None:
-                resp = send(self.state, method, url, headers=extra, auth=auth, stream=True, what=what)
-                if resp.status_code >= 400:
-                    resp.close()
-                    raise UpstreamError.from_status(resp, what)
-            try:
-                body = b"" if method == "HEAD" else resp.raw.read(4 * 1024 * 1024 + 1, decode_content=True)
-            except (requests.RequestException, OSError):
-                raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: upstream body cut short") from None
-            finally:
+    ) -> http.Response:
+        """Blocking: HEAD of a blob, or a tag list: the mirror answers from its own request."""
+        _, resp = self.probe(url, method, extra, auth, what) if method == "HEAD" else (url, None)
+        if resp is None:
+            resp = send(self.state, method, url, headers=extra, auth=auth, stream=True, what=what)
+            if resp.status_code >= 400:
                 resp.close()
-            if len(body) > 4 * 1024 * 1024:
-                raise UpstreamError(502, "UNSUPPORTED", f"{what}: upstream answer is larger than 4 MiB")
-            headers = _pass_headers(resp)
-            if method != "HEAD":
-                headers.pop("Content-Length", None)  # the body may have been decoded
-            if ns and "Link" in headers:
-                headers["Link"] = link_with_ns(headers["Link"], ns)
-            out = http.Response.make(resp.status_code, body, headers)
-            if method == "HEAD" and "Content-Length" in headers:
-                out.headers["Content-Length"] = headers["Content-Length"]
-            return out
+                raise UpstreamError.from_status(resp, what)
+        try:
+            body = b"" if method == "HEAD" else resp.raw.read(4 * 1024 * 1024 + 1, decode_content=True)
+        except (requests.RequestException, OSError):
+            raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: upstream body cut short") from None
+        finally:
+            resp.close()
+        if len(body) > 4 * 1024 * 1024:
+            raise UpstreamError(502, "UNSUPPORTED", f"{what}: upstream answer is larger than 4 MiB")
+        headers = _pass_headers(resp)
+        if method != "HEAD":
+            headers.pop("Content-Length", None)  # the body may have been decoded
+        if ns and "Link" in headers:
+            headers["Link"] = link_with_ns(headers["Link"], ns)
+        out = http.Response.make(resp.status_code, body, headers)
+        if method == "HEAD" and "Content-Length" in headers:
+            out.headers["Content-Length"] = headers["Content-Length"]
+        return out
 
-        flow.response = await asyncio.to_thread(fetch)
-        note(flow, "pull", f"{method} answered by the mirror ({flow.response.status_code})")
-
-    async def forward_blob(self, flow: http.HTTPFlow, url: str, extra: dict[str, str], auth: Authorizer | None, what: str, ns: str) -> None:
-        """Point the flow at the URL to stream from; mitmproxy streams it to the client."""
+    def forward_blob(self, ctx: RequestContext, url: str, extra: dict[str, str], what: str) -> None:
+        """Blocking: find the URL to stream from; mitmproxy streams it to the client."""
+        auth = ctx.authorizer
         modes = self.blob_modes()
+        ns = ctx.upstream.ns
         if not self.follow:
             target = url
         elif modes.get(ns) == "direct":
             # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
-            await asyncio.to_thread(self.probe, url, "HEAD", extra, auth, what)
+            self.probe(url, "HEAD", extra, auth, what)
             target = url
         else:
-            target, _ = await asyncio.to_thread(self.probe, url, "GET", extra, auth, what)
+            target, _ = self.probe(url, "GET", extra, auth, what)
             modes[ns] = "direct" if target == url else "redirect"
-        meta = info(flow)
-        flow.request.url = target
-        flow.request.headers.pop("Authorization", None)
-        if same_origin(target, url) and auth is not None:
-            header = await asyncio.to_thread(auth.header)
-            if header:
-                flow.request.headers["Authorization"] = header
-                self.state.private_of(flow)[AUTH_FORWARDED] = True
-        meta["forward"] = True
-        meta["redirected"] = target != url
+        header = auth.header() if same_origin(target, url) and auth is not None else None
+        self._forward(ctx, url, target, header)
+
+    @staticmethod
+    def _forward(ctx: RequestContext, url: str, target: str, header: str | None) -> None:
+        ctx.forward = Forward(target, redirected=target != url, authorization=header or None)
         host = urlsplit(target).netloc
-        note(flow, "pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
+        ctx.note("pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
 
     def watch(self, flow: http.HTTPFlow) -> "Activity":
         """Stream the body, noting when each chunk passes so a stalled upstream can be cut off."""
@@ -273,38 +274,41 @@ class Pull(ProxyPlugin):
                     activity.last = now  # the client is slow, not the upstream (backpressure)
                 elif now - activity.last > limit:
                     self._watched.pop(flow, None)
-                    info(flow)["stalled"] = True
-                    note(flow, "pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
+                    ctx = self.context(flow)
+                    if ctx is not None:
+                        ctx.stalled = True
+                        ctx.note("pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
+                        ctx.publish(flow)
                     close_upstream(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("acr") or {}
-        if not meta.get("forward") or meta.get("route_id") != getattr(self.route, "id", None):
+        ctx = self.context(flow)
+        if ctx is None or ctx.forward is None or flow.response is None:
             return
         scrub(flow)
         resp = flow.response
-        assert resp is not None
         self.state.counters["blobs_streamed"] += 1
         resp.stream = self.watch(flow)
-        meta["upstream_status"] = resp.status_code
+        ctx.upstream_status = resp.status_code
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.
-            self.blob_modes()[meta["ns"]] = "redirect"
+            self.blob_modes()[ctx.upstream.ns] = "redirect"
         elif resp.status_code in (401, 403, 429):
             # The client must not be sent to the upstream's token realm: make it fall back.
             mapped = {401: 502, 403: 502, 429: 503}[resp.status_code]
             resp.status_code = mapped
             resp.headers.pop("WWW-Authenticate", None)
-            auth = self.state.private_of(flow).get("authorizer")
+            auth = ctx.authorizer
             if auth is not None:
                 auth.tokens.invalidate(auth.upstream, auth.scope)
         for name in ("Set-Cookie",):
             resp.headers.pop(name, None)
+        ctx.publish(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("acr") or {}
-        if meta.get("forward") and meta.get("route_id") == getattr(self.route, "id", None):
-            logger.debug("GET %s -> %d streamed", meta.get("reference"), flow.response.status_code if flow.response else 0)
+        ctx = self.context(flow)
+        if ctx is not None and ctx.forward is not None:
+            logger.debug("GET %s -> %d streamed", ctx.reference, flow.response.status_code if flow.response else 0)
 
 
 class TokenScrub:

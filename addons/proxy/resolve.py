@@ -9,13 +9,11 @@ pulls by digest are answered from a bounded cache.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import hashlib
 import logging
 import re
 import threading
-from dataclasses import dataclass
 
 import requests
 from mitmproxy import http
@@ -23,8 +21,9 @@ from mitmproxy import http
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import split_list
-from addons.proxy.state import MirrorState, info, note
-from addons.registry.oci import Upstream
+from addons.proxy.context import NeedsIO, RequestContext
+from addons.proxy.state import MirrorState
+from addons.registry.oci import Manifest, Upstream
 from addons.proxy.upstream import Authorizer, UpstreamError, send
 
 logger = logging.getLogger(__name__)
@@ -41,20 +40,6 @@ def parse_media_types(text: str) -> tuple[str, ...]:
         if not _MEDIA_TYPE_RE.match(t):
             raise ValueError(f"expected media types like 'application/vnd.oci.image.index.v1+json', got '{t}'")
     return types
-
-
-@dataclass(frozen=True)
-class Manifest:
-    media_type: str
-    digest: str
-    body: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.body)
-
-    def as_dict(self) -> dict[str, object]:
-        return {"digest": self.digest, "media_type": self.media_type, "size": self.size}
 
 
 def digest_of(body: bytes, algorithm: str = "sha256") -> str:
@@ -155,14 +140,20 @@ def manifest_cache(state: MirrorState) -> ManifestCache:
 
 
 def fetch_manifest(
-    state: MirrorState, upstream: Upstream, name: str, ref: str, accept: str, authorizer: Authorizer | None
+    state: MirrorState, upstream: Upstream, name: str, ref: str, accept: str, authorizer: Authorizer | None,
+    io: bool = True,
 ) -> tuple[Manifest, bool]:
-    """Blocking: a manifest from the cache (by digest) or upstream; True when it came from the cache."""
+    """A manifest from the cache (by digest) or upstream; True when it came from the cache.
+
+    Blocking, unless `io` is False: then it answers from the cache or raises NeedsIO.
+    """
     cache = manifest_cache(state)
     if oci.is_digest(ref):
         hit = cache.get((upstream.ns, name, ref))
         if hit is not None:
             return hit, True
+    if not io:
+        raise NeedsIO(ref)
     what = f"manifest {name}:{ref}"
     resp = send(
         state, "GET", upstream.url(f"/v2/{name}/manifests/{ref}"),
@@ -185,29 +176,29 @@ class Resolve(ProxyPlugin):
     def parse(cls, text: str) -> tuple[str, ...]:
         return parse_media_types(text)
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        if not self.claims(flow):
-            return
-        meta = info(flow)
-        private = self.state.private_of(flow)
-        accept = oci.merge_accept(oci.accept_values(flow.request.headers), self.config)
+    def ready(self, ctx: RequestContext) -> bool:
+        """A pull by digest whose manifest is cached; a tag always asks upstream (tags move)."""
+        return self._resolve(ctx, io=False)
+
+    def run(self, ctx: RequestContext) -> None:
+        self._resolve(ctx, io=True)
+
+    def _resolve(self, ctx: RequestContext, io: bool) -> bool:
+        accept = oci.merge_accept(ctx.accept, self.config)
         try:
-            manifest, cached = await asyncio.to_thread(
-                fetch_manifest, self.state, self.state.upstreams[meta["ns"].lower()],
-                meta["name"], meta["reference"], accept, private.get("authorizer"),
+            manifest, cached = fetch_manifest(
+                self.state, ctx.upstream, ctx.name, ctx.reference, accept, ctx.authorizer, io=io,
             )
+        except NeedsIO:
+            return False
         except UpstreamError as e:
-            flow.response = e.response(flow.request.method)
-            meta["upstream_status"] = e.status
-            note(flow, "resolve", e.message)
-            logger.debug("%s %s:%s -> %d (%s)", flow.request.method, meta["name"], meta["reference"], e.status, e.message)
-            return
+            ctx.fail("resolve", e)
+            logger.debug("%s %s:%s -> %d (%s)", ctx.method, ctx.name, ctx.reference, e.status, e.message)
+            return True
         self.state.counters["manifests_cached" if cached else "manifests_fetched"] += 1
-        private["manifest"] = manifest
-        private["accept"] = accept
-        meta["resolved"] = manifest.as_dict()
-        flow.response = manifest_response(flow.request.method, manifest)
-        note(flow, "resolve", f"{manifest.digest} {manifest.media_type} {manifest.size} B{' (cached)' if cached else ''}")
-        logger.debug("%s %s:%s -> %s (%s)", flow.request.method, meta["name"], meta["reference"], manifest.digest,
-            "cache" if cached else meta["upstream"],
-        )
+        ctx.manifest, ctx.manifest_cached, ctx.lookup_accept = manifest, cached, accept
+        ctx.answer = manifest_response(ctx.method, manifest)
+        ctx.note("resolve", f"{manifest.digest} {manifest.media_type} {manifest.size} B{' (cached)' if cached else ''}")
+        logger.debug("%s %s:%s -> %s (%s)", ctx.method, ctx.name, ctx.reference, manifest.digest,
+                     "cache" if cached else ctx.upstream.ns)
+        return True

@@ -7,15 +7,47 @@ answer what no route serves; the route steps carry which methods they accept.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from addons.proxy.plugin import ProxyPlugin
+from mitmproxy import http
+
+from addons.proxy.context import RequestContext
+from addons.proxy.plugin import ProxyPlugin, run_steps
+from addons.proxy.state import MirrorState
 from addons.runmd.plugin import split_list
+from addons.runmd.syntax import Step
+
+
+def deliver(flow: http.HTTPFlow, ctx: RequestContext) -> None:
+    """Put the steps' decision on the flow: the answer, or where mitmproxy streams it from."""
+    if ctx.forward is not None:
+        flow.request.url = ctx.forward.url
+        flow.request.headers.pop("Authorization", None)
+        if ctx.forward.authorization:
+            flow.request.headers["Authorization"] = ctx.forward.authorization
+    elif ctx.answer is not None:
+        flow.response = ctx.answer
+    ctx.publish(flow)
 
 
 class Route(ProxyPlugin):
     route_kind: ClassVar[str] = ""
     methods: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, step: Step, config: Any, route: Step | None, state: MirrorState) -> None:
+        super().__init__(step, config, route, state)
+        #: The steps indented under this route, in runmd order (set by addons.chain).
+        self.steps: list[ProxyPlugin] = []
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        ctx = self.claims(flow)
+        if ctx is None:
+            return
+        try:
+            await run_steps(ctx, self.steps, self.state)
+        finally:
+            if flow.live and not flow.response:
+                deliver(flow, ctx)
 
     @classmethod
     def parse(cls, text: str) -> frozenset[str]:

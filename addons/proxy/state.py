@@ -1,9 +1,8 @@
-"""What the proxy steps share: the upstreams, the HTTP session, the token client, counters.
+"""What the proxy steps of one loaded runmd share: upstreams, settings, helpers, counters.
 
 One `MirrorState` belongs to one loaded runmd; plugins get it at construction so that no
 state lives in module globals (two mirrors in one process, as in tests, stay apart).
-Per-request decisions live in `flow.metadata["acr"]`, plain data only, because mitmproxy
-saves metadata into flow files and mitmweb shows it.
+Per-request decisions live in each request's `RequestContext` (addons.proxy.context).
 """
 
 from __future__ import annotations
@@ -17,16 +16,15 @@ from typing import Any
 
 from mitmproxy import http
 
+from addons.proxy.context import RequestContext
 from addons.registry.oci import Upstream
 
 logger = logging.getLogger(__name__)
 
-META = "acr"
-
 
 @dataclass
 class Settings:
-    """Mirror-wide settings that come from mitmproxy options (see addons.chain)."""
+    """Mirror-wide settings that come from mitmproxy options (declared by the addons that use them)."""
 
     upstream_timeout: float = 30.0
     connect_timeout: float = 5.0
@@ -42,11 +40,10 @@ class MirrorState:
     upstreams: dict[str, Upstream]
     settings: Settings = field(default_factory=Settings)
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
-    #: Helpers shared by every route (HTTP session, token client), made on first use.
+    #: Helpers shared by every route (HTTP session, token client, caches), made on first use.
     services: dict[str, Any] = field(default_factory=dict)
-    #: Per-flow objects that must never enter flow.metadata, which is saved to flow files:
-    #: credentials, authorizers, the manifest body behind a HEAD answer.
-    private: weakref.WeakKeyDictionary[http.HTTPFlow, dict[str, Any]] = field(
+    #: The context of every routed request in flight; never in flow.metadata (saved to files).
+    contexts: weakref.WeakKeyDictionary[http.HTTPFlow, RequestContext] = field(
         default_factory=weakref.WeakKeyDictionary
     )
 
@@ -58,21 +55,8 @@ class MirrorState:
             return None
         return self.upstreams.get(ns.lower())
 
-    def private_of(self, flow: http.HTTPFlow) -> dict[str, Any]:
-        return self.private.setdefault(flow, {})
-
     def service(self, key: str, factory: Any) -> Any:
         """One shared helper object per mirror (token client, HTTP session), made on first use."""
         if key not in self.services:
             self.services[key] = factory()
         return self.services[key]
-
-
-def info(flow: http.HTTPFlow) -> dict[str, Any]:
-    """The flow's decision record (created empty)."""
-    return flow.metadata.setdefault(META, {})
-
-
-def note(flow: http.HTTPFlow, step: str, decision: str) -> None:
-    """Record one step's decision, in order, for mitmweb, flow files and `acr.why`."""
-    info(flow).setdefault("steps", []).append(f"{step}: {decision}")

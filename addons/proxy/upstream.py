@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import requests
 from mitmproxy import http
@@ -18,7 +19,6 @@ from mitmproxy import http
 from addons.registry import oci
 from addons.registry.auth import AuthError, Credentials, TokenClient
 from addons.registry.oci import Upstream
-from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,16 @@ logger = logging.getLogger(__name__)
 #: host at once); other client errors of the upstream are the mirror's problem, not the
 #: client's, so they become gateway errors that also make containerd fall back.
 _GATEWAY = {401: 502, 403: 502, 429: 503}
+
+
+class Shared(Protocol):
+    """What upstream requests need of the mirror's shared state (addons.proxy.state.MirrorState)."""
+
+    #: has `upstream_timeout` and `connect_timeout`, in seconds
+    settings: Any
+    counters: Any
+
+    def service(self, key: str, factory: Any) -> Any: ...
 
 
 class UpstreamError(Exception):
@@ -76,6 +86,12 @@ class Authorizer:
         except AuthError as e:
             raise UpstreamError.from_auth(e) from None
 
+    def cached_header(self) -> tuple[bool, str | None]:
+        """Non-blocking: (True, header) when the token cache can answer, else (False, None)."""
+        if self.mode == "anonymous":
+            return True, None
+        return self.tokens.cached_authorization(self.upstream, self.scope, self.credentials)
+
     def renew(self, www_authenticate: str | None = None) -> str | None:
         """Drop the cached token and fetch anew, under the challenge the 401 carried if any."""
         self.tokens.invalidate(self.upstream, self.scope)
@@ -89,7 +105,7 @@ class Authorizer:
         return self.header()
 
 
-def session(state: MirrorState) -> requests.Session:
+def session(state: Shared) -> requests.Session:
     """One pooled session per mirror; redirects are never followed implicitly."""
 
     def make() -> requests.Session:
@@ -103,14 +119,14 @@ def session(state: MirrorState) -> requests.Session:
     return state.service("session", make)
 
 
-def token_client(state: MirrorState) -> TokenClient:
+def token_client(state: Shared) -> TokenClient:
     return state.service(
         "tokens", lambda: TokenClient(session=session(state), timeout=state.settings.upstream_timeout)
     )
 
 
 def send(
-    state: MirrorState,
+    state: Shared,
     method: str,
     url: str,
     *,

@@ -341,6 +341,24 @@ class TokenClient:
             )
         return "Bearer " + token.value
 
+    def cached_authorization(
+        self, upstream: Upstream | str, scope: str, credentials: Credentials | None
+    ) -> tuple[bool, str | None]:
+        """Non-blocking `authorization`: (True, value) when the caches answer, (False, None) when
+        the challenge or the token must be fetched first."""
+        upstream = _upstream(upstream)
+        with self._lock:
+            challenges = self._challenges.get(upstream)
+        if challenges is None:
+            return False, None
+        bearer = next((c for c in challenges if c.scheme == "bearer"), None)
+        if bearer is None:
+            if not challenges or any(c.scheme == "basic" for c in challenges):
+                return True, (credentials.basic() if credentials and challenges else None)
+            return False, None  # unsupported: `authorization` says why
+        token = self._cached((upstream, scope, credentials.identity if credentials else ""))
+        return (True, "Bearer " + token.value) if token is not None else (False, None)
+
     def _cached(self, key: _CacheKey) -> _Token | None:
         with self._lock:
             token = self._tokens.get(key)

@@ -578,6 +578,22 @@ class Descriptor:
 # --- scopes ------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A manifest as fetched: its bytes, their digest and the media type it was served as."""
+
+    media_type: str
+    digest: str
+    body: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"digest": self.digest, "media_type": self.media_type, "size": self.size}
+
+
 def scope_for(name: str, actions: Sequence[str] = ("pull",)) -> str:
     """
     The token scope for a repository. The name is checked because it is

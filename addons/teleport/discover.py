@@ -10,7 +10,6 @@ Discovery never fails a pull: a failure is a reason recorded for `.teleport`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -19,13 +18,12 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, urljoin
 
-from mitmproxy import http
-
 from addons.registry import oci
 from addons.registry.oci import Descriptor, Upstream
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import split_list
-from addons.proxy.state import MirrorState, info, note
+from addons.proxy.context import NeedsIO, Referrers, RequestContext
+from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
 
 logger = logging.getLogger(__name__)
@@ -104,15 +102,19 @@ class ReferrersClient:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def referrers(
-        self, upstream: Upstream, name: str, digest: str, types: tuple[str, ...], auth: Authorizer | None
+        self, upstream: Upstream, name: str, digest: str, types: tuple[str, ...], auth: Authorizer | None,
+        io: bool = True,
     ) -> tuple[list[Descriptor], str, bool]:
-        """Blocking: (referrers of `types`, API used, from cache)."""
+        """(referrers of `types`, API used, from cache). Blocking, unless `io` is False: then
+        from the cache or NeedsIO."""
         key = (upstream.ns, name, digest, types)
         now = self.clock()  # type: ignore[operator]
         with self._lock:
             entry = self._cache.get(key)
             if entry is not None and entry.expires > now:
                 return entry.referrers, entry.api, True
+        if not io:
+            raise NeedsIO(digest)
         found, api = self._lookup(upstream, name, digest, types, auth)
         found = filter_types(found, types)
         ttl = POSITIVE_TTL if found else NEGATIVE_TTL
@@ -216,38 +218,38 @@ class Discover(ProxyPlugin):
                 raise ValueError(f"expected an artifact type, got '{t}'")
         return types
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        # `.teleport` under the same route asks this step for the referrers of index children.
-        self.state.services[f"discover:{self.route.id if self.route else 0}"] = self
+    def lookup(self, ctx: RequestContext, digest: str, io: bool = True) -> tuple[list[Descriptor], str, bool]:
+        """Referrers of `digest` in the request's repository; raises DiscoverError (or NeedsIO)."""
+        return referrers_client(self.state).referrers(ctx.upstream, ctx.name, digest, self.config, ctx.authorizer, io)
 
-    def lookup(self, flow: http.HTTPFlow, digest: str) -> tuple[list[Descriptor], str, bool]:
-        """Blocking: referrers of `digest` in the flow's repository; raises DiscoverError."""
-        meta = info(flow)
-        upstream = self.state.upstreams[meta["ns"].lower()]
-        auth = self.state.private_of(flow).get("authorizer")
-        return referrers_client(self.state).referrers(upstream, meta["name"], digest, self.config, auth)
+    def applies(self, ctx: RequestContext) -> bool:
+        """A manifest was resolved and is being answered: find what refers to it."""
+        return ctx.manifest is not None and not ctx.failed and ctx.answer is not None and ctx.answer.status_code == 200
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("acr") or {}
-        if not meta.get("resolved") or meta.get("route_id") != getattr(self.route, "id", None):
-            return
-        if flow.response is None or flow.response.status_code != 200 or not flow.live:
-            return
-        if oci.is_digest(meta["reference"]):
-            meta["discover"] = {"skipped": "digest-pinned"}
-            return
-        digest = meta["resolved"]["digest"]
+    def ready(self, ctx: RequestContext) -> bool:
+        if oci.is_digest(ctx.reference):
+            ctx.discover_skipped = "digest-pinned"
+            return True
+        return self._discover(ctx, io=False)
+
+    def run(self, ctx: RequestContext) -> None:
+        self._discover(ctx, io=True)
+
+    def _discover(self, ctx: RequestContext, io: bool) -> bool:
+        assert ctx.manifest is not None
+        digest = ctx.manifest.digest
         try:
-            found, api, cached = await asyncio.to_thread(self.lookup, flow, digest)
+            found, api, cached = self.lookup(ctx, digest, io)
+        except NeedsIO:
+            return False
         except DiscoverError as e:
-            meta["discover"] = {"error": e.reason, "message": e.message}
-            note(flow, "discover", f"{e.reason}: {e.message}")
-            return
-        self.state.private_of(flow)["referrers"] = found
-        meta["discover"] = {
-            "api": api,
-            "cached": cached,
-            "referrers": [{"digest": r.digest, "artifact_type": r.artifact_type} for r in found],
-        }
-        note(flow, "discover", f"{len(found)} referrer(s) via {api}{' (cached)' if cached else ''}")
+            ctx.referrers = Referrers(error=e.reason, message=e.message)
+            ctx.note("discover", f"{e.reason}: {e.message}")
+            return True
+
+        def more(child: str, io: bool) -> list[Descriptor]:
+            return self.lookup(ctx, child, io)[0]
+
+        ctx.referrers = Referrers(found=found, api=api, cached=cached, lookup=more)
+        ctx.note("discover", f"{len(found)} referrer(s) via {api}{' (cached)' if cached else ''}")
+        return True

@@ -9,20 +9,17 @@ original manifest with the reason recorded. Teleport never breaks a pull.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import platform as platform_module
 from dataclasses import dataclass
 
-from mitmproxy import http
-
 from addons.registry import oci
-from addons.teleport.discover import Discover, DiscoverError
-from addons.registry.oci import Descriptor, Platform
+from addons.teleport.discover import DiscoverError
+from addons.registry.oci import Descriptor, Manifest, Platform
 from addons.proxy.plugin import ProxyPlugin
-from addons.proxy.resolve import Manifest, fetch_manifest, manifest_response
-from addons.proxy.state import info, note
+from addons.proxy.context import NeedsIO, RequestContext, TeleportDecision
+from addons.proxy.resolve import fetch_manifest, manifest_response
 from addons.proxy.upstream import UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -179,100 +176,97 @@ class Teleport(ProxyPlugin):
     def platform(self) -> Platform:
         return parse_platform(self.state.settings.platform) if self.state.settings.platform else host_platform()
 
-    def discover(self) -> Discover | None:
-        return self.state.services.get(f"discover:{self.route.id if self.route else 0}")
+    def applies(self, ctx: RequestContext) -> bool:
+        """A resolved manifest is being answered with 200: teleport decides about it."""
+        return (ctx.manifest is not None and not ctx.failed and ctx.teleport is None
+                and ctx.answer is not None and ctx.answer.status_code == 200)
 
-    def decide(self, flow: http.HTTPFlow) -> tuple[Choice, Manifest]:
-        """Blocking: the streamable manifest for this tag, or NoTeleport."""
-        meta = info(flow)
-        private = self.state.private_of(flow)
-        original: Manifest = private["manifest"]
-        discover = self.discover()
-        if discover is None:
+    def ready(self, ctx: RequestContext) -> bool:
+        """Decide from memory: a digest, a missing referrer list, or every lookup cached."""
+        return self._teleport(ctx, io=False)
+
+    def run(self, ctx: RequestContext) -> None:
+        self._teleport(ctx, io=True)
+
+    def decide(self, ctx: RequestContext, io: bool) -> tuple[Choice, Manifest]:
+        """The streamable manifest for this tag, or NoTeleport (blocking unless `io` is False)."""
+        original = ctx.manifest
+        assert original is not None
+        found = ctx.referrers
+        if found is None:
             raise NoTeleport("no-discover", "no .discover step in this route")
-        if "error" in meta.get("discover", {}):
-            raise NoTeleport(meta["discover"]["error"], meta["discover"].get("message", ""))
+        if found.error:
+            raise NoTeleport(found.error, found.message)
         want = self.platform
-        referrers: list[Descriptor] = private.get("referrers", [])
         if oci.is_index(original.media_type):
             try:
-                choice = choose(referrers, self.config, want, index_level=True)
+                choice = choose(found.found, self.config, want, index_level=True)
             except NoTeleport:
                 child = platform_child(original.body, want)
+                assert found.lookup is not None
                 try:
-                    child_referrers, _, _ = discover.lookup(flow, child.digest)
+                    child_referrers = found.lookup(child.digest, io)
                 except DiscoverError as e:
                     raise NoTeleport(e.reason, e.message) from None
                 choice = choose(child_referrers, self.config, want, index_level=False)
         else:
-            choice = choose(referrers, self.config, want, index_level=False)
+            choice = choose(found.found, self.config, want, index_level=False)
+        accept = ctx.lookup_accept or oci.DEFAULT_ACCEPT
         if choice.referrer.artifact_type == DADI:
-            artifact = self._fetch(flow, choice.referrer.digest, "dadi artifact",
-                                   ", ".join((*ARTIFACT_MANIFESTS, private.get("accept", oci.DEFAULT_ACCEPT))))
+            artifact = self._fetch(ctx, choice.referrer.digest, "dadi artifact",
+                                   ", ".join((*ARTIFACT_MANIFESTS, accept)), io)
             linked = linked_manifest(artifact.body)
             if linked is not None:
                 choice = Choice(choice.referrer, linked)
             elif oci.base_media_type(artifact.media_type) in ARTIFACT_MANIFESTS:
                 raise NoTeleport("format", f"dadi artifact {choice.referrer.digest} lists no image manifest")
-        streamable = self._fetch(flow, choice.target.digest, "streamable manifest", private.get("accept", oci.DEFAULT_ACCEPT))
+        streamable = self._fetch(ctx, choice.target.digest, "streamable manifest", accept, io)
         if streamable.size != choice.target.size:
             raise NoTeleport("size", f"streamable manifest is {streamable.size} B, the referrer says {choice.target.size}")
         if oci.is_index(streamable.media_type) or not oci.is_manifest_type(streamable.media_type):
             raise NoTeleport("format", f"streamable target is a {streamable.media_type}, not an image manifest")
         return choice, streamable
 
-    def _fetch(self, flow: http.HTTPFlow, digest: str, what: str, accept: str) -> Manifest:
-        """Blocking: a manifest by digest (checked against it), or NoTeleport."""
-        meta = info(flow)
+    def _fetch(self, ctx: RequestContext, digest: str, what: str, accept: str, io: bool) -> Manifest:
+        """A manifest by digest (checked against it), or NoTeleport; NeedsIO when not cached and not `io`."""
         try:
-            manifest, _ = fetch_manifest(
-                self.state, self.state.upstreams[meta["ns"].lower()], meta["name"], digest,
-                accept, self.state.private_of(flow).get("authorizer"),
-            )
+            manifest, _ = fetch_manifest(self.state, ctx.upstream, ctx.name, digest, accept, ctx.authorizer, io=io)
         except UpstreamError as e:
             reason = "timeout" if e.status == 504 else "auth" if e.code in ("UNAUTHORIZED", "DENIED") else "fetch"
             raise NoTeleport(reason, f"{what}: {e.message}") from None
         return manifest
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("acr") or {}
-        if not meta.get("resolved") or meta.get("route_id") != getattr(self.route, "id", None):
-            return
-        if flow.response is None or flow.response.status_code != 200 or not flow.live:
-            return
-        original = meta["resolved"]["digest"]
-        if oci.is_digest(meta["reference"]):
-            self._record(flow, "digest-pinned", "pulled by digest: served as asked")
-            return
+    def _teleport(self, ctx: RequestContext, io: bool) -> bool:
+        assert ctx.manifest is not None
+        original = ctx.manifest.digest
+        if oci.is_digest(ctx.reference):
+            self._record(ctx, "digest-pinned", "pulled by digest: served as asked")
+            return True
         try:
-            choice, streamable = await asyncio.to_thread(self.decide, flow)
+            choice, streamable = self.decide(ctx, io)
+        except NeedsIO:
+            return False
         except NoTeleport as e:
-            self._record(flow, e.reason, e.message)
-            return
+            self._record(ctx, e.reason, e.message)
+            return True
         except Exception as e:  # teleport never breaks a pull
-            logger.exception("teleport failed for %s", meta.get("name"))
-            self._record(flow, "error", e.__class__.__name__)
-            return
-        flow.response = manifest_response(flow.request.method, streamable)
-        meta["teleport"] = {
-            "from": original,
-            "to": streamable.digest,
-            "format": self.config,
-            "artifact_type": choice.referrer.artifact_type,
-            "media_type": streamable.media_type,
-            "size": streamable.size,
-        }
+            logger.exception("teleport failed for %s", ctx.name)
+            self._record(ctx, "error", e.__class__.__name__)
+            return True
+        ctx.answer = manifest_response(ctx.method, streamable)
+        ctx.teleport = TeleportDecision(original, streamable, self.config, choice.referrer.artifact_type)
         self.state.counters["teleports"] += 1
         self.state.counters["teleport:teleported"] += 1
-        flow.marked = ":rocket:"
-        flow.comment = f"teleport {original[:19]}… → {streamable.digest[:19]}… ({self.config})"
-        note(flow, "teleport", f"{original} -> {streamable.digest} ({self.config}, {choice.referrer.artifact_type})")
-        logger.debug("teleport %s:%s %s -> %s (%s)", meta["name"], meta["reference"], original, streamable.digest, self.config)
+        ctx.marked = ":rocket:"
+        ctx.comment = f"teleport {original[:19]}… → {streamable.digest[:19]}… ({self.config})"
+        ctx.note("teleport", f"{original} -> {streamable.digest} ({self.config}, {choice.referrer.artifact_type})")
+        logger.debug("teleport %s:%s %s -> %s (%s)", ctx.name, ctx.reference, original, streamable.digest, self.config)
+        return True
 
-    def _record(self, flow: http.HTTPFlow, reason: str, message: str) -> None:
-        meta = info(flow)
-        meta["teleport"] = {"skipped": reason, "message": message}
+    def _record(self, ctx: RequestContext, reason: str, message: str) -> None:
+        assert ctx.manifest is not None
+        ctx.teleport = TeleportDecision(ctx.manifest.digest, skipped=reason, message=message)
         self.state.counters[f"teleport:{reason}"] += 1
-        if flow.comment and reason != "digest-pinned":
-            flow.comment += f" · no teleport: {reason}"
-        note(flow, "teleport", f"not teleported: {reason}: {message}")
+        if ctx.comment and reason != "digest-pinned":
+            ctx.comment += f" · no teleport: {reason}"
+        ctx.note("teleport", f"not teleported: {reason}: {message}")
