@@ -25,7 +25,6 @@ from addons.observe.metrics import Metrics  # issue 6: GET /metrics
 from addons.observe.replay import ReplayCheck  # issue 6: decisions re-made offline over read flows
 from addons.proxy.front import Proxy, ProxyTail
 from addons.proxy.pull import TokenScrub
-from addons.teleport.teleport import parse_platform
 from addons.proxy.routes import Route
 from addons.runmd.syntax import RunmdError, Step
 from addons.proxy.state import MirrorState, Settings
@@ -82,17 +81,6 @@ def offline_request_path(compiled: Compiled, settings: Settings, session: Any, f
     return chain if full else [a for a in chain if isinstance(a, Proxy)]
 
 
-def seconds(text: str, option: str) -> float:
-    """A positive number of seconds. Options are strings: mitmproxy's --set cannot parse floats."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise exceptions.OptionsError(f"{option}: expected seconds, got '{text}'") from None
-    if not value > 0 or value == float("inf"):
-        raise exceptions.OptionsError(f"{option} must be a positive number of seconds")
-    return value
-
-
 class AcrMirror:
     """Declares the mirror's options and holds the plugin addons built from the runmd."""
 
@@ -117,65 +105,8 @@ class AcrMirror:
             manager.chain.insert(0, scrubber)
         record.install(ctx.master)  # issue 6: `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
-        loader.add_option(
-            "acr_upstream_timeout", str, "30",
-            "Seconds to wait for an upstream answer before answering the client with 504.",
-        )
-        loader.add_option(
-            "acr_connect_timeout", str, "5",
-            "Seconds to wait for an upstream connection before answering the client with 502.",
-        )
-        loader.add_option(
-            "acr_follow_redirects", bool, True,
-            "Follow blob redirects to storage in the mirror (Authorization is dropped when the host "
-            "changes); off hands the redirect to the client.",
-        )
-
-        # issue 5: refreshing the `.login-acr` token while the mirror runs
-        loader.add_option(
-            "acr_login_refresh", bool, True,
-            "Log in to ACR again (the .login-acr steps) before the refresh token expires.",
-        )
-        loader.add_option(
-            "acr_login_refresh_lead", int, 900,
-            "Seconds before the ACR refresh token expires to log in again (at most half its lifetime).",
-        )
-
-        loader.add_option(
-            "acr_discover_timeout", str, "5",
-            "Seconds a referrers lookup may take before teleport gives up and serves the original.",
-        )
-        loader.add_option(
-            "acr_platform", str, "",
-            "The platform teleport picks streamable images for, as os/arch[/variant] "
-            "(default: this machine's).",
-        )
-
-        # issue 6: re-making the chain's decisions over flows read with `mitmdump -n -r`
-        loader.add_option(
-            "acr_replay_upstream", str, "",
-            "An upstream recording (scripts/record) that answers the chain's upstream requests when "
-            "recorded client flows are re-run offline; without it only the routing is re-run.",
-        )
-        loader.add_option(
-            "acr_replay_report", str, "",
-            "Write the offline re-run's result (per flow: recorded and re-made decision) as JSON here.",
-        )
 
     def configure(self, updated: set[str]) -> None:
-        if "acr_upstream_timeout" in updated:
-            seconds(ctx.options.acr_upstream_timeout, "acr_upstream_timeout")
-        if "acr_connect_timeout" in updated:
-            seconds(ctx.options.acr_connect_timeout, "acr_connect_timeout")
-        if "acr_login_refresh_lead" in updated and ctx.options.acr_login_refresh_lead < 0:
-            raise exceptions.OptionsError("acr_login_refresh_lead must not be negative")
-        if "acr_discover_timeout" in updated:
-            seconds(ctx.options.acr_discover_timeout, "acr_discover_timeout")
-        if "acr_platform" in updated and ctx.options.acr_platform:
-            try:
-                parse_platform(ctx.options.acr_platform)
-            except ValueError as e:
-                raise exceptions.OptionsError(f"acr_platform: {e}") from None
         if "acr_runmd" in updated and ctx.options.acr_runmd:
             path = str(Path(ctx.options.acr_runmd).resolve())
             if path != self.loaded_path:
@@ -188,13 +119,6 @@ class AcrMirror:
                 self._replace(children)
                 self.compiled, self.state, self.loaded_path = compiled, state, path
                 logger.info("loaded %s: %d proxy steps", path, len(children))
-        if self.state is not None:
-            s = self.state.settings
-            s.upstream_timeout = seconds(ctx.options.acr_upstream_timeout, "acr_upstream_timeout")
-            s.connect_timeout = seconds(ctx.options.acr_connect_timeout, "acr_connect_timeout")
-            s.follow_redirects = ctx.options.acr_follow_redirects
-            s.discover_timeout = seconds(ctx.options.acr_discover_timeout, "acr_discover_timeout")
-            s.platform = ctx.options.acr_platform
 
     def _replace(self, children: list[Any]) -> None:
         """Swap the plugin addons, the way mitmproxy's script loader swaps a script's addons."""

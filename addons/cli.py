@@ -321,7 +321,13 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
             # forward-proxy (absolute-form) traffic; clients negotiate h2 over TLS when offered.
             opts.update(certs=certs_option(compiled), http2=False)
         if args.set:
-            opts.set(*args.set)
+            # Each step declares its own options: one the runmd's steps do not use is kept
+            # aside (and said), one nobody knows is an error.
+            opts.set(*args.set, defer=True)
+            for name in sorted(opts.deferred):
+                if not name.startswith("acr_"):
+                    raise CliError(f"bad option: unknown option {name}", EXIT_USAGE)
+                logger.warning("option %s: no step of %s uses it", name, compiled.path)
     except Exception as e:  # OptionsError and friends: one line, no traceback
         raise CliError(f"bad option: {e}", EXIT_USAGE) from None
     if getattr(args, "web", False):  # issue 6

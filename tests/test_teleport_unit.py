@@ -14,6 +14,7 @@ import inspect
 import io
 import json
 import re
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -633,7 +634,8 @@ def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:
 
 def drive(mirror: AcrMirror, *flows: http.HTTPFlow) -> None:
     with taddons.context(mirror) as tctx:
-        tctx.configure(mirror, acr_platform=mirror.platform)  # type: ignore[attr-defined]
+        if "acr_platform" in tctx.options:  # declared by the .teleport step, when there is one
+            tctx.configure(mirror, acr_platform=mirror.platform)  # type: ignore[attr-defined]
         for flow in flows:
             for hook in ("requestheaders", "request", "response"):
                 for addon in mirror.addons:
@@ -922,3 +924,54 @@ def test_dadi_referrer_of_the_seed(tmp_path: Path, shape: str) -> None:
         assert f.response.content == body
         assert f.metadata["acr"]["teleport"]["artifact_type"] == DADI
         assert f.metadata["acr"]["discover"]["api"] == "oras"
+
+
+# --- one typed context, at most one thread hop ------------------------------------------
+
+
+def test_a_tag_pull_costs_one_thread_hop_and_a_cached_digest_pull_none(
+    world: tuple[Registry, AcrMirror, FakeUpstream],
+) -> None:
+    reg, mirror, _ = world
+    assert mirror.state is not None
+    original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
+    body = manifest("streamable")
+    target = reg.put(body, oci.OCI_MANIFEST)
+    reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(body), None, STREAMING))
+    hops = mirror.state.counters
+    cold = pull(mirror, "v1")  # manifest, referrers, streamable manifest: all in one thread
+    assert cold.metadata["acr"]["teleport"]["to"] == target and hops["worker_hops"] == 1
+    warm = pull(mirror, "v1")  # a tag moves: the manifest is asked for again, nothing else
+    assert warm.metadata["acr"]["teleport"]["to"] == target and hops["worker_hops"] == 2
+    assert warm.metadata["acr"]["discover"]["cached"] is True
+    pinned = pull(mirror, original, "GET")  # by digest, every decision cached: no thread
+    assert pinned.response.headers["Docker-Content-Digest"] == original
+    assert hops["worker_hops"] == 2
+
+
+def test_the_public_copy_holds_the_decisions_and_no_secret(tmp_path: Path) -> None:
+    reg = Registry(("oci",))
+    mirror = mirror_of(RUNMD.replace(":   .resolve", ":   .login      access_token\n:   .authn      oauth2\n:   .resolve"))
+    assert mirror.state is not None
+    mirror.state.home = tmp_path
+    (tmp_path / "access_token").write_text("puller:s3cret-password\n")
+    (tmp_path / "access_token").chmod(0o600)
+
+    def basic_registry(req: requests.PreparedRequest) -> Answer:
+        if urlsplit(req.url or "").path == "/v2/":
+            return 401, {"WWW-Authenticate": 'Basic realm="registry"'}, b""
+        return reg(req)
+
+    install(mirror.state, basic_registry)
+    reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
+    flow = pull(mirror, "v1", "GET")
+    ctx = mirror.state.contexts[flow]
+    assert ctx.manifest is not None and ctx.authorizer is not None
+    meta = flow.metadata["acr"]
+    assert meta == ctx.public()
+    assert set(meta) <= {"route", "route_id", "name", "reference", "ns", "upstream", "auth", "resolved",
+                         "discover", "teleport", "forward", "redirected", "stalled", "upstream_status",
+                         "refused", "steps"}
+    assert [s.split(":")[0] for s in meta["steps"]] == ["proxy", "login", "authn", "resolve", "discover", "teleport"]
+    assert meta["auth"] == "basic" and ctx.credentials is not None
+    assert "s3cret-password" not in repr(flow.metadata) and "cHVsbGVy" not in repr(flow.metadata)

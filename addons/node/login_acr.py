@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 
 from addons.core.files import write_private
 from addons.registry import aad
@@ -205,10 +205,22 @@ class LoginRefresh:
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
 
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "acr_login_refresh", bool, True,
+            "Log in to ACR again (the .login-acr steps) before the refresh token expires.",
+        )
+        loader.add_option(
+            "acr_login_refresh_lead", int, 900,
+            "Seconds before the ACR refresh token expires to log in again (at most half its lifetime).",
+        )
+
     def configure(self, updated: set[str]) -> None:
-        if "acr_login_refresh" in ctx.options:
+        if "acr_login_refresh" in updated:
             self.enabled = ctx.options.acr_login_refresh
-        if "acr_login_refresh_lead" in ctx.options:
+        if "acr_login_refresh_lead" in updated:
+            if ctx.options.acr_login_refresh_lead < 0:
+                raise exceptions.OptionsError("acr_login_refresh_lead must not be negative")
             self.lead = float(ctx.options.acr_login_refresh_lead)
 
     def running(self) -> None:

@@ -32,7 +32,7 @@ class ServiceError(Exception):
 
 def template_path() -> Path:
     for candidate in (
-        Path(__file__).resolve().parent.parent / "scripts" / "deploy" / "lifec-registry.service",
+        Path(__file__).resolve().parents[2] / "scripts" / "deploy" / "lifec-registry.service",
         Path(sys.prefix) / "share" / "lifec-registry" / "deploy" / "lifec-registry.service",
     ):
         if candidate.is_file():

@@ -375,10 +375,30 @@ class ReplayCheck:
         self._adapter: ReplayAdapter | None = None
         self._upstream_path: str | None = None
         self._lock = asyncio.Lock()
+        #: The options below, as last configured.
+        self.upstream_recording: str | None = None
+        self.report_path = ""
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "acr_replay_upstream", str, "",
+            "An upstream recording (scripts/record) that answers the chain's upstream requests when "
+            "recorded client flows are re-run offline; without it only the routing is re-run.",
+        )
+        loader.add_option(
+            "acr_replay_report", str, "",
+            "Write the offline re-run's result (per flow: recorded and re-made decision) as JSON here.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "acr_replay_upstream" in updated:
+            self.upstream_recording = ctx.options.acr_replay_upstream or None
+        if "acr_replay_report" in updated:
+            self.report_path = ctx.options.acr_replay_report
 
     # The chain, built on first use from the same runmd with a state of its own.
     def chain(self) -> tuple[list[Any], bool]:
-        path = getattr(ctx.options, "acr_replay_upstream", "") or None
+        path = self.upstream_recording
         if self._chain is None or path != self._upstream_path:
             upstream = RecordedUpstream.from_file(path) if path else None
             settings = Settings(**vars(self.live_state.settings))
@@ -471,7 +491,7 @@ class ReplayCheck:
             return
         report = self.report()
         logger.info("replay: %d flow(s) checked, %d changed", report["checked"], report["changed"])
-        path = getattr(ctx.options, "acr_replay_report", "")
+        path = self.report_path
         if path:
             with open(path, "w") as fo:
                 json.dump(report, fo, indent=1)

@@ -12,7 +12,11 @@ import logging
 import re
 from dataclasses import dataclass
 
-from mitmproxy import http
+from typing import Any
+
+from mitmproxy import ctx, http
+
+from addons.core.duration import seconds_option
 
 from addons.registry import oci
 from addons.core.address import Address, parse_address
@@ -112,6 +116,23 @@ class Proxy(ProxyPlugin):
         super().__init__(Step(root.id, "proxy", root.input, root.line), config, None, state)
         #: route kind -> (route step, methods served)
         self.routes = routes
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "acr_upstream_timeout", str, "30",
+            "Seconds to wait for an upstream answer before answering the client with 504.",
+        )
+        loader.add_option(
+            "acr_connect_timeout", str, "5",
+            "Seconds to wait for an upstream connection before answering the client with 502.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        settings = self.state.settings
+        if "acr_upstream_timeout" in updated:
+            settings.upstream_timeout = seconds_option(ctx.options.acr_upstream_timeout, "acr_upstream_timeout")
+        if "acr_connect_timeout" in updated:
+            settings.connect_timeout = seconds_option(ctx.options.acr_connect_timeout, "acr_connect_timeout")
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

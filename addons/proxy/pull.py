@@ -17,6 +17,7 @@ import logging
 import re
 import time
 import weakref
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
@@ -120,6 +121,17 @@ class Pull(ProxyPlugin):
         super().__init__(*args, **kwargs)
         self._watched: weakref.WeakKeyDictionary[http.HTTPFlow, Activity] = weakref.WeakKeyDictionary()
         self._watchdog: asyncio.Task[None] | None = None
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "acr_follow_redirects", bool, True,
+            "Follow blob redirects to storage in the mirror (Authorization is dropped when the host "
+            "changes); off hands the redirect to the client.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "acr_follow_redirects" in updated:
+            self.state.settings.follow_redirects = ctx.options.acr_follow_redirects
 
     @property
     def follow(self) -> bool:

@@ -16,7 +16,12 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, urljoin
+
+from mitmproxy import ctx as mitmctx
+
+from addons.core.duration import seconds_option
 
 from addons.registry import oci
 from addons.registry.oci import Descriptor, Upstream
@@ -217,6 +222,17 @@ class Discover(ProxyPlugin):
             if not _ARTIFACT_TYPE_RE.match(t):
                 raise ValueError(f"expected an artifact type, got '{t}'")
         return types
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "acr_discover_timeout", str, "5",
+            "Seconds a referrers lookup may take before teleport gives up and serves the original.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "acr_discover_timeout" in updated:
+            self.state.settings.discover_timeout = seconds_option(
+                mitmctx.options.acr_discover_timeout, "acr_discover_timeout")
 
     def lookup(self, ctx: RequestContext, digest: str, io: bool = True) -> tuple[list[Descriptor], str, bool]:
         """Referrers of `digest` in the request's repository; raises DiscoverError (or NeedsIO)."""

@@ -13,6 +13,10 @@ import json
 import logging
 import platform as platform_module
 from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import ctx as mitmctx
+from mitmproxy import exceptions
 
 from addons.registry import oci
 from addons.teleport.discover import DiscoverError
@@ -171,6 +175,22 @@ class Teleport(ProxyPlugin):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format '{text}' (expected: {', '.join(FORMATS)})")
         return fmt
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "acr_platform", str, "",
+            "The platform teleport picks streamable images for, as os/arch[/variant] "
+            "(default: this machine's).",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "acr_platform" in updated:
+            text = mitmctx.options.acr_platform
+            try:
+                parse_platform(text) if text else None
+            except ValueError as e:
+                raise exceptions.OptionsError(f"acr_platform: {e}") from None
+            self.state.settings.platform = text
 
     @property
     def platform(self) -> Platform:
