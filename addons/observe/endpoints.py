@@ -26,6 +26,7 @@ import time
 import uuid
 import weakref
 from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -109,15 +110,20 @@ class Endpoints:
 
     # -- hooks ----------------------------------------------------------------------
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """Only `/auth` and `/status` are answered here (a plain call for every other request)."""
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         req = flow.request
         if req.first_line_format != "relative":
-            return  # the proxy root refuses forward-proxy requests
+            return None  # the proxy root refuses forward-proxy requests
         path = req.path.partition("?")[0]
         if path not in self.PATHS:
-            return
+            return None
+        return self._answer(flow, path)
+
+    async def _answer(self, flow: http.HTTPFlow, path: str) -> None:
+        req = flow.request
         endpoint = path[1:]
         info(flow)["endpoint"] = endpoint
         self.state.counters[f"{endpoint}_requests"] += 1
