@@ -27,7 +27,7 @@ from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
 
 if TYPE_CHECKING:
-    from addons.runmd.engine import EngineSpec  # issue 8
+    from addons.runmd.engine import EngineSpec
 
 logger = logging.getLogger("acr")
 
@@ -219,7 +219,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     return tuning.run(serve(compiled, address, args))
 
 
-# issue 8: `+ .engine`, `acr mirror serve`, `acr containerd configure`
+# `+ .engine`, `acr mirror serve`, `acr containerd configure`
 
 
 def select_engine(compiled: Compiled, name: str | None) -> "EngineSpec | None":
@@ -250,7 +250,7 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
-    if getattr(args, "web", False):  # issue 6: the proxy child runs mitmweb
+    if getattr(args, "web", False):  # the proxy child runs mitmweb
         check_web_port("127.0.0.1", args.web_port)
         serve_argv += ["--web", "--web-port", str(args.web_port)]
     for option in args.set or ():
@@ -301,7 +301,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         # Connection open/close lines drown the one line per request the mirror writes.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     opts = options.Options()
-    if getattr(args, "web", False):  # issue 6: mitmweb (WebMaster) with the same chain
+    if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
         master = web_master(opts, args)
     else:
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
@@ -313,7 +313,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     master.addons.add(AcrMirror(compiled), tuning.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
-        # issue 5: `.https CERT` serves TLS with that key and certificate, for every name.
+        # `.https CERT` serves TLS with that key and certificate, for every name.
         from addons.node.https import certs_option
 
         if certs_option(compiled):
@@ -330,7 +330,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
                 logger.warning("option %s: no step of %s uses it", name, compiled.path)
     except Exception as e:  # OptionsError and friends: one line, no traceback
         raise CliError(f"bad option: {e}", EXIT_USAGE) from None
-    if getattr(args, "web", False):  # issue 6
+    if getattr(args, "web", False):
         check_web(opts, args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -341,7 +341,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     return 0
 
 
-# issue 6: `--web` runs mitmweb with the chain; `acr service install|uninstall`
+# `--web` runs mitmweb with the chain; `acr service install|uninstall`
 
 #: The flow list's columns in `--web`: the comment is where the mirror says what it decided.
 WEB_COLUMNS = ["icon", "method", "path", "status", "size", "time", "comment"]
@@ -445,16 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     start.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
     start.add_argument("--engine-name", help="the engine to run when the file has several ('``` NAME' of its block)")
-    add_web_arguments(start)  # issue 6
+    add_web_arguments(start)
     start.set_defaults(func=cmd_mirror_start)
     serve_p = mirror_sub.add_parser("serve", help="serve the proxy only, no runtime steps (what an engine supervises)")
     serve_p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     serve_p.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
-    add_web_arguments(serve_p)  # issue 6
+    add_web_arguments(serve_p)
     serve_p.set_defaults(func=cmd_mirror_serve)
-    add_service_parser(sub)  # issue 6
+    add_service_parser(sub)
 
-    # issue 8: containerd's own config.toml
+    # containerd's own config.toml
     containerd = sub.add_parser("containerd", help="containerd's own configuration")
     containerd_sub = containerd.add_subparsers(dest="containerd_command", metavar="COMMAND", required=True)
     configure = containerd_sub.add_parser(
@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     configure.set_defaults(func=cmd_containerd_configure)
 
-    # issue 5: containerd's hosts.toml files the runmd asks for
+    # containerd's hosts.toml files the runmd asks for
     hosts = sub.add_parser("hosts", help="show, install or remove the hosts.toml files for containerd")
     hosts.add_argument("hosts_command", choices=("show", "install", "remove"), metavar="{show,install,remove}")
     hosts.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
-    """issue 5: `acr hosts show|install|remove` (see addons.node.hostsfile)."""
+    """`acr hosts show|install|remove` (see addons.node.hostsfile)."""
     from addons.node import hostsfile
 
     compiled = load(args.runmd)

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 7): one test per kind of bad input, against a running mirror.
+"""The bad-input matrix: one test per kind of bad input, against a running mirror.
 
 Every test sends its bad input to one real `acr mirror start` (shared by the module: the point
 is that it keeps serving) and checks three things: the answer is a clear error with the right
@@ -411,7 +411,7 @@ def test_a_wrong_content_length_from_upstream_is_never_served_as_good_content(wo
 
 @pytest.mark.xfail(strict=True, reason="addons/proxy/pull.py streams blob bytes unchecked: a registry that announces fewer "
                    "bytes than the blob has gives a 200 with the wrong bytes (containerd's own check then fails the pull). "
-                   "The patch in the issue 7 report checks the digest as the body streams and cuts the connection "
+                   "The fix is to check the digest as the body streams and cut the connection "
                    "before the last chunk on a mismatch")
 def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_a_success(world: World) -> None:
     url = world.url(f"/v2/length/blob/blobs/{BLOB_DIGEST}")

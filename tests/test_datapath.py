@@ -1,7 +1,7 @@
-"""Acceptance tests of the data path (issue 3): real registries, real containerd, real skopeo, and a
+"""Acceptance tests of the data path: real registries, real containerd, real skopeo, and a
 real `acr mirror start` process in between.
 
-Each test makes the mirror prove one promise of the issue, in a way that fails when the promise
+Each test makes the mirror prove one promise of the data path, in a way that fails when the promise
 is broken: containerd pulls private images with no credentials of its own and gets the digests
 that were pushed; blobs arrive whole or not at all; storage redirects never see the registry's
 token; refused requests reach no server; no token reaches a log line or a flow file; failures

@@ -1,4 +1,4 @@
-"""The mirror's own endpoints (issue 5): `/auth` for overlaybd and `/status`.
+"""The mirror's own endpoints: `/auth` for overlaybd and `/status`.
 
 `/auth` is checked against a line-by-line port of what overlaybd does with the answer
 (`load_cred_from_http` -> `ImageAuthResponse` -> `parse_auths` in overlaybd's
@@ -162,7 +162,7 @@ def auth_url(remote: str) -> str:
 
 def test_endpoints_stand_before_the_proxy_root(tmp_path: Path) -> None:
     addons = mirror_in(tmp_path).addons
-    # issue 6 added /metrics and the offline replay check to the front addons, after Endpoints.
+    # /metrics and the offline replay check stand among the front addons too, after Endpoints.
     proxy = next(i for i, a in enumerate(addons) if isinstance(a, Proxy))
     assert isinstance(addons[0], Endpoints) and proxy >= 1
 

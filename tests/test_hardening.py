@@ -1,4 +1,4 @@
-"""Hardening (issue 7): faults on real components, load, and the security promises.
+"""Hardening: faults on real components, load, and the security promises.
 
 Each test breaks one thing the way it breaks in the field and checks what a pull sees: a
 registry killed while a blob streams, a slow or dead token endpoint, an upstream that throttles,

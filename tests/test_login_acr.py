@@ -1,4 +1,4 @@
-"""`.login-acr` and `.install` (issue 5): every way to an AAD token, the ACR exchange, the files
+"""`.login-acr` and `.install`: every way to an AAD token, the ACR exchange, the files
 it writes, the refresh while the mirror runs, and one clear line for each missing piece.
 
 MSAL itself does the talking, pointed at a loopback stand-in for AAD and IMDS
