@@ -373,7 +373,15 @@ class Registry:
         return d
 
     def refer(self, subject: str, descriptor: Descriptor) -> None:
-        self.referrers.setdefault(subject, []).append(descriptor.to_json())
+        """List `descriptor` (as a referrers index holds it) among the referrers of `subject`."""
+        entry: dict[str, Any] = {"mediaType": descriptor.media_type, "digest": descriptor.digest,
+                                 "size": descriptor.size}
+        if descriptor.annotations is not None:
+            entry["annotations"] = dict(descriptor.annotations)
+        if descriptor.artifact_type is not None:
+            entry["artifactType"] = descriptor.artifact_type
+        assert descriptor.platform is None and descriptor.urls is None and descriptor.data is None
+        self.referrers.setdefault(subject, []).append(entry)
 
     def __call__(self, req: requests.PreparedRequest) -> Answer:
         path, _, query = req.path_url.partition("?")

@@ -28,7 +28,8 @@ from addons.proxy.state import MirrorState
 logger = logging.getLogger(__name__)
 
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+?)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|(?P<tags>tags)/list)$")
-#: The digest algorithms the mirror can check content against (resolve, oci.DigestVerifier).
+#: The digest algorithms a reference may use: resolve checks manifests against them; blob bytes
+#: are streamed as they come (the client checks them against the digest it asked for).
 DIGEST_ALGORITHMS = ("sha256", "sha512")
 #: Request line and headers together; containerd sends about 1 KiB. mitmproxy itself has no
 #: limit, and a client's `Accept` is passed upstream, so a larger request is refused here.

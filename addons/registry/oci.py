@@ -9,8 +9,6 @@ so that the plugins agree on them and each can be tested without a proxy.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import hashlib
 import ipaddress
 import json
 import logging
@@ -113,86 +111,7 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-class DigestVerifier:
-    """
-    Hashes a body chunk by chunk, so that a streamed blob can be checked
-    against the digest it was asked for without holding it in memory.
-    """
-
-    def __init__(self, digest: str) -> None:
-        if not valid_digest(digest):
-            raise ValueError("invalid digest")
-        algorithm = digest.split(":", 1)[0]
-        if algorithm not in _ENCODED_RE:
-            raise ValueError(f"unsupported digest algorithm: {algorithm}")
-        self.digest = digest
-        self.size = 0
-        self._hash = hashlib.new(algorithm)
-
-    def update(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
-        self.size += len(chunk)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-    def verify(self) -> bool:
-        """True when everything fed so far hashes to the expected digest."""
-        return self.digest == f"{self._hash.name}:{self._hash.hexdigest()}"
-
-
 # --- OCI error bodies --------------------------------------------------------
-
-
-class ErrorCode(enum.StrEnum):
-    BLOB_UNKNOWN = "BLOB_UNKNOWN"
-    BLOB_UPLOAD_INVALID = "BLOB_UPLOAD_INVALID"
-    BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
-    DIGEST_INVALID = "DIGEST_INVALID"
-    MANIFEST_BLOB_UNKNOWN = "MANIFEST_BLOB_UNKNOWN"
-    MANIFEST_INVALID = "MANIFEST_INVALID"
-    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
-    NAME_INVALID = "NAME_INVALID"
-    NAME_UNKNOWN = "NAME_UNKNOWN"
-    SIZE_INVALID = "SIZE_INVALID"
-    UNAUTHORIZED = "UNAUTHORIZED"
-    DENIED = "DENIED"
-    UNSUPPORTED = "UNSUPPORTED"
-    TOOMANYREQUESTS = "TOOMANYREQUESTS"
-    # Ours: the mirror could not get an answer from upstream (or its token endpoint).
-    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
-    UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
-
-
-@dataclasses.dataclass(frozen=True)
-class ErrorInfo:
-    status: int
-    message: str
-
-
-# The spec's codes with the status a registry usually answers them with.
-ERROR_CODES: Mapping[str, ErrorInfo] = {
-    ErrorCode.BLOB_UNKNOWN: ErrorInfo(404, "blob unknown to registry"),
-    ErrorCode.BLOB_UPLOAD_INVALID: ErrorInfo(400, "blob upload invalid"),
-    ErrorCode.BLOB_UPLOAD_UNKNOWN: ErrorInfo(404, "blob upload unknown to registry"),
-    ErrorCode.DIGEST_INVALID: ErrorInfo(400, "provided digest did not match uploaded content"),
-    ErrorCode.MANIFEST_BLOB_UNKNOWN: ErrorInfo(404, "manifest references a manifest or blob unknown to registry"),
-    ErrorCode.MANIFEST_INVALID: ErrorInfo(400, "manifest invalid"),
-    ErrorCode.MANIFEST_UNKNOWN: ErrorInfo(404, "manifest unknown to registry"),
-    ErrorCode.NAME_INVALID: ErrorInfo(400, "invalid repository name"),
-    ErrorCode.NAME_UNKNOWN: ErrorInfo(404, "repository name not known to registry"),
-    ErrorCode.SIZE_INVALID: ErrorInfo(400, "provided length did not match content length"),
-    ErrorCode.UNAUTHORIZED: ErrorInfo(401, "authentication required"),
-    ErrorCode.DENIED: ErrorInfo(403, "requested access to the resource is denied"),
-    ErrorCode.UNSUPPORTED: ErrorInfo(405, "the operation is unsupported"),
-    ErrorCode.TOOMANYREQUESTS: ErrorInfo(429, "too many requests"),
-    ErrorCode.UPSTREAM_UNAVAILABLE: ErrorInfo(502, "upstream registry unavailable"),
-    ErrorCode.UPSTREAM_TIMEOUT: ErrorInfo(504, "upstream registry timed out"),
-}
 
 
 def error_body(code: str, message: str, detail: Any = None) -> bytes:
@@ -498,16 +417,6 @@ class Platform:
             os_features=tuple(features) if features is not None else None,
         )
 
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architecture": self.architecture, "os": self.os}
-        if self.os_version is not None:
-            out["os.version"] = self.os_version
-        if self.os_features is not None:
-            out["os.features"] = list(self.os_features)
-        if self.variant is not None:
-            out["variant"] = self.variant
-        return out
-
 
 @dataclasses.dataclass(frozen=True)
 class Descriptor:
@@ -555,24 +464,6 @@ class Descriptor:
             urls=tuple(urls) if urls is not None else None,
             data=_opt_str(data, "data", "descriptor.data"),
         )
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mediaType": self.media_type,
-            "digest": self.digest,
-            "size": self.size,
-        }
-        if self.urls is not None:
-            out["urls"] = list(self.urls)
-        if self.annotations is not None:
-            out["annotations"] = dict(self.annotations)
-        if self.data is not None:
-            out["data"] = self.data
-        if self.platform is not None:
-            out["platform"] = self.platform.to_json()
-        if self.artifact_type is not None:
-            out["artifactType"] = self.artifact_type
-        return out
 
 
 # --- scopes ------------------------------------------------------------------
