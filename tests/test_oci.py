@@ -167,6 +167,16 @@ def test_error_response_head_has_no_body_but_get_length() -> None:
     assert oci.error_response(404, "X", "y", method="head").content == b""
 
 
+def test_make_response_answers_head_and_get_alike_but_for_the_body() -> None:
+    headers = {"Content-Type": "text/plain", "X-Kept": "1"}
+    get = oci.make_response(200, b"hello", headers, "GET")
+    head = oci.make_response(200, b"hello", headers, "HEAD")
+    assert get.raw_content == b"hello" and head.raw_content == b""
+    assert head.headers.get_all("content-length") == get.headers.get_all("content-length") == ["5"]
+    assert head.headers["X-Kept"] == get.headers["X-Kept"] == "1"
+    assert headers == {"Content-Type": "text/plain", "X-Kept": "1"}  # the caller's dict is not touched
+
+
 def test_error_response_extra_headers() -> None:
     r = oci.error_response(429, "TOOMANYREQUESTS", "slow down", headers={"Retry-After": "5"})
     assert r.headers["Retry-After"] == "5"

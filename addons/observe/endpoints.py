@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from addons import __version__
+from addons.registry import oci
 from addons.registry.auth import Credentials, jwt_expiry
 from addons.runmd.compile import Compiled
 from addons.node.login_acr import read_meta
@@ -82,11 +83,7 @@ def remote_host(remote_url: str) -> tuple[str, str] | None:
 def _json(status: int, body: dict[str, Any], method: str = "GET") -> http.Response:
     data = json.dumps(body, indent=1, sort_keys=False).encode() + b"\n"
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
-    if method == "HEAD":
-        response = http.Response.make(status, b"", headers)
-        response.headers["Content-Length"] = str(len(data))
-        return response
-    return http.Response.make(status, data, headers)
+    return oci.make_response(status, data, headers, method)
 
 
 class Endpoints:

@@ -152,14 +152,9 @@ class Proxy(ProxyPlugin):
         if target.kind == "ping":
             if req.method not in ("GET", "HEAD"):
                 return refuse(flow, 405, "UNSUPPORTED", "method not allowed", {"Allow": "GET, HEAD"})
-            body = b"{}"
-            flow.response = http.Response.make(
-                200,
-                b"" if req.method == "HEAD" else body,
-                {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION},
+            flow.response = oci.make_response(
+                200, b"{}", {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION}, req.method
             )
-            # Set after make(), which would reset it to the empty HEAD body's length.
-            flow.response.headers["Content-Length"] = str(len(body))
             info(flow)["route"] = "ping"
             return
         ns = req.query.get("ns")

@@ -111,6 +111,22 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
+# --- responses ---------------------------------------------------------------
+
+
+def make_response(status: int, body: bytes, headers: Mapping[str, str], method: str = "GET") -> http.Response:
+    """
+    `http.Response.make`, right for HEAD too: mitmproxy 11.0.2 writes a made response's
+    body to the socket even for HEAD, so a HEAD answer gets an empty body and the
+    Content-Length of the body a GET would get (set after `make`, which counts the body).
+    """
+    if method.upper() != "HEAD":
+        return http.Response.make(status, body, dict(headers))
+    response = http.Response.make(status, b"", dict(headers))
+    response.headers["Content-Length"] = str(len(body))
+    return response
+
+
 # --- OCI error bodies --------------------------------------------------------
 
 
@@ -131,21 +147,13 @@ def error_response(
     *,
     headers: Mapping[str, str] | None = None,
 ) -> http.Response:
-    """
-    An OCI error response. For HEAD the body is left out but Content-Length still
-    tells its length, because mitmproxy 11.0.2 would write a body even for HEAD.
-    """
-    body = error_body(code, message, detail)
+    """An OCI error response (for HEAD without its body, see `make_response`)."""
     all_headers = {
         "Content-Type": "application/json",
         API_VERSION_HEADER: API_VERSION,
         **(headers or {}),
     }
-    if method.upper() != "HEAD":
-        return http.Response.make(status, body, all_headers)
-    response = http.Response.make(status, b"", all_headers)
-    response.headers["Content-Length"] = str(len(body))
-    return response
+    return make_response(status, error_body(code, message, detail), all_headers, method)
 
 
 # --- upstream registries -----------------------------------------------------
