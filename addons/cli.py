@@ -23,6 +23,7 @@ from addons.core.files import atomic_write
 from addons.core import mitm as tuning
 from addons.core.address import Address
 from addons.runmd.compile import Compiled
+from addons.runmd.engine import EXIT_USAGE
 from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
 
@@ -38,7 +39,6 @@ DEFAULT_ARTIFACT_TYPES = (
 )
 #: containerd's `ns` never carries a scheme; reverse mode needs a target, so a closed port.
 PLACEHOLDER_TARGET = "http://127.0.0.1:9"
-EXIT_USAGE = 2
 
 
 class CliError(Exception):
@@ -186,15 +186,15 @@ def listen_address(compiled: Compiled, allow_remote: bool) -> Address:
     return address
 
 
-def check_listen(address: Address) -> None:
-    """Fail before any runtime step runs when the listen address cannot be bound."""
+def check_listen(address: Address, who: str = "") -> None:
+    """Fail before any runtime step runs when `who` (the mirror, or mitmweb) cannot bind its address."""
     family = socket.AF_INET6 if ":" in address.bind_host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((address.bind_host, address.port))
         except OSError as e:
-            raise CliError(f"cannot listen on {address}: {e.strerror}") from None
+            raise CliError(f"{who + ' ' if who else ''}cannot listen on {address}: {e.strerror}") from None
 
 
 def cmd_mirror_start(args: argparse.Namespace) -> int:
@@ -251,7 +251,7 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
     if getattr(args, "web", False):  # the proxy child runs mitmweb
-        check_web_port("127.0.0.1", args.web_port)
+        check_listen(Address("127.0.0.1", args.web_port), "mitmweb")
         serve_argv += ["--web", "--web-port", str(args.web_port)]
     for option in args.set or ():
         serve_argv += ["--set", option]
@@ -364,18 +364,9 @@ def check_web(opts, args: argparse.Namespace) -> None:
     if not is_loopback(opts.web_host):
         raise CliError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
                        "so it only listens on this machine", EXIT_USAGE)
-    check_web_port(opts.web_host, opts.web_port)
+    check_listen(Address(opts.web_host, opts.web_port), "mitmweb")
     logger.info("mitmweb on http://%s:%d/ (flows carry the mirror's decisions: try the filter ~comment teleport)",
                 opts.web_host, opts.web_port)
-
-
-def check_web_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise CliError(f"mitmweb cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -479,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_hosts(args: argparse.Namespace) -> int:
     """`acr hosts show|install|remove` (see addons.node.hostsfile)."""
     from addons.node import hostsfile
+    from addons.node.containerd_config import DEFAULT_HOSTS_DIR
 
     compiled = load(args.runmd)
-    hosts_dir = Path(args.hosts_dir) if args.hosts_dir else hostsfile.DEFAULT_HOSTS_DIR
+    hosts_dir = Path(args.hosts_dir or DEFAULT_HOSTS_DIR)
     work = compiled.home / ".work"
     try:
         if args.hosts_command == "show":

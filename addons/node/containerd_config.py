@@ -37,6 +37,7 @@ from addons.runmd.runtime import Runtime, StepError
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/containerd/config.toml")
+#: containerd's hosts folder (its CRI `config_path`) when nothing else is said; a str, as config.toml holds it.
 DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
 OVERLAYBD = "overlaybd"
 OVERLAYBD_SOCKET = "/run/overlaybd-snapshotter/overlaybd.sock"
