@@ -36,6 +36,7 @@ from addons.registry import oci
 
 from addons.core import mitm as tuning
 from addons.chain import AcrMirror
+from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.proxy.login import Login
 from addons.registry.oci import Upstream
 from addons.proxy.front import summary
@@ -43,6 +44,7 @@ from addons.proxy.pull import Pull, TokenScrub, same_origin
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
+from tests.harness.inprocess import install
 
 UPSTREAM = Upstream.from_spec("http://127.0.0.1:5000")
 NS = UPSTREAM.ns
@@ -55,36 +57,8 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-# --- a fake upstream on the mirror's own session -------------------------------------------
+# --- tokens for the mirror's own upstream requests ----------------------------------------
 
-Answer = tuple[int, dict[str, str], bytes]
-
-
-class FakeUpstream(requests.adapters.HTTPAdapter):
-    """Answers `handler(request)` or raises what it raises; records what was asked."""
-
-    def __init__(self, handler: Callable[[requests.PreparedRequest], Answer]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.seen: list[requests.PreparedRequest] = []
-
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
-        self.seen.append(request)
-        self.timeout = timeout
-        status, headers, body = self.handler(request)
-        raw = urllib3.HTTPResponse(body=io.BytesIO(body), headers=headers, status=status,
-                                   preload_content=False, decode_content=False)
-        return self.build_response(request, raw)
-
-
-def install(state: MirrorState, handler: Callable[[requests.PreparedRequest], Answer]) -> FakeUpstream:
-    adapter = FakeUpstream(handler)
-    s = requests.Session()
-    s.trust_env = False
-    s.mount("http://", adapter)
-    state.services["session"] = s
-    return adapter
 
 
 class FakeTokens:
@@ -278,17 +252,9 @@ def blob_flow(method: str = "GET", digest: str = DIGEST) -> http.HTTPFlow:
     return tflow.tflow(req=req)
 
 
-def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:
-    fn = getattr(addon, hook, None)
-    if fn is not None:
-        result = fn(flow)
-        if inspect.isawaitable(result):
-            asyncio.run(result)
-
-
 def run_blob(mode: str, handler: Callable[[requests.PreparedRequest], Answer], *, method: str = "GET",
              follow: bool = True, tokens: Optional[FakeTokens] = None, flows: int = 1,
-             ) -> tuple[AcrMirror, FakeUpstream, list[http.HTTPFlow]]:
+             ) -> tuple[AcrMirror, AnswerAdapter, list[http.HTTPFlow]]:
     """Drive blob flows through requestheaders and request, with an authorizer in place."""
     mirror = AcrMirror(catalog.parse_text(BLOBS.replace("{mode}", mode), "mirror.runmd"))
     assert mirror.state is not None
@@ -299,11 +265,9 @@ def run_blob(mode: str, handler: Callable[[requests.PreparedRequest], Answer], *
         tctx.configure(mirror, acr_follow_redirects=follow)
         for _ in range(flows):
             flow = blob_flow(method)
-            for addon in mirror.addons:
-                _call(addon, "requestheaders", flow)
+            run_hooks_now(mirror.addons, flow, ("requestheaders",))
             mirror.state.contexts[flow].authorizer = authorizer(tokens)
-            for addon in mirror.addons:
-                _call(addon, "request", flow)
+            run_hooks_now(mirror.addons, flow, ("request",))
             out.append(flow)
     return mirror, adapter, out
 
@@ -371,9 +335,7 @@ def test_blob_head_is_answered_by_the_mirror_with_the_upstream_length() -> None:
 def streamed(mirror: AcrMirror, flow: http.HTTPFlow, status: int, headers: dict[str, str]) -> http.HTTPFlow:
     flow.response = tutils.tresp(status_code=status, headers=http.Headers(
         [(k.encode(), v.encode()) for k, v in headers.items()]), content=None)
-    for addon in mirror.addons:
-        _call(addon, "responseheaders", flow)
-    return flow
+    return run_hooks_now(mirror.addons, flow, ("responseheaders",))
 
 
 def test_responseheaders_streams_and_scrubs_the_token() -> None:
@@ -506,9 +468,7 @@ def test_each_request_writes_exactly_one_info_line(tmp_path: Path, caplog: pytes
                               host="127.0.0.1", port=9, content=b"",
                               headers=http.Headers(((b"Host", b"localhost:8578"), (b"Accept", b"*/*"))))
             flow = tflow.tflow(req=req)
-            for hook in ("requestheaders", "request", "response"):
-                for addon in mirror.addons:
-                    _call(addon, hook, flow)
+            run_hooks_now(mirror.addons, flow, ("requestheaders", "request", "response"))
             flows.append(flow)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy.front"]
     assert lines == [f"{m} manifests app:v1 -> 200 {sha(MANIFEST)} [{NS}]" for m in ("HEAD", "GET", "GET")]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from addons.chain import AcrMirror
 from addons.observe.endpoints import REDACTED, Endpoints, loopback_peer, remote_host
 from addons.node.login_acr import write_meta
 from addons.proxy.front import Proxy
+from tests.harness.inprocess import drive
 from tests.harness.mirror import Mirror
 
 BLOB = "sha256:" + "b" * 64
@@ -110,23 +110,6 @@ def make_flow(path: str, method: str = "GET", peer: tuple[Any, ...] = ("127.0.0.
                       headers=http.Headers(((b"Host", b"localhost:8578"),)), content=b"")
     flow = tflow.tflow(req=req)
     flow.client_conn.peername = peer
-    return flow
-
-
-def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:
-    fn = getattr(addon, hook, None)
-    if fn is None:
-        return
-    result = fn(flow)
-    if inspect.isawaitable(result):
-        asyncio.run(result)
-
-
-def drive(mirror: AcrMirror, flow: http.HTTPFlow, hooks: tuple[str, ...] = ("requestheaders", "request")) -> http.HTTPFlow:
-    with taddons.context(mirror):
-        for hook in hooks:
-            for addon in mirror.addons:
-                _call(addon, hook, flow)
     return flow
 
 

@@ -15,9 +15,7 @@ error page, a flow file, `/status`, `/metrics` or `acr dump`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -37,7 +35,7 @@ import pytest
 import requests
 from mitmproxy import http as mhttp
 from mitmproxy import io as mio
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from tests.harness.images import (
     ACCEPT_ALL_MANIFESTS,
@@ -51,6 +49,7 @@ from tests.harness.images import (
     sha256_digest,
 )
 from tests.harness.fakeserver import Fake, Handler, Seen, _Handler
+from tests.harness.inprocess import drive
 from tests.harness.mirror import ACR, Mirror
 from tests.harness.procs import rss_kib
 from tests.harness.ports import LOOPBACK
@@ -638,13 +637,7 @@ def test_auth_status_and_metrics_answer_loopback_clients_only(tmp_path: Path, pe
                           headers=mhttp.Headers(((b"Host", b"localhost:8578"),)), content=b"")
         flow = tflow.tflow(req=req)
         flow.client_conn.peername = who
-        with taddons.context(mirror):
-            for hook in ("requestheaders", "request"):  # hook by hook, addon by addon, as mitmproxy
-                for addon in mirror.addons:
-                    fn = getattr(addon, hook, None)
-                    result = fn(flow) if fn is not None else None
-                    if inspect.isawaitable(result):
-                        asyncio.run(result)
+        drive(mirror, flow)
         assert flow.response is not None, path
         return flow.response
 
