@@ -389,6 +389,12 @@ def _str_map(value: Any, field: str) -> dict[str, str]:
     return dict(value)
 
 
+def _str_list(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field}: expected a list of strings")
+    return value
+
+
 def _opt_str(data: Mapping[str, Any], key: str, field: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
@@ -413,10 +419,8 @@ class Platform:
         if not isinstance(architecture, str) or not isinstance(os_, str):
             raise ValueError("platform: architecture and os must be strings")
         features = data.get("os.features")
-        if features is not None and not (
-            isinstance(features, list) and all(isinstance(f, str) for f in features)
-        ):
-            raise ValueError("platform.os.features: expected a list of strings")
+        if features is not None:
+            features = _str_list(features, "platform.os.features")
         return cls(
             architecture=architecture,
             os=os_,
@@ -458,10 +462,8 @@ class Descriptor:
             annotations = _str_map(annotations, "descriptor.annotations")
         platform = data.get("platform")
         urls = data.get("urls")
-        if urls is not None and not (
-            isinstance(urls, list) and all(isinstance(u, str) for u in urls)
-        ):
-            raise ValueError("descriptor.urls: expected a list of strings")
+        if urls is not None:
+            urls = _str_list(urls, "descriptor.urls")
         return cls(
             media_type=media_type,
             digest=digest,
