@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
+from addons.core import mitm
 from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints
@@ -98,11 +99,8 @@ class AcrMirror:
 
     def load(self, loader) -> None:
         # First in the master's chain, ahead of the flow writer and mitmweb (see TokenScrub).
-        manager = ctx.master.addons
-        if manager.get(TokenScrub.name) is None:
-            scrubber = TokenScrub()
-            manager.lookup[TokenScrub.name] = scrubber
-            manager.chain.insert(0, scrubber)
+        if ctx.master.addons.get(TokenScrub.name) is None:
+            mitm.put_first_in_chain(ctx.master, TokenScrub())
         record.install(ctx.master)  # `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
 

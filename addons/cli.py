@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from addons import __version__, catalog
 
 from addons.core.files import atomic_write
-from addons.core import mitm as tuning
+from addons.core import mitm
 from addons.core.address import Address
 from addons.runmd.compile import Compiled
 from addons.runmd.engine import EXIT_USAGE
@@ -216,7 +216,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     except StepError as e:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
-    return tuning.run(serve(compiled, address, args))
+    return mitm.run(serve(compiled, address, args))
 
 
 # `+ .engine`, `acr mirror serve`, `acr containerd configure`
@@ -267,7 +267,7 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
     check_listen(address)
-    return tuning.run(serve(compiled, address, args))
+    return mitm.run(serve(compiled, address, args))
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
@@ -310,7 +310,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled), tuning.ReadSize())
+    master.addons.add(AcrMirror(compiled), mitm.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         # `.https CERT` serves TLS with that key and certificate, for every name.

@@ -10,9 +10,7 @@ plugins run their real code paths; flows go through the hooks the way mitmproxy 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -26,15 +24,12 @@ import requests
 import urllib3
 from mitmproxy import http
 from mitmproxy.addons.save import Save
-from mitmproxy.proxy import server as mserver
-from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
 
 from addons.registry import oci
 
-from addons.core import mitm as tuning
 from addons.chain import AcrMirror
 from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.proxy.login import Login
@@ -516,72 +511,3 @@ def test_login_with_an_unusable_file_is_a_gateway_error_without_its_content(tmp_
     with pytest.raises(UpstreamError) as info:
         login_of(tmp_path).credentials()
     assert info.value.status == 502 and "a b c" not in info.value.message
-
-
-# --- addons.core.mitm: the mitmproxy internals it relies on --------------------------------------
-
-
-def test_mitmproxy_reads_64k_per_event_and_calls_server_connected_before_reading() -> None:
-    """If an upgrade changes these, ReadSize may stop working: revisit addons/core/mitm.py."""
-    assert "reader.read(65535)" in inspect.getsource(mserver.ConnectionHandler.handle_connection)
-    source = inspect.getsource(mserver.ConnectionHandler.open_connection)
-    assert "self.transports[command.connection] = ConnectionIO(" in source
-    assert source.index("ServerConnectedHook") < source.index("await self.handle_connection(")
-    from mitmproxy.proxy import mode_servers
-
-    assert "register_connection(handler.layer.context.client.id" in inspect.getsource(mode_servers)
-
-
-def test_enlarged_reader_returns_the_whole_buffer_up_to_the_read_size() -> None:
-    async def go() -> tuple[int, int, int]:
-        reader = asyncio.StreamReader()
-        assert tuning.enlarge(reader, size=1 << 20, limit=256 * 1024)
-        assert not tuning.enlarge(reader)  # once per reader
-        reader.feed_data(b"x" * (700 * 1024))
-        first = len(await reader.read(65535))
-        reader.feed_data(b"y" * (3 << 20))
-        second = len(await reader.read(65535))
-        return first, second, reader._limit  # type: ignore[attr-defined]
-
-    assert asyncio.run(go()) == (700 * 1024, 1 << 20, 256 * 1024)
-
-
-class _Handler:
-    def __init__(self, server: Any, reader: Any) -> None:
-        self.transports = {server: mserver.ConnectionIO(reader=reader)}
-
-
-class _ProxyServer:
-    name = "proxyserver"
-
-    def __init__(self) -> None:
-        self.connections: dict[Any, Any] = {}
-
-
-def test_read_size_addon_enlarges_the_upstream_reader_of_a_live_connection() -> None:
-    async def go() -> tuple[bool, bool]:
-        ps, addon = _ProxyServer(), tuning.ReadSize()
-        with taddons.context(ps, addon):
-            data = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
-            reader = asyncio.StreamReader()
-            ps.connections[data.client.id] = _Handler(data.server, reader)
-            addon.server_connected(data)
-            # Unknown connections (e.g. already gone) are left alone.
-            other = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
-            addon.server_connected(other)
-            return "read" in vars(reader), reader._limit == tuning.BUFFER_LIMIT  # type: ignore[attr-defined]
-
-    assert asyncio.run(go()) == (True, True)
-
-
-def test_run_uses_uvloop_when_it_is_installed() -> None:
-    async def loop_module() -> str:
-        return type(asyncio.get_running_loop()).__module__
-
-    module = tuning.run(loop_module())
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        assert module.startswith("asyncio")
-    else:
-        assert module.startswith("uvloop")

@@ -38,6 +38,8 @@ import mitmproxy.types
 from mitmproxy import command, flow, http
 from mitmproxy.addons.save import Save
 
+from addons.core import mitm
+
 logger = logging.getLogger(__name__)
 
 REDACTED = "<redacted>"
@@ -297,19 +299,11 @@ class RecordScrub:
 def install(master: Any, client_requests: bool = True) -> None:
     """Put the scrubbers in place in `master`: idempotent, for every master (dump, web, tests).
     `client_requests`: keep each client request line in `flow.metadata["acr_client"]` (the mirror)."""
-    manager = master.addons
-    if manager.get(RecordScrub.name) is None:
-        scrubber = RecordScrub(client_requests)
-        manager.lookup[RecordScrub.name] = scrubber
-        # Ahead of every built-in addon; after the mirror's token scrubber when it is first.
-        at = 1 if manager.chain and getattr(manager.chain[0], "name", "") == "acr-token-scrub" else 0
-        manager.chain.insert(at, scrubber)
-    save = manager.get("save")
-    if isinstance(save, Save) and not isinstance(save, ScrubbingSave):
-        # The same object, so its place in the chain, its open file and its option state stay;
-        # only its writing methods change. Commands are bound methods: collect them again.
-        save.__class__ = ScrubbingSave
-        master.commands.collect_commands(save)
+    # Ahead of every built-in addon; after the mirror's token scrubber when it is first.
+    if master.addons.get(RecordScrub.name) is None:
+        mitm.put_first_in_chain(master, RecordScrub(client_requests), after="acr-token-scrub")
+    # The flow writer (`-w`, mitmweb's save) keeps its file and options; only its writing changes.
+    if mitm.swap_addon_class(master, "save", ScrubbingSave):
         logger.debug("flow files are written scrubbed of credentials")
 
 
