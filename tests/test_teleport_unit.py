@@ -13,7 +13,7 @@ import json
 import re
 from urllib.parse import urlsplit
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 import requests
