@@ -8,6 +8,9 @@ fails a test instead of silently losing speed, a scrubbed flow file, or a stall 
   `AddonManager.chain` order, and `add` only appends), so that the credential scrubbers run before
   `save` writes and mitmweb shows a flow; `swap_addon_class` gives a built-in addon (the flow
   writer `save`) a subclass of its own class in place, keeping its place, open file and options.
+* The flow writer: `SaveCopies` is mitmproxy's `Save` writing a copy of each flow that a
+  subclass makes (`-w`, mitmweb's and the console's save); it re-implements Save's writing
+  methods over Save's own state, and `flows_the_writer_holds` reads that state too.
 * The connection table: `client_has_unsent_bytes` and `abort_server_connection` look a flow's
   connections up in the `proxyserver` addon's `connections` (the table mitmproxy's own `inject`
   commands use) and its handler's `transports`, to tell a stalled upstream from a slow client and
@@ -54,10 +57,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from mitmproxy import ctx, http
+import mitmproxy.types
+from mitmproxy import command, ctx, flow, http
+from mitmproxy.addons.save import Save
 from mitmproxy.connection import Client, Connection
 from mitmproxy.proxy import server_hooks
 
@@ -189,3 +194,46 @@ def flows_the_writer_holds(master: Any) -> list[http.HTTPFlow]:
     own `done`, so a scrubber's `done` that runs first must reach them there."""
     save = master.addons.get("save")
     return [f for f in list(getattr(save, "active_flows", ())) if isinstance(f, http.HTTPFlow)]
+
+
+class SaveCopies(Save):
+    """
+    mitmproxy's flow writer (the built-in `save` addon: `-w`, mitmweb's and the console's
+    save), writing `copy_for_file(flow)` instead of each flow, so that the flow itself, which
+    mitmproxy may still send, is never changed for the file's sake. Install it with
+    `swap_addon_class(master, "save", Subclass)`.
+    """
+
+    def copy_for_file(self, f: flow.Flow) -> flow.Flow:
+        """What the file gets for `f`; subclasses make their copy here."""
+        return f
+
+    def save_flow(self, flow: flow.Flow) -> None:  # type: ignore[override]
+        if not self.stream:
+            return
+        copy = self.copy_for_file(flow)
+        try:
+            self.maybe_rotate_to_new_file()
+            self.stream.add(copy)
+        except OSError as e:
+            # As Save: crash visibly rather than let traffic through unrecorded.
+            import sys
+
+            sys.stderr.write(f"Error while writing to {self.current_path}: {e}")
+            sys.exit(1)
+        else:
+            self.active_flows.discard(flow)
+
+    def done(self) -> None:
+        if self.stream:
+            for f in self.active_flows:
+                self.stream.add(self.copy_for_file(f))
+            self.active_flows.clear()
+            self.current_path = None
+            self.stream.fo.close()
+            self.stream = None
+
+    @command.command("save.file")
+    def save(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> None:
+        """Save flows to a file, as the flow writer writes them. A leading + appends."""
+        super().save([self.copy_for_file(f) for f in flows], path)

@@ -30,13 +30,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import mitmproxy.types
-from mitmproxy import command, flow, http
-from mitmproxy.addons.save import Save
+from mitmproxy import flow, http
 
 from addons.core import mitm
 
@@ -236,38 +233,11 @@ def scrubbed_copy(f: flow.Flow) -> flow.Flow:
 # --- addons --------------------------------------------------------------------------------
 
 
-class ScrubbingSave(Save):
+class ScrubbingSave(mitm.SaveCopies):
     """The built-in `save` addon, writing scrubbed copies (see the module docstring)."""
 
-    def save_flow(self, flow: flow.Flow) -> None:  # type: ignore[override]
-        if not self.stream:
-            return
-        copy = scrubbed_copy(flow)
-        try:
-            self.maybe_rotate_to_new_file()
-            self.stream.add(copy)
-        except OSError as e:
-            # As Save: crash visibly rather than let traffic through unrecorded.
-            import sys
-
-            sys.stderr.write(f"Error while writing to {self.current_path}: {e}")
-            sys.exit(1)
-        else:
-            self.active_flows.discard(flow)
-
-    def done(self) -> None:
-        if self.stream:
-            for f in self.active_flows:
-                self.stream.add(scrubbed_copy(f))
-            self.active_flows.clear()
-            self.current_path = None
-            self.stream.fo.close()
-            self.stream = None
-
-    @command.command("save.file")
-    def save(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> None:
-        """Save flows to a file, scrubbed of credentials. A leading + appends."""
-        super().save([scrubbed_copy(f) for f in flows], path)
+    def copy_for_file(self, f: flow.Flow) -> flow.Flow:
+        return scrubbed_copy(f)
 
 
 class RecordScrub:
