@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterator, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
 
 from tests.harness.containerd import Containerd, write_hosts_toml  # noqa: E402
 from tests.harness.images import (  # noqa: E402
