@@ -22,7 +22,7 @@ from addons.registry import oci
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.context import RequestContext, info, note
+from addons.proxy.context import ANSWERED, RequestContext, info, listen_url, note, show_served_from
 from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,15 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     flow.response = oci.error_response(status, code, message, method=flow.request.method)
     for k, v in (headers or {}).items():
         flow.response.headers[k] = v
-    info(flow)["refused"] = f"{status} {code}"
-    flow.comment = f"refused: {status} {code}: {message}"
+    meta = info(flow)
+    meta["refused"] = f"{status} {code}"
+    meta["answered"] = "mirror"
     note(flow, "proxy", f"refused {status} {code}: {message}")
+    flow.comment = "\n".join([f"refused {status} {code}", f"{ANSWERED}: {message}", *meta["steps"]])
+    own = listen_url(flow)
+    if own is not None and flow.request.first_line_format == "relative":
+        # Served by the mirror itself: show its own address, not reverse mode's placeholder.
+        show_served_from(flow, own)
 
 
 def head_size(req: http.Request) -> int:
@@ -159,7 +165,10 @@ class Proxy(ProxyPlugin):
             )
             # Set after make(), which would reset it to the empty HEAD body's length.
             flow.response.headers["Content-Length"] = str(len(body))
-            info(flow)["route"] = "ping"
+            info(flow).update(route="ping", answered="mirror")
+            flow.comment = f"ping\n{ANSWERED}"
+            if (own := listen_url(flow)) is not None:
+                show_served_from(flow, own)
             return
         ns = req.query.get("ns")
         upstream = self.state.upstream_for(ns)
@@ -187,7 +196,6 @@ class Proxy(ProxyPlugin):
             pass_headers={k: v for k, v in req.headers.items() if k.lower() in PASSED_HEADERS},
         )
         ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
-        ctx.comment = f"{target.kind} {target.name}{':' if target.reference else ''}{target.reference} ← {upstream.ns}"
         self.state.contexts[flow] = ctx
         ctx.publish(flow)
 
