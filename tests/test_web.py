@@ -286,6 +286,8 @@ def test_flow_list_in_a_real_browser(site: Site) -> None:
     assert manifest_sizes and all(re.fullmatch(r"\d+(\.\d+)?(b|kb)", s) for s in manifest_sizes), manifest_sizes
     assert not any("127.0.0.1:9/" in r["path"] for r in rows), [r["path"] for r in rows]
     assert by  # every row has a comment
+    footer = re.search(r'title="HTTP Proxy Server Address"[^>]*>(.*?)</span>', dom, re.S)
+    assert footer and re.sub(r"<[^>]*>", "", footer.group(1)) == site.mirror.host, footer and footer.group(1)
     # The marked (teleported) row is what the screenshot in the README shows first.
     target = f"{site.web.url}/#/flows/{next(f['id'] for f in site.web.flows() if f['marked'])}/comment"
     shot = chromium.screenshot(target, SCREENSHOT)
