@@ -193,6 +193,8 @@ def test_streamed_blob_records_bytes_duration_throughput_and_download_says_strea
     download = site.web.s.get(f"{site.web.url}/flows/{big.id}/response/content.data", timeout=10)
     assert download.status_code == 200, download.text
     assert "was streamed to the client" in download.text and f"{BLOB_SIZE} bytes" in download.text
+    view = site.web.s.get(f"{site.web.url}/flows/{big.id}/response/content/Auto.json", timeout=10)
+    assert view.status_code == 200, view.text
     assert "Traceback" not in site.mirror.log_text()
 
 
@@ -236,6 +238,20 @@ def test_acr_why_at_focus_explains_the_flow_selected_in_the_ui(site: Site) -> No
     assert f'src=".{mitm.FOCUS_SCRIPT_PATH}"' in site.web.index
     script = site.web.s.get(site.web.url + mitm.FOCUS_SCRIPT_PATH, timeout=10)
     assert script.status_code == 200 and mitm.FOCUS_HEADER in script.text
+    # What the script adds to the page's command call, run with node in a stand-in window.
+    page = """
+      let sent = null;
+      globalThis.window = {location: {hash: "#/flows/ID/comment"}, fetch: (url, init) => { sent = init; }};
+      eval(require("fs").readFileSync(0, "utf8"));
+      window.fetch("./commands/acr.why", {method: "POST", headers: {"X-XSRFToken": "x"}, body: "{}"});
+      const command = sent.headers;
+      window.fetch("./flows", {});
+      process.stdout.write(JSON.stringify([command, sent.headers || null]));
+    """.replace("ID", plain["id"])
+    out = subprocess.run([webfilter.node(), "-e", page], input=script.text, capture_output=True, text=True,
+                         timeout=30, check=True)
+    command, other = json.loads(out.stdout)
+    assert command == {"X-XSRFToken": "x", mitm.FOCUS_HEADER: plain["id"]} and other is None
 
 
 def test_acr_teleports_groups_the_follow_up_get_under_its_tag_and_lists_refusals(site: Site) -> None:
