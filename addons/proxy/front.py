@@ -241,6 +241,8 @@ class ProxyTail:
         self.state = state
 
     def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response and flow.live and "answered" not in (flow.metadata.get("acr") or {}):
+            return self.own_answer(flow)
         if flow.response or flow.error or not flow.live:
             return
         meta = flow.metadata.get("acr") or {}
@@ -250,6 +252,15 @@ class ProxyTail:
             refuse(flow, 500, "UNSUPPORTED", f"no step of the .{meta['route']} route answered: check mirror.runmd")
         else:
             refuse(flow, 404, "NOT_FOUND", "not served")
+
+    @staticmethod
+    def own_answer(flow: http.HTTPFlow) -> None:
+        """An endpoint of the mirror's own (/status, /auth, /metrics) answered: show the mirror's
+        address rather than reverse mode's placeholder."""
+        own = listen_url(flow)
+        if own is not None and flow.request.first_line_format == "relative":
+            info(flow)["answered"] = "mirror"
+            show_served_from(flow, own)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if "acr" in flow.metadata:
