@@ -165,16 +165,35 @@ def show_served_from(flow: http.HTTPFlow, url: str) -> None:
 
     mitmproxy opens a server connection only for a flow without a response (reverse mode with
     the lazy connection strategy): rewriting an answered flow's URL and server address changes
-    what mitmweb shows, and sends nothing anywhere.
+    what mitmweb shows, and sends nothing anywhere. A URL that cannot be shown leaves the flow
+    as it came (a display detail never breaks an answer).
     """
     assert flow.response is not None, "an unanswered flow would be sent to this URL"
     parts = urlsplit(url)
-    flow.request.url = url
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    req = flow.request
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        req.scheme, req.host, req.port = parts.scheme, parts.hostname or req.host, port
+        if parts.path and path != req.path:  # an origin alone keeps the client's path
+            req.path = path
+    except (ValueError, UnicodeError):
+        return
     if flow.server_conn.timestamp_start is None:
         # Never opened: show the upstream, as a fresh unconnected record (the placeholder one
         # may be shared with the client connection's other flows).
         flow.server_conn = connection.Server(address=(parts.hostname or "", port))
+
+
+def listen_origin(flow: http.HTTPFlow) -> str | None:
+    """The mirror's own origin as the client reached it (where a refusal was served from), or
+    None when the flow did not come in through a socket (made offline)."""
+    sockname = flow.client_conn.sockname
+    if not sockname or not sockname[0]:
+        return None
+    host, port = sockname[0], sockname[1]
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if flow.client_conn.tls else 'http'}://{host}:{port}"
 
 
 @dataclass
@@ -338,17 +357,6 @@ class RequestContext:
         flow.comment = self.story()
         if self.marked:
             flow.marked = self.marked
-
-
-def listen_url(flow: http.HTTPFlow) -> str | None:
-    """The mirror's own address as the client reached it (where a refusal was served from), or
-    None when the flow did not come in through a socket (made offline)."""
-    sockname = flow.client_conn.sockname
-    if not sockname or not sockname[0]:
-        return None
-    host, port = sockname[0], sockname[1]
-    host = f"[{host}]" if ":" in host else host
-    return f"{'https' if flow.client_conn.tls else 'http'}://{host}:{port}{flow.request.path}"
 
 
 def note(flow: http.HTTPFlow, step: str, decision: str) -> None:

@@ -22,7 +22,7 @@ from addons.registry import oci
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.context import ANSWERED, RequestContext, info, listen_url, note, show_served_from
+from addons.proxy.context import ANSWERED, RequestContext, info, listen_origin, note, show_served_from
 from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     meta["answered"] = "mirror"
     note(flow, "proxy", f"refused {status} {code}: {message}")
     flow.comment = "\n".join([f"refused {status} {code}", f"{ANSWERED}: {message}", *meta["steps"]])
-    own = listen_url(flow)
+    own = listen_origin(flow)
     if own is not None and flow.request.first_line_format == "relative":
         # Served by the mirror itself: show its own address, not reverse mode's placeholder.
         show_served_from(flow, own)
@@ -167,7 +167,7 @@ class Proxy(ProxyPlugin):
             flow.response.headers["Content-Length"] = str(len(body))
             info(flow).update(route="ping", answered="mirror")
             flow.comment = f"ping\n{ANSWERED}"
-            if (own := listen_url(flow)) is not None:
+            if (own := listen_origin(flow)) is not None:
                 show_served_from(flow, own)
             return
         ns = req.query.get("ns")
@@ -257,7 +257,7 @@ class ProxyTail:
     def own_answer(flow: http.HTTPFlow) -> None:
         """An endpoint of the mirror's own (/status, /auth, /metrics) answered: show the mirror's
         address rather than reverse mode's placeholder."""
-        own = listen_url(flow)
+        own = listen_origin(flow)
         if own is not None and flow.request.first_line_format == "relative":
             info(flow)["answered"] = "mirror"
             show_served_from(flow, own)
