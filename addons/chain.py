@@ -138,28 +138,21 @@ class AcrMirror:
 
     @command.command("acr.teleports")
     def teleports(self, flows: Sequence[flow.Flow]) -> Sequence[str]:
-        """One line per manifest flow: teleported from -> to, or why not."""
-        out = []
-        for f in flows:
-            meta = f.metadata.get("acr") or {}
-            t = meta.get("teleport")
-            if not t:
-                continue
-            where = f"{meta.get('name')}:{meta.get('reference')}"
-            if "to" in t:
-                out.append(f"{where} teleported {t['from']} -> {t['to']} ({t['format']})")
-            else:
-                out.append(f"{where} not teleported: {t['skipped']}: {t.get('message', '')}")
-        return out
+        """One line per tag: teleported from -> to (with the client's follow-up GET of the target
+        under it), or why not; pulls by digest; and the manifest requests the mirror refused."""
+        return teleport_lines(flows)
 
     @command.command("acr.why")
     def why(self, flows: Sequence[flow.Flow]) -> Sequence[str]:
-        """Each step's decision for the chosen flows, in chain order: why a pull did what it did."""
+        """Each step's decision for the chosen flows, in chain order: why a pull did what it did.
+        In mitmweb, `@focus` is the flow selected in the page."""
         out = []
         for f in flows:
             meta = f.metadata.get("acr") or {}
             req = getattr(f, "request", None)
-            out.append(f"{req.method if req else ''} {req.path if req else ''}".strip())
+            client = f.metadata.get("acr_client") or {}
+            path = client.get("path") or (req.path if req else "")
+            out.append(f"{req.method if req else ''} {path}".strip())
             out.extend(f"  {line}" for line in meta.get("steps", ["(no decisions: not a registry request)"]))
         return out
 
@@ -173,3 +166,42 @@ class AcrMirror:
             for t in self.state.services["tokens"].tokens()
         ]
 
+
+
+def teleport_lines(flows: Sequence[flow.Flow]) -> list[str]:
+    """`acr.teleports`: each tag with its decision and, under it, the client's follow-up GET of
+    the manifest it was served (the streamable one after a teleport); other pulls by digest; the
+    manifest requests the mirror refused."""
+    out: list[str] = []
+    follow_ups: dict[tuple[str, str], list[str]] = {}
+    for f in flows:
+        meta = f.metadata.get("acr") or {}
+        if (meta.get("teleport") or {}).get("skipped") == "digest-pinned":
+            status = f.response.status_code if getattr(f, "response", None) else "error"
+            what = "the streamable manifest" if meta.get("teleport_target_of") else "the manifest it was served"
+            line = f"  {f.request.method} {meta.get('name')}@{meta.get('reference')} -> {status} (the client fetching {what})"
+            follow_ups.setdefault((meta.get("name"), meta.get("reference")), []).append(line)
+    for f in flows:
+        meta = f.metadata.get("acr") or {}
+        req = getattr(f, "request", None)
+        if meta.get("refused") and req is not None and "/manifests/" in req.path:
+            steps = meta.get("steps") or [""]
+            reason = steps[-1].split(": ", 1)[-1].removeprefix(f"refused {meta['refused']}: ")
+            out.append(f"refused: {req.method} {req.path.partition('?')[0]} {meta['refused']}: {reason}")
+            continue
+        t = meta.get("teleport")
+        if not t or t.get("skipped") == "digest-pinned":
+            continue
+        name = meta.get("name")
+        where = f"{name}:{meta.get('reference')}"
+        if "to" in t:
+            out.append(f"{where} teleported {t['from']} -> {t['to']} ({t['format']})")
+            served = t["to"]
+        else:
+            out.append(f"{where} not teleported: {t['skipped']}: {t.get('message', '')}")
+            served = (meta.get("resolved") or {}).get("digest", "")
+        out.extend(follow_ups.pop((name, served), []))
+    for (name, digest), lines in follow_ups.items():  # pulled by digest, no tag among the flows
+        out.append(f"{name}@{digest} pulled by digest: served as asked")
+        out.extend(lines)
+    return out

@@ -307,6 +307,9 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     opts.update(
         mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
+        # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
+        listen_host=address.bind_host,
+        listen_port=address.port,
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
@@ -343,7 +346,8 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
 
 # `--web` runs mitmweb with the chain; `acr service install|uninstall`
 
-#: The flow list's columns in `--web`: the comment is where the mirror says what it decided.
+#: The flow list's columns in `--web`: the URL is where the answer came from (the registry or
+#: storage), the comment leads with what the mirror decided.
 WEB_COLUMNS = ["icon", "method", "path", "status", "size", "time", "comment"]
 DEFAULT_WEB_PORT = 8081
 
@@ -354,6 +358,11 @@ def web_master(opts, args: argparse.Namespace):
 
     master = WebMaster(opts, with_termlog=True)
     opts.update(web_host="127.0.0.1", web_port=args.web_port, web_open_browser=False, web_columns=WEB_COLUMNS)
+    if not args.verbose:
+        # The page polls; one access line per poll would drown the mirror's one line per request
+        # (mitmproxy's own launcher quiets this logger the same way).
+        logging.getLogger("tornado").setLevel(logging.WARNING)
+    mitm.web_handlers(master.app)
     return master
 
 
@@ -365,8 +374,8 @@ def check_web(opts, args: argparse.Namespace) -> None:
         raise CliError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
                        "so it only listens on this machine", EXIT_USAGE)
     check_listen(Address(opts.web_host, opts.web_port), "mitmweb")
-    logger.info("mitmweb on http://%s:%d/ (flows carry the mirror's decisions: try the filter ~comment teleport)",
-                opts.web_host, opts.web_port)
+    logger.info("mitmweb on http://%s:%d/ (each flow's comment leads with the mirror's decision: "
+                "try the filter ~marked for teleported tags)", opts.web_host, opts.web_port)
 
 
 def cmd_service(args: argparse.Namespace) -> int:

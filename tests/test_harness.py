@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import requests
 
 from tests.conftest import HostsDir
 from tests.harness.containerd import Containerd, Ctr

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from mitmproxy import http
 
-from addons.proxy.context import RequestContext
+from addons.proxy.context import RequestContext, show_served_from
 from addons.proxy.plugin import ProxyPlugin, run_steps
 from addons.proxy.state import MirrorState
 from addons.runmd.plugin import split_list
@@ -28,6 +28,7 @@ def deliver(flow: http.HTTPFlow, ctx: RequestContext) -> None:
             flow.request.headers["Authorization"] = ctx.forward.authorization
     elif ctx.answer is not None:
         flow.response = ctx.answer
+        show_served_from(flow, ctx.upstream_url())
     ctx.publish(flow)
 
 
