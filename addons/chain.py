@@ -20,6 +20,7 @@ from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints  # issue 5
 from addons.node.login_acr import LoginRefresh  # issue 5
+from addons.node import hostswatch
 from addons.observe import record  # issue 6: flow files scrubbed of credentials
 from addons.observe.metrics import Metrics  # issue 6: GET /metrics
 from addons.observe.replay import ReplayCheck  # issue 6: decisions re-made offline over read flows
@@ -70,6 +71,8 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
+    if any(True for _ in compiled.document.steps("host")):
+        front.append(hostswatch.HostsWatch(compiled, state.services))
     return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
 
 

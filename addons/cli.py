@@ -253,6 +253,8 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     if getattr(args, "web", False):  # issue 6: the proxy child runs mitmweb
         check_web_port("127.0.0.1", args.web_port)
         serve_argv += ["--web", "--web-port", str(args.web_port)]
+    if any(True for _ in compiled.document.steps("host")):  # the proxy keeps the mirror in hosts.toml
+        serve_argv += ["--set", f"acr_hosts_dir={hosts_dir_of(args)}"]
     for option in args.set or ():
         serve_argv += ["--set", option]
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
@@ -260,6 +262,13 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
         return engine.Engine(spec, runtime, serve_argv).run(start_id)
     except (StepError, engine.EngineError) as e:
         raise CliError(str(e)) from None
+
+
+def hosts_dir_of(args: argparse.Namespace) -> Path:
+    """The hosts folder the runtime steps install into, which the running mirror then watches."""
+    from addons.node.hostsfile import DEFAULT_HOSTS_DIR
+
+    return Path(args.hosts_dir) if getattr(args, "hosts_dir", None) else DEFAULT_HOSTS_DIR
 
 
 def cmd_mirror_serve(args: argparse.Namespace) -> int:
@@ -313,6 +322,9 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     master.addons.add(AcrMirror(compiled), tuning.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
+        if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:
+            # The runmd has `.host` steps; `serve` gets the folder from its engine (--set).
+            opts.update(acr_hosts_dir=str(hosts_dir_of(args)))
         # issue 5: `.https CERT` serves TLS with that key and certificate, for every name.
         from addons.node.https import certs_option
 
