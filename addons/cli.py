@@ -15,7 +15,7 @@ import string
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from addons import __version__, catalog
 
@@ -105,8 +105,10 @@ def render_template(
 
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.runmd)
+    if path.is_dir():
+        raise CliError(f"{path} is a folder: --runmd names the file to write, e.g. --runmd {path / 'mirror.runmd'}", EXIT_USAGE)
     if path.exists() and not args.force:
-        raise CliError(f"{path} exists; use --force to overwrite it")
+        raise CliError(f"{path} exists; use --force to overwrite it", EXIT_USAGE)
     text = render_template(
         registry=args.registry,
         registry_host=args.registry_host,
@@ -429,8 +431,15 @@ def add_service_parser(sub) -> None:
         p.set_defaults(func=cmd_service)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other error of `acr`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"acr: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acr", description="lifec-registry: a registry mirror for containerd")
+    parser = OneLineParser(prog="acr", description="lifec-registry: a registry mirror for containerd")
     parser.add_argument("--version", action="version", version=f"acr {__version__}")
     parser.add_argument("--runmd", default="mirror.runmd", help="the runmd file (default: ./mirror.runmd)")
     parser.add_argument("--registry", help="the ACR registry name, e.g. example for example.azurecr.io")
