@@ -94,6 +94,9 @@ class AcrMirror:
         self.loaded_path: str | None = None
         self.state: MirrorState | None = None
         self.addons: list[Any] = []
+        #: Loaded by `mitmdump -s acr_addons.py` (no runmd given up front), not by `acr mirror start`.
+        self.script = compiled is None
+        self._refused = False
         if compiled is not None:
             self.state = build_state(compiled)
             self.addons = build_addons(compiled, self.state)
@@ -114,14 +117,10 @@ class AcrMirror:
             path = str(Path(ctx.options.acr_runmd).resolve())
             if path != self.loaded_path:
                 try:
-                    compiled = catalog.load(path)
-                    state = build_state(compiled)
-                    children = build_addons(compiled, state)
+                    self._load(path)
                 except RunmdError as e:
-                    raise exceptions.OptionsError(str(e)) from None
-                self._replace(children)
-                self.compiled, self.state, self.loaded_path = compiled, state, path
-                logger.info("loaded %s: %d proxy steps", path, len(children))
+                    if not self._refuse_at_start(str(e)):
+                        raise exceptions.OptionsError(str(e)) from None
 
     def _replace(self, children: list[Any]) -> None:
         """Swap the plugin addons, the way mitmproxy's script loader swaps a script's addons."""
@@ -138,7 +137,44 @@ class AcrMirror:
             for child in children:
                 manager.invoke_addon_sync(child, hooks.RunningHook())
 
+    def _load(self, path: str) -> None:
+        compiled = catalog.load(path)
+        state = build_state(compiled)
+        children = build_addons(compiled, state)
+        self._replace(children)
+        self.compiled, self.state, self.loaded_path = compiled, state, path
+        logger.info("loaded %s: %d proxy steps", path, len(children))
+
+    def _refuse_at_start(self, message: str) -> bool:
+        """Under `mitmdump -s`, a runmd that cannot be served is one error line before serving
+        (mitmproxy then exits), not a traceback; later (`:set` in mitmweb) it is an option error."""
+        if not self.script or getattr(self, "_running", False):
+            return False
+        self._refused = True
+        logger.error("%s", message)
+        # mitmproxy exits on an error logged during startup, but a script may load after that check.
+        ctx.master.shutdown()
+        return True
+
+    def _default_runmd(self) -> None:
+        """`mitmdump -s acr_addons.py` without acr_runmd: ./mirror.runmd, or refuse to serve.
+
+        Without a chain every request would go to reverse mode's placeholder address."""
+        path = Path("mirror.runmd")
+        if not path.is_file():
+            self._refuse_at_start(
+                "no runmd to serve: pass --set acr_runmd=FILE, or start where ./mirror.runmd is (acr init writes one)"
+            )
+            return
+        logger.info("acr_runmd is not set: serving ./mirror.runmd")
+        try:
+            self._load(str(path.resolve()))
+        except RunmdError as e:
+            self._refuse_at_start(str(e))
+
     def running(self) -> None:
+        if self.script and self.compiled is None and not self._refused:
+            self._default_runmd()
         self._running = True
 
     @command.command("acr.teleports")
