@@ -126,6 +126,15 @@ def test_our_table_goes_in_front_of_their_comment_and_values_stay_byte_for_byte(
     assert target.read_text() == HAND.replace("# the proxy in the DMZ\n", block + "\n# the proxy in the DMZ\n")
 
 
+def test_our_table_ends_at_the_next_table_even_without_the_blank_line(tmp_path: Path) -> None:
+    target = put(tmp_path, DRAGONFLY)
+    hostsfile.install(hosts_file(), tmp_path)
+    block = hostsfile.block(hosts_file().hosts[0]).text
+    target.write_text(target.read_text().replace(block + "\n", block))  # a tool dropped the blank line
+    hostsfile.remove(tmp_path, "docker.io")
+    assert target.read_text() == DRAGONFLY
+
+
 def test_a_file_that_is_not_toml_is_left_alone_with_one_line(tmp_path: Path) -> None:
     target = put(tmp_path, "server = 'https://x\n[host.'a']\n")
     with pytest.raises(hostsfile.HostsError) as info:
@@ -145,12 +154,13 @@ def test_a_hand_edited_table_of_ours_is_not_guessed_at(tmp_path: Path) -> None:
     assert target.read_text() == edited
 
 
-def test_their_entry_for_our_address_is_not_doubled(tmp_path: Path) -> None:
+def test_their_entry_for_our_address_is_kept_and_not_doubled(tmp_path: Path) -> None:
     text = f'[host."{OURS}"]\ncapabilities = ["pull"]\n'
-    put(tmp_path, text)
-    with pytest.raises(hostsfile.HostsError) as info:
-        hostsfile.install(hosts_file(), tmp_path)
-    assert "already lists" in str(info.value)
+    target = put(tmp_path, text)
+    assert hostsfile.install(hosts_file(), tmp_path).endswith("unchanged (the mirror's table is in it)")
+    assert target.read_text() == text
+    assert hostsfile.routing(hosts_file(), tmp_path)["routes_through_mirror"] is True
+    assert hostsfile.remove(tmp_path, "docker.io").endswith("no table of the mirror in it, left alone")
 
 
 # --- .host inputs ------------------------------------------------------------------------------

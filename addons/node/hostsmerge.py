@@ -119,14 +119,15 @@ def _without(data: dict[str, Any], urls: Sequence[str]) -> dict[str, Any]:
 
 
 def merge(text: str, blocks: Sequence[Block]) -> str:
-    """`text` with our tables in it (any of ours already there are replaced)."""
+    """`text` with our tables in it (any of ours already there are replaced, and none is added for
+    an address the file lists already without our mark)."""
     base = unmerge(text)
     before = _parse(base, "the file")
     lines = base.splitlines(keepends=True)
     others = _entry_starts(lines)
-    clash = [b.url for b in blocks if b.url in {u for _, u in others}]
-    if clash:
-        raise MergeError(f"it already lists [host.\"{clash[0]}\"] (not ours): left as it is")
+    # A table for our address that someone else wrote already routes through the mirror: keep theirs.
+    listed = {u for _, u in others}
+    blocks = [b for b in blocks if b.url not in listed]
     inserts: dict[int, list[str]] = {}
     at_end: list[str] = []
     for b in blocks:
@@ -167,12 +168,17 @@ def unmerge(text: str) -> str:
             out.append(lines[i])
             i += 1
             continue
-        # Our block: its lines up to and including the blank line that ends it, or the end.
+        # Our block: its lines up to and including the blank line that ends it, or the end; a
+        # header of another table (not one of ours below it) ends it as well.
+        ours_key = parsed[0]
         j = i + 1
         while j < len(lines) and lines[j].strip():
+            other = _header_key(lines[j])
+            if other and other[0][:2] != ours_key:
+                break
             j += 1
         if j < len(lines):
-            i = j + 1  # the blank line we put after it
+            i = j + 1 if not lines[j].strip() else j  # the blank line we put after it
             continue
         i = j
         # At the end of the file: take back the blank line we put in front of it.
