@@ -282,6 +282,20 @@ def backups(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _keep(target: Path) -> Path:
+    """Keep a link a person's tools manage under a backup name that is not taken."""
+    folder = target.parent
+    name = folder / BACKUP_NAME
+    n = 0
+    while True:
+        try:
+            os.link(target, name, follow_symlinks=False)  # the link itself, under a second name
+            return name
+        except FileExistsError:
+            n += 1
+            name = folder / f"{BACKUP_NAME}.{n}"
+
+
 def _read(target: Path) -> bytes | None:
     try:
         return target.read_bytes()
@@ -313,9 +327,14 @@ def install(f: HostsFile, hosts_dir: Path) -> str:
             raise HostsError(f"cannot add the mirror to {target}: {e}") from None
         if merged == current:
             return f"{target}: unchanged (the mirror's table is in it)"
+        # A link (configuration management's) is never written through: it is kept aside and
+        # comes back when the mirror is removed.
+        kept = _keep(target) if target.is_symlink() else None
         _rewrite(target, merged, 0o600 if f.mode == 0o600 else None)
     except OSError as e:
         raise HostsError(f"cannot install {target}: {e.strerror or e}") from None
+    if kept is not None:
+        return f"{target}: the mirror's table added to a copy of the linked file (the link is kept as {kept.name})"
     return f"{target}: the mirror's table added, the other entries kept as they were"
 
 
@@ -333,6 +352,10 @@ def remove(hosts_dir: Path, folder: str) -> str:
                 rest = hostsmerge.unmerge(text).encode()
             except (hostsmerge.MergeError, UnicodeDecodeError) as e:
                 raise HostsError(f"cannot take the mirror out of {target}: {e}") from None
+            kept = backups(directory)
+            if kept and _read(kept[-1]) == rest:
+                os.replace(kept[-1], target)  # the link we kept aside, as it was
+                return f"{target}: the mirror's table taken out, {kept[-1].name} put back"
             _rewrite(target, rest)
             return f"{target}: the mirror's table taken out, the rest is as it was"
         kept = backups(directory) if directory.is_dir() else []
