@@ -21,6 +21,7 @@ from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints
 from addons.node.login_acr import LoginRefresh
+from addons.node import hostswatch
 from addons.observe import record  # flow files scrubbed of credentials
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
@@ -71,6 +72,8 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
+    if any(True for _ in compiled.document.steps("host")):
+        front.append(hostswatch.HostsWatch(compiled, state.services))
     return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
 
 
@@ -92,6 +95,9 @@ class AcrMirror:
         self.loaded_path: str | None = None
         self.state: MirrorState | None = None
         self.addons: list[Any] = []
+        #: Loaded by `mitmdump -s acr_addons.py` (no runmd given up front), not by `acr mirror start`.
+        self.script = compiled is None
+        self._refused = False
         if compiled is not None:
             self.state = build_state(compiled)
             self.addons = build_addons(compiled, self.state)
@@ -109,14 +115,10 @@ class AcrMirror:
             path = str(Path(ctx.options.acr_runmd).resolve())
             if path != self.loaded_path:
                 try:
-                    compiled = catalog.load(path)
-                    state = build_state(compiled)
-                    children = build_addons(compiled, state)
+                    self._load(path)
                 except RunmdError as e:
-                    raise exceptions.OptionsError(str(e)) from None
-                self._replace(children)
-                self.compiled, self.state, self.loaded_path = compiled, state, path
-                logger.info("loaded %s: %d proxy steps", path, len(children))
+                    if not self._refuse_at_start(str(e)):
+                        raise exceptions.OptionsError(str(e)) from None
 
     def _replace(self, children: list[Any]) -> None:
         """Swap the plugin addons, the way mitmproxy's script loader swaps a script's addons."""
@@ -133,7 +135,44 @@ class AcrMirror:
             for child in children:
                 manager.invoke_addon_sync(child, hooks.RunningHook())
 
+    def _load(self, path: str) -> None:
+        compiled = catalog.load(path)
+        state = build_state(compiled)
+        children = build_addons(compiled, state)
+        self._replace(children)
+        self.compiled, self.state, self.loaded_path = compiled, state, path
+        logger.info("loaded %s: %d proxy steps", path, len(children))
+
+    def _refuse_at_start(self, message: str) -> bool:
+        """Under `mitmdump -s`, a runmd that cannot be served is one error line before serving
+        (mitmproxy then exits), not a traceback; later (`:set` in mitmweb) it is an option error."""
+        if not self.script or getattr(self, "_running", False):
+            return False
+        self._refused = True
+        logger.error("%s", message)
+        # mitmproxy exits on an error logged during startup, but a script may load after that check.
+        ctx.master.shutdown()
+        return True
+
+    def _default_runmd(self) -> None:
+        """`mitmdump -s acr_addons.py` without acr_runmd: ./mirror.runmd, or refuse to serve.
+
+        Without a chain every request would go to reverse mode's placeholder address."""
+        path = Path("mirror.runmd")
+        if not path.is_file():
+            self._refuse_at_start(
+                "no runmd to serve: pass --set acr_runmd=FILE, or start where ./mirror.runmd is (acr init writes one)"
+            )
+            return
+        logger.info("acr_runmd is not set: serving ./mirror.runmd")
+        try:
+            self._load(str(path.resolve()))
+        except RunmdError as e:
+            self._refuse_at_start(str(e))
+
     def running(self) -> None:
+        if self.script and self.compiled is None and not self._refused:
+            self._default_runmd()
         self._running = True
 
     @command.command("acr.teleports")

@@ -15,7 +15,7 @@ import string
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from addons import __version__, catalog
 
@@ -105,8 +105,10 @@ def render_template(
 
 def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.runmd)
+    if path.is_dir():
+        raise CliError(f"{path} is a folder: --runmd names the file to write, e.g. --runmd {path / 'mirror.runmd'}", EXIT_USAGE)
     if path.exists() and not args.force:
-        raise CliError(f"{path} exists; use --force to overwrite it")
+        raise CliError(f"{path} exists; use --force to overwrite it", EXIT_USAGE)
     text = render_template(
         registry=args.registry,
         registry_host=args.registry_host,
@@ -253,6 +255,8 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     if getattr(args, "web", False):  # the proxy child runs mitmweb
         check_listen(Address("127.0.0.1", args.web_port), "mitmweb")
         serve_argv += ["--web", "--web-port", str(args.web_port)]
+    if any(True for _ in compiled.document.steps("host")):  # the proxy keeps the mirror in hosts.toml
+        serve_argv += ["--set", f"acr_hosts_dir={hosts_dir_of(args)}"]
     for option in args.set or ():
         serve_argv += ["--set", option]
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
@@ -260,6 +264,13 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
         return engine.Engine(spec, runtime, serve_argv).run(start_id)
     except (StepError, engine.EngineError) as e:
         raise CliError(str(e)) from None
+
+
+def hosts_dir_of(args: argparse.Namespace) -> Path:
+    """The hosts folder the runtime steps install into, which the running mirror then watches."""
+    from addons.node.containerd_config import DEFAULT_HOSTS_DIR
+
+    return Path(getattr(args, "hosts_dir", None) or DEFAULT_HOSTS_DIR)
 
 
 def cmd_mirror_serve(args: argparse.Namespace) -> int:
@@ -316,6 +327,9 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     master.addons.add(AcrMirror(compiled), mitm.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
+        if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:
+            # The runmd has `.host` steps; `serve` gets the folder from its engine (--set).
+            opts.update(acr_hosts_dir=str(hosts_dir_of(args)))
         # `.https CERT` serves TLS with that key and certificate, for every name.
         from addons.node.https import certs_option
 
@@ -417,8 +431,15 @@ def add_service_parser(sub) -> None:
         p.set_defaults(func=cmd_service)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other error of `acr`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"acr: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acr", description="lifec-registry: a registry mirror for containerd")
+    parser = OneLineParser(prog="acr", description="lifec-registry: a registry mirror for containerd")
     parser.add_argument("--version", action="version", version=f"acr {__version__}")
     parser.add_argument("--runmd", default="mirror.runmd", help="the runmd file (default: ./mirror.runmd)")
     parser.add_argument("--registry", help="the ACR registry name, e.g. example for example.azurecr.io")
@@ -479,10 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_hosts(args: argparse.Namespace) -> int:
     """`acr hosts show|install|remove` (see addons.node.hostsfile)."""
     from addons.node import hostsfile
-    from addons.node.containerd_config import DEFAULT_HOSTS_DIR
 
     compiled = load(args.runmd)
-    hosts_dir = Path(args.hosts_dir or DEFAULT_HOSTS_DIR)
+    hosts_dir = hosts_dir_of(args)
     work = compiled.home / ".work"
     try:
         if args.hosts_command == "show":

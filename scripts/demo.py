@@ -4,11 +4,14 @@ It starts everything on loopback in a temporary folder and stops it all at the e
 a Debian `docker-registry` holding `demo/hello:v1` and its streamable copy (an ACR Artifact
 Streaming style referrer), the mirror (`acr init --upstream ...`, `acr mirror start`), and a
 private containerd daemon that pulls the tag through the mirror with no credentials.
+Whatever happens, the temporary folder is removed (unless --keep) and the logs of the
+registry, the mirror and containerd are copied to LOGS first, which the last lines name.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,10 @@ from tests.harness.registry import Registry  # noqa: E402
 
 STREAMING = "application/vnd.azure.artifact.streaming.v1"
 REPO = "demo/hello"
+#: Where the logs of the last run stay after the demo folder is gone.
+LOGS = ROOT / ".demo-logs"
+#: The last lines of ./scripts/demo and ./scripts/test: the commands are in the venv.
+ACTIVATE_HINT = "acr and mitmdump are in .venv/bin: run '. .venv/bin/activate' to have them on PATH"
 
 
 def say(text: str) -> None:
@@ -55,18 +62,24 @@ def push_demo_images(reg: Registry) -> tuple[images.Image, images.Image]:
     return original, streamable
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--keep", action="store_true", help="keep the demo folder (logs, runmd)")
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lifec-demo-"))
-    say(f"working in {work}")
+def keep_logs(logs: dict[str, Path]) -> None:
+    """Copy each log that exists to LOGS, before the folder that holds it goes away."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    for name, path in logs.items():
+        if path.is_file():
+            shutil.copyfile(path, LOGS / name)
+
+
+def run(work: Path, logs: dict[str, Path]) -> int:
+    """The demo itself; every server it starts is stopped when this returns or raises."""
     with Registry("anonymous", workdir=work / "registry") as reg, ClosedPort() as closed:
+        logs["registry.log"] = reg.log_path
         say(f"registry (CNCF distribution) on {reg.url}")
         original, streamable = push_demo_images(reg)
         say(f"pushed {REPO}:v1 = {original.digest}")
         say(f"pushed its streamable referrer ({STREAMING}) = {streamable_digest(reg, original)}")
         mirror = Mirror(work / "mirror", [reg.url], start=False)
+        logs["mirror.log"] = mirror.log_path
         say(f"acr init --upstream {reg.url} wrote {mirror.runmd_path}; acr dump:")
         print(subprocess.run([sys.executable.replace("python", "acr"), "--runmd", str(mirror.runmd_path), "dump"],
                              capture_output=True, text=True).stdout)
@@ -77,10 +90,11 @@ def main() -> int:
             with Containerd() as cd:
                 hosts = work / "certs.d"
                 write_hosts_toml(hosts, reg.host, closed.url, hosts=[(mirror.url, ["pull", "resolve"])])
-                say(f"containerd pulls {reg.host}/{REPO}:v1 through the mirror (hosts.toml in {hosts})")
+                say(f"containerd pulls {reg.host}/{REPO}:v1 through the mirror")
                 started = time.monotonic()
                 result = cd.pull(f"{reg.host}/{REPO}:v1", hosts_dir=hosts)
                 seconds = time.monotonic() - started
+                keep_logs({"containerd.log": cd.log_path})
                 if result.returncode != 0:
                     print(result.stdout[-2000:], result.stderr[-2000:], sep="\n")
                     say("pull FAILED")
@@ -99,12 +113,33 @@ def main() -> int:
             say(f"TELEPORTED: {REPO}:v1 {original.digest} -> {target}")
         else:
             say(f"not teleported: containerd has {target}")
-    if not args.keep:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
-    say("stopped everything the demo started")
     return 0 if teleported else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="keep the demo folder (runmd, hosts.toml, logs)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lifec-demo-"))
+    say(f"working in {work}")
+    logs: dict[str, Path] = {}
+    code = 1
+
+    shutil.rmtree(LOGS, ignore_errors=True)  # only this run's logs
+    try:
+        code = run(work, logs)
+    except Exception as e:  # a server that would not start, a missing package: one line, then clean up
+        say(f"demo FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    finally:
+        keep_logs(logs)
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        say("stopped everything the demo started")
+        say(f"logs of this run: {LOGS.relative_to(ROOT)}/ ({', '.join(sorted(p.name for p in LOGS.iterdir())) or 'none'})")
+        say(ACTIVATE_HINT)
+    return code
 
 
 def streamable_digest(reg: Registry, original: images.Image) -> str:

@@ -749,8 +749,12 @@ def test_a_persons_symlinked_hosts_toml_is_kept_and_never_written_through(tmp_pa
     folder = tmp_path / "certs.d" / "r.io"
     folder.mkdir(parents=True)
     (folder / "hosts.toml").symlink_to(managed)
-    hostsfile.install(hostsfile.MARKER + "\na = 1\n", tmp_path / "certs.d", "r.io")
-    assert not (folder / "hosts.toml").is_symlink() and (folder / "hosts.toml").read_text().startswith(hostsfile.MARKER)
+    ours = hostsfile.MirrorHost("http://127.0.0.1:8578", ("pull", "resolve"))
+    hostsfile.install(hostsfile.HostsFile("r.io", "https://r.io", (ours,)), tmp_path / "certs.d")
+    # The mirror's table is merged into a copy of the linked file; the link's target is not touched.
+    merged = (folder / "hosts.toml").read_text()
+    assert not (folder / "hosts.toml").is_symlink() and hostsfile.hostsmerge.marked_urls(merged) == [ours.url]
+    assert hostsfile.hostsmerge.unmerge(merged) == 'server = "https://managed.example"\n'
     assert managed.read_text() == 'server = "https://managed.example"\n'
     hostsfile.remove(tmp_path / "certs.d", "r.io")
     assert (folder / "hosts.toml").is_symlink() and os.readlink(folder / "hosts.toml") == str(managed)

@@ -183,53 +183,50 @@ def test_server_without_a_mirror_above_is_refused(tmp_path: Path) -> None:
 # --- installing and removing -----------------------------------------------------------------
 
 USER_FILE = 'server = "https://registry.example"\n\n[host."https://corp-mirror:5000"]\n  capabilities = ["pull"]\n'
+MIRROR_TABLE = '[host."http://127.0.0.1:8578"] # ' + hostsfile.hostsmerge.MARK + '\ncapabilities = ["pull", "resolve"]\n'
 
 
-def ours(text: str = "") -> str:
-    return hostsfile.MARKER + "\n" + text
+def a_file(folder: str = "example.azurecr.io", a: int = 0) -> hostsfile.HostsFile:
+    """One of our files; `a` changes its server, as a new version of the runmd would."""
+    host = hostsfile.MirrorHost("http://127.0.0.1:8578", ("pull", "resolve"))
+    return hostsfile.HostsFile(folder, f"https://registry{a or ''}.example", (host,))
 
 
-def test_install_keeps_a_persons_file_and_remove_puts_it_back(tmp_path: Path) -> None:
+def test_install_adds_our_table_to_a_persons_file_and_remove_takes_only_it_out(tmp_path: Path) -> None:
     folder = tmp_path / "example.azurecr.io"
     folder.mkdir()
     (folder / "hosts.toml").write_text(USER_FILE)
-    inode = (folder / "hosts.toml").stat().st_ino
-    line = hostsfile.install(ours("a = 1\n"), tmp_path, "example.azurecr.io")
-    assert "kept as hosts.toml.acr-backup" in line
-    assert (folder / "hosts.toml").read_text() == ours("a = 1\n")
-    backup = folder / "hosts.toml.acr-backup"
-    assert backup.read_text() == USER_FILE and backup.stat().st_ino == inode  # the very file, not a copy
-    # Installing again (the next start, another version) never touches the original backup.
-    assert hostsfile.install(ours("a = 2\n"), tmp_path, "example.azurecr.io").endswith(": installed")
-    assert hostsfile.install(ours("a = 2\n"), tmp_path, "example.azurecr.io").endswith(": unchanged")
-    assert backup.read_text() == USER_FILE
-    assert hostsfile.backups(folder) == [backup]
-    assert hostsfile.remove(tmp_path, "example.azurecr.io").endswith("restored from hosts.toml.acr-backup")
+    line = hostsfile.install(a_file(), tmp_path)
+    assert line.endswith("the mirror's table added, the other entries kept as they were")
+    merged = (folder / "hosts.toml").read_text()
+    # Ours first (containerd tries tables in file order), the person's table and server untouched.
+    assert merged == 'server = "https://registry.example"\n\n' + MIRROR_TABLE + '\n[host."https://corp-mirror:5000"]\n  capabilities = ["pull"]\n'
+    # Installing again (the next start) changes nothing; a person's file never gets a backup.
+    assert hostsfile.install(a_file(), tmp_path).endswith("unchanged (the mirror's table is in it)")
+    assert (folder / "hosts.toml").read_text() == merged
+    assert hostsfile.backups(folder) == []
+    assert hostsfile.remove(tmp_path, "example.azurecr.io").endswith("the mirror's table taken out, the rest is as it was")
     assert (folder / "hosts.toml").read_text() == USER_FILE
     assert sorted(p.name for p in folder.iterdir()) == ["hosts.toml"]
 
 
-def test_a_file_changed_by_a_person_after_install_is_kept_as_well(tmp_path: Path) -> None:
+def test_remove_of_a_whole_file_of_ours_puts_back_an_older_backup(tmp_path: Path) -> None:
+    # Older versions replaced a person's file and kept it as hosts.toml.acr-backup: still restored.
     folder = tmp_path / "r.io"
     folder.mkdir()
-    (folder / "hosts.toml").write_text(USER_FILE)
-    hostsfile.install(ours(), tmp_path, "r.io")
-    (folder / "hosts.toml").write_text("# edited by hand\n")
-    line = hostsfile.install(ours("b = 1\n"), tmp_path, "r.io")
-    assert "kept as hosts.toml.acr-backup.1" in line
-    assert (folder / "hosts.toml.acr-backup").read_text() == USER_FILE
-    assert (folder / "hosts.toml.acr-backup.1").read_text() == "# edited by hand\n"
-    # Remove puts back the newest; the older one stays, never lost.
-    hostsfile.remove(tmp_path, "r.io")
-    assert (folder / "hosts.toml").read_text() == "# edited by hand\n"
-    assert (folder / "hosts.toml.acr-backup").read_text() == USER_FILE
+    hostsfile.install(a_file("r.io"), tmp_path)
+    (folder / "hosts.toml.acr-backup").write_text(USER_FILE)
+    assert hostsfile.install(a_file("r.io", 2), tmp_path).endswith(": installed")
+    assert hostsfile.install(a_file("r.io", 2), tmp_path).endswith(": unchanged")
+    assert hostsfile.remove(tmp_path, "r.io").endswith("restored from hosts.toml.acr-backup")
+    assert (folder / "hosts.toml").read_text() == USER_FILE
 
 
 def test_remove_without_a_backup_deletes_ours_and_leaves_others(tmp_path: Path) -> None:
-    hostsfile.install(ours(), tmp_path, "a.io")
+    hostsfile.install(a_file("a.io"), tmp_path)
     assert hostsfile.remove(tmp_path, "a.io").endswith(": removed")
     assert not (tmp_path / "a.io").exists()  # the folder we made goes too
-    hostsfile.install(ours(), tmp_path, "b.io")
+    hostsfile.install(a_file("b.io"), tmp_path)
     (tmp_path / "b.io" / "ca.crt").write_text("someone's CA\n")
     hostsfile.remove(tmp_path, "b.io")
     assert sorted(p.name for p in (tmp_path / "b.io").iterdir()) == ["ca.crt"]
@@ -239,13 +236,14 @@ def test_remove_without_a_backup_deletes_ours_and_leaves_others(tmp_path: Path) 
 def test_remove_leaves_a_persons_file_alone(tmp_path: Path) -> None:
     (tmp_path / "c.io").mkdir()
     (tmp_path / "c.io" / "hosts.toml").write_text(USER_FILE)
-    assert hostsfile.remove(tmp_path, "c.io").endswith("not written by acr, left alone")
+    assert hostsfile.remove(tmp_path, "c.io").endswith("no table of the mirror in it, left alone")
     assert (tmp_path / "c.io" / "hosts.toml").read_text() == USER_FILE
 
 
 def test_install_is_atomic_and_readable(tmp_path: Path) -> None:
-    hostsfile.install(ours(), tmp_path, "d.io")
-    hostsfile.install(ours("x = 1\n"), tmp_path, "d.io", 0o600)
+    hostsfile.install(a_file("d.io"), tmp_path)
+    secret = hostsfile.MirrorHost("http://127.0.0.1:8578", ("pull",), hostsfile.HostOptions(headers=(("X-Key", ("k",)),)))
+    hostsfile.install(hostsfile.HostsFile("d.io", None, (secret,)), tmp_path)
     names = [p.name for p in (tmp_path / "d.io").iterdir()]
     assert names == ["hosts.toml"]  # no temporary file left behind
     assert stat.S_IMODE((tmp_path / "d.io" / "hosts.toml").stat().st_mode) == 0o600
@@ -258,10 +256,11 @@ def test_host_step_generates_into_work_and_installs(tmp_path: Path) -> None:
     compiled = compiled_of(CASES["default"], tmp_path)
     Runtime.for_document(compiled, hosts_dir).run()
     work = tmp_path / ".work" / "etc" / "containerd" / "certs.d"
-    for folder in ("example.azurecr.io", "_default"):
-        generated = (work / folder / "hosts.toml").read_text()
-        assert (hosts_dir / folder / "hosts.toml").read_text() == generated
-    assert (hosts_dir / "example.azurecr.io" / "hosts.toml.acr-backup").read_text() == USER_FILE
+    assert (hosts_dir / "_default" / "hosts.toml").read_text() == (work / "_default" / "hosts.toml").read_text()
+    # The person's file got our tables (both entries, first, in runmd order) and kept its own.
+    merged = (hosts_dir / "example.azurecr.io" / "hosts.toml").read_text()
+    assert hostsfile.hostsmerge.host_urls(merged) == ["http://127.0.0.1:8578", "http://[::1]:8579", "https://corp-mirror:5000"]
+    assert hostsfile.hostsmerge.unmerge(merged) == USER_FILE
 
 
 def test_only_the_last_host_step_writes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -316,7 +315,7 @@ def test_acr_hosts_show_install_remove(tmp_path: Path) -> None:
 
     shown = acr(tmp_path, "hosts", "show", "--hosts-dir", str(hosts_dir))
     assert shown.returncode == 0, shown.stderr
-    assert f"# --- {hosts_dir}/example.azurecr.io/hosts.toml (a file acr did not write" in shown.stdout
+    assert f"# --- {hosts_dir}/example.azurecr.io/hosts.toml (another tool's file: install adds the mirror's table to it)" in shown.stdout
     assert f"# --- {hosts_dir}/127.0.0.1:5000/hosts.toml (not installed)" in shown.stdout
     assert 'server = "http://127.0.0.1:9"' in shown.stdout
     assert not (hosts_dir / "127.0.0.1:5000").exists()  # show changes nothing
@@ -324,10 +323,11 @@ def test_acr_hosts_show_install_remove(tmp_path: Path) -> None:
     installed = acr(tmp_path, "hosts", "install", "--hosts-dir", str(hosts_dir))
     assert installed.returncode == 0, installed.stderr
     assert installed.stdout.splitlines() == [
-        f"{hosts_dir}/example.azurecr.io/hosts.toml: installed (the previous file is kept as hosts.toml.acr-backup)",
+        f"{hosts_dir}/example.azurecr.io/hosts.toml: the mirror's table added, the other entries kept as they were",
         f"{hosts_dir}/127.0.0.1:5000/hosts.toml: installed",
     ]
-    assert "(installed)" in acr(tmp_path, "hosts", "show", "--hosts-dir", str(hosts_dir)).stdout
+    shown = acr(tmp_path, "hosts", "show", "--hosts-dir", str(hosts_dir)).stdout
+    assert "(installed)" in shown and "(another tool's file, with the mirror's table in it)" in shown
     work = tmp_path / ".work" / "etc" / "containerd" / "certs.d" / "127.0.0.1:5000" / "hosts.toml"
     assert (hosts_dir / "127.0.0.1:5000" / "hosts.toml").read_text() == work.read_text()
 
@@ -393,7 +393,9 @@ def test_containerd_pulls_through_the_installed_hosts_toml(
     scheme = "https" if tls else "http"
     assert f'[host."{scheme}://127.0.0.1:{m.port}"]' in installed
     assert f'server = "{closed_port.url}"' in installed
-    assert (hosts_dir / registry.host / "hosts.toml.acr-backup").exists()
+    # Merged into the person's file (our table marked), not replacing it: no backup needed.
+    assert hostsfile.hostsmerge.marked_urls(installed) == [f"{scheme}://127.0.0.1:{m.port}"]
+    assert not (hosts_dir / registry.host / "hosts.toml.acr-backup").exists()
 
     ref = f"{registry.host}/{repo_name}:v1"
     result = containerd.pull(ref, hosts_dir=hosts_dir)

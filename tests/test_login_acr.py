@@ -69,13 +69,13 @@ def login(home: Path, text: str) -> dict[str, Any]:
     return meta
 
 
-def login_error(home: Path, text: str) -> str:
-    """Run the steps, expecting a StepError: return its message, checked to be one line."""
+def login_error(home: Path, text: str, lines: int = 1) -> str:
+    """Run the steps, expecting a StepError: return its message, checked to be `lines` lines."""
     compiled = catalog.parse_text(text, str(home / "mirror.runmd"))
     with pytest.raises(StepError) as info:
         Runtime.for_document(compiled).run()
     message = str(info.value)
-    assert "\n" not in message and "\r" not in message, message
+    assert len(message.splitlines()) == lines and "\r" not in message, message
     assert "Traceback" not in message
     assert not (home / "access_token").exists()
     return message
@@ -361,10 +361,13 @@ def test_refresh_time_is_before_expiry() -> None:
 def test_no_identity(azure: AadStandIn, token_registry: Registry, tmp_path: Path, closed_port: ClosedPort,
                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AZURE_POD_IDENTITY_AUTHORITY_HOST", closed_port.url)
-    message = login_error(tmp_path, runmd(token_registry.url))
-    assert message.startswith("step 2 (.login-acr ") and "no identity:" in message
-    for piece in ("AZURE_CLIENT_ID", "azure.json", "'az'", "IMDS", ".identity device"):
-        assert piece in message
+    # One line per identity tried, in the order they are tried, each saying why it does not apply.
+    message = login_error(tmp_path, runmd(token_registry.url), lines=5)
+    first, *tried = message.splitlines()
+    assert first.startswith("step 2 (.login-acr ") and "no identity:" in first and ".identity device" in first
+    assert [line.split(":")[0].strip() for line in tried] == ["service principal", "AKS", "Azure CLI", "managed identity"]
+    for line, piece in zip(tried, ("AZURE_CLIENT_ID", "azure.json does not exist", "no 'az' on PATH", "IMDS")):
+        assert piece in line
 
 
 def test_no_az(azure: AadStandIn, token_registry: Registry, tmp_path: Path) -> None:

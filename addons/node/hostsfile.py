@@ -4,9 +4,12 @@ The runtime steps `.mirror`, `.server`, `.host` (with its attribute lines) and `
 decide the files; `plan` reads them from the whole document, so their order in the runmd only
 matters for `.server`, which belongs to the `.mirror` above it. Files are first written under
 `<home>/.work/etc/containerd/certs.d/` (what `acr hosts show` prints), then installed into
-containerd's hosts folder. A file that we did not write is never lost: installing over it keeps
-it as `hosts.toml.acr-backup` (or `.acr-backup.N` when that name is taken), and `remove` puts the
-newest backup back.
+containerd's hosts folder. Where no file is there, ours is installed whole (its first line is
+`MARKER`). Where another tool (Spegel, Dragonfly) or a person wrote the file, our `[host]`
+tables are added to it (first, unless `.host ..., position` says otherwise) and the rest is kept
+byte for byte (see addons.node.hostsmerge); `remove` takes out only our tables. A whole file of
+ours that replaced someone's file in an older version is still put back from its
+`hosts.toml.acr-backup` by `remove`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import logging
 import os
 import re
 from collections.abc import Iterable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomlkit
 
 from addons.core.files import atomic_write
+from addons.node import hostsmerge
 from addons.node.https import HttpsError, ca_path, write_ca
 from addons.runmd.compile import Compiled
 from addons.registry.oci import Upstream
@@ -126,6 +131,41 @@ class MirrorHost:
     url: str
     capabilities: tuple[str, ...]
     options: HostOptions = field(default_factory=HostOptions)
+    #: Where it goes in someone else's file: 0 first, n before their n-th table (0-based), None last.
+    position: int | None = 0
+    #: When another tool rewrites the file while the mirror runs, leave it out (log only).
+    keep_out: bool = False
+
+
+def entry_table(host: MirrorHost) -> Any:
+    """The tomlkit table of one `[host."URL"]` entry, keys in the order containerd documents them."""
+    entry = tomlkit.table()
+    entry.add("capabilities", list(host.capabilities))
+    opts = host.options
+    if opts.dial_timeout:
+        entry.add("dial_timeout", opts.dial_timeout)
+    if opts.skip_verify:
+        entry.add("skip_verify", True)
+    if opts.ca:
+        entry.add("ca", opts.ca[0] if len(opts.ca) == 1 else list(opts.ca))
+    if opts.headers:
+        headers = tomlkit.table()
+        for name, values in opts.headers:
+            headers.add(name, list(values))
+        entry.add("header", headers)
+    return entry
+
+
+def block(host: MirrorHost) -> hostsmerge.Block:
+    """The entry as it is added to someone else's file: marked as ours, no blank line inside."""
+    doc = tomlkit.document()
+    table = tomlkit.table(is_super_table=True)
+    entry = entry_table(host)
+    entry.comment(hostsmerge.MARK)
+    table.add(host.url, entry)
+    doc.add("host", table)
+    text = "".join(line for line in tomlkit.dumps(doc).splitlines(keepends=True) if line.strip())
+    return hostsmerge.Block(host.url, text, host.position)
 
 
 @dataclass(frozen=True)
@@ -149,21 +189,7 @@ class HostsFile:
             doc.add("server", self.server)
         table = tomlkit.table(is_super_table=True)
         for host in self.hosts:
-            entry = tomlkit.table()
-            entry.add("capabilities", list(host.capabilities))
-            opts = host.options
-            if opts.dial_timeout:
-                entry.add("dial_timeout", opts.dial_timeout)
-            if opts.skip_verify:
-                entry.add("skip_verify", True)
-            if opts.ca:
-                entry.add("ca", opts.ca[0] if len(opts.ca) == 1 else list(opts.ca))
-            if opts.headers:
-                headers = tomlkit.table()
-                for name, values in opts.headers:
-                    headers.add(name, list(values))
-                entry.add("header", headers)
-            table.add(host.url, entry)
+            table.add(host.url, entry_table(host))
         if self.hosts:
             doc.add(tomlkit.nl())
             doc.add("host", table)
@@ -218,7 +244,10 @@ def plan(compiled: Compiled, work: Path | None = None) -> list[HostsFile]:
                 ca=(str(ca_path(work)),),
                 default=options.default,
             )
-        hosts.append(MirrorHost(f"{scheme}://{config.address}", tuple(config.capabilities), options))
+        hosts.append(MirrorHost(
+            f"{scheme}://{config.address}", tuple(config.capabilities), options,
+            position=config.position, keep_out=config.keep_out,
+        ))
     files = [HostsFile(u.ns, servers[u.ns], tuple(hosts)) for u in upstreams]
     defaults = tuple(h for h in hosts if h.options.default)
     if defaults:
@@ -253,52 +282,86 @@ def backups(folder: Path) -> list[Path]:
 
 
 def _keep(target: Path) -> Path:
-    """Keep a person's file under a backup name that is not taken; never overwrite a backup."""
+    """Keep a link a person's tools manage under a backup name that is not taken."""
     folder = target.parent
     name = folder / BACKUP_NAME
     n = 0
     while True:
         try:
-            os.link(target, name)  # the same inode under a second name: nothing is copied or lost
+            os.link(target, name, follow_symlinks=False)  # the link itself, under a second name
             return name
         except FileExistsError:
             n += 1
             name = folder / f"{BACKUP_NAME}.{n}"
 
 
-def install(text: str, hosts_dir: Path, folder: str, mode: int = 0o644) -> str:
-    """Install one hosts.toml into `hosts_dir/folder`; return what happened, for the log."""
-    target = Path(hosts_dir) / folder / FILE_NAME
-    data = text.encode()
+def _read(target: Path) -> bytes | None:
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        kept: Path | None = None
-        if target.exists():
-            current = target.read_bytes()
+        return target.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _rewrite(target: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace a file someone else owns: same mode (or stricter) and, as root, same owner."""
+    st = target.stat()
+    keep = st.st_mode & 0o777
+    atomic_write(target, data, keep & mode if mode is not None else keep, owner=(st.st_uid, st.st_gid))
+
+
+def install(f: HostsFile, hosts_dir: Path) -> str:
+    """Install one hosts.toml into `hosts_dir/f.folder`; return what happened, for the log."""
+    target = Path(hosts_dir) / f.folder / FILE_NAME
+    data = f.render().encode()
+    try:
+        current = _read(target)
+        if current is None or is_ours(current):
             if current == data:
                 return f"{target}: unchanged"
-            if not is_ours(current):
-                kept = _keep(target)
-        atomic_write(target, data, mode)
+            atomic_write(target, data, f.mode)
+            return f"{target}: installed"
+        try:
+            merged = hostsmerge.merge(current.decode("utf-8"), [block(h) for h in f.hosts]).encode()
+        except (hostsmerge.MergeError, UnicodeDecodeError) as e:
+            raise HostsError(f"cannot add the mirror to {target}: {e}") from None
+        if merged == current:
+            return f"{target}: unchanged (the mirror's table is in it)"
+        # A link (configuration management's) is never written through: it is kept aside and
+        # comes back when the mirror is removed.
+        kept = _keep(target) if target.is_symlink() else None
+        _rewrite(target, merged, 0o600 if f.mode == 0o600 else None)
     except OSError as e:
         raise HostsError(f"cannot install {target}: {e.strerror or e}") from None
     if kept is not None:
-        return f"{target}: installed (the previous file is kept as {kept.name})"
-    return f"{target}: installed"
+        return f"{target}: the mirror's table added to a copy of the linked file (the link is kept as {kept.name})"
+    return f"{target}: the mirror's table added, the other entries kept as they were"
 
 
 def remove(hosts_dir: Path, folder: str) -> str:
-    """Remove our hosts.toml from `hosts_dir/folder`, putting back the newest backup if any."""
+    """Take the mirror out of `hosts_dir/folder`: our tables only, or our whole file."""
     directory = Path(hosts_dir) / folder
     target = directory / FILE_NAME
     try:
-        if target.exists() and not is_ours(target.read_bytes()):
-            return f"{target}: not written by acr, left alone"
+        current = _read(target)
+        if current is not None and not is_ours(current):
+            try:
+                text = current.decode("utf-8")
+                if not hostsmerge.marked_urls(text):
+                    return f"{target}: no table of the mirror in it, left alone"
+                rest = hostsmerge.unmerge(text).encode()
+            except (hostsmerge.MergeError, UnicodeDecodeError) as e:
+                raise HostsError(f"cannot take the mirror out of {target}: {e}") from None
+            kept = backups(directory)
+            if kept and _read(kept[-1]) == rest:
+                os.replace(kept[-1], target)  # the link we kept aside, as it was
+                return f"{target}: the mirror's table taken out, {kept[-1].name} put back"
+            _rewrite(target, rest)
+            return f"{target}: the mirror's table taken out, the rest is as it was"
         kept = backups(directory) if directory.is_dir() else []
         if kept:
             os.replace(kept[-1], target)
             return f"{target}: restored from {kept[-1].name}"
-        if not target.exists():
+        if current is None:
             return f"{target}: not installed"
         target.unlink()
         try:
@@ -310,20 +373,51 @@ def remove(hosts_dir: Path, folder: str) -> str:
         raise HostsError(f"cannot remove {target}: {e.strerror or e}") from None
 
 
-def state(text: str, hosts_dir: Path, folder: str) -> str:
+def routing(f: HostsFile, hosts_dir: Path) -> dict[str, Any]:
+    """Blocking: whether the installed file sends containerd to the mirror, and in which order."""
+    target = Path(hosts_dir) / f.folder / FILE_NAME
+    ours = [h.url for h in f.hosts]
+    out: dict[str, Any] = {"file": str(target), "mirror": ours}
+    try:
+        current = target.read_bytes()
+    except FileNotFoundError:
+        return {**out, "routes_through_mirror": False, "state": "missing"}
+    except OSError as e:
+        return {**out, "routes_through_mirror": False, "state": f"unreadable: {e.strerror}"}
+    try:
+        hosts = hostsmerge.host_urls(current.decode("utf-8"))
+    except (hostsmerge.MergeError, UnicodeDecodeError):
+        return {**out, "routes_through_mirror": False, "state": "not valid TOML"}
+    listed = [u for u in hosts if u in ours]
+    return {
+        **out,
+        "routes_through_mirror": bool(listed),
+        "first": bool(hosts) and hosts[0] in ours,
+        "hosts": hosts,
+        "state": "ours" if is_ours(current) else "shared",
+    }
+
+
+def state(f: HostsFile, hosts_dir: Path) -> str:
     """How the installed file compares with what the runmd asks for."""
-    target = Path(hosts_dir) / folder / FILE_NAME
+    target = Path(hosts_dir) / f.folder / FILE_NAME
     try:
         current = target.read_bytes()
     except FileNotFoundError:
         return "not installed"
     except OSError as e:
         return f"unreadable: {e.strerror}"
-    if current == text.encode():
+    if current == f.render().encode():
         return "installed"
     if is_ours(current):
         return "installed, out of date"
-    return "a file acr did not write (install keeps it as a backup)"
+    try:
+        text = current.decode("utf-8")
+        if hostsmerge.merge(text, [block(h) for h in f.hosts]) == text:
+            return "another tool's file, with the mirror's table in it"
+    except (hostsmerge.MergeError, UnicodeDecodeError) as e:
+        return f"another tool's file that install cannot change: {e}"
+    return "another tool's file: install adds the mirror's table to it"
 
 
 # --- the runtime side: generate into .work, then install ---------------------------------
@@ -350,7 +444,7 @@ def generate(compiled: Compiled, work: Path) -> list[tuple[HostsFile, str, Path]
 
 
 def install_all(compiled: Compiled, work: Path, hosts_dir: Path) -> list[str]:
-    return [install(text, hosts_dir, f.folder, f.mode) for f, text, _ in generate(compiled, work)]
+    return [install(f, hosts_dir) for f, _, _ in generate(compiled, work)]
 
 
 def remove_all(compiled: Compiled, work: Path, hosts_dir: Path) -> list[str]:
@@ -366,5 +460,5 @@ def show(compiled: Compiled, work: Path, hosts_dir: Path) -> str:
     for f in files:
         text = f.render()
         target = Path(hosts_dir) / f.folder / FILE_NAME
-        chunks.append(f"# --- {target} ({state(text, hosts_dir, f.folder)})\n{text}")
+        chunks.append(f"# --- {target} ({state(f, hosts_dir)})\n{text}")
     return "\n".join(chunks).rstrip("\n")

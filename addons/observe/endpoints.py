@@ -236,6 +236,7 @@ class Endpoints:
         if login and isinstance(login.get("expires_at"), (int, float)):
             login["expires_in"] = round(login["expires_at"] - now, 1)
         tokens = self.state.services.get("tokens")
+        hosts = self.state.services.get("hosts_routing")
         return {
             "status": "ok",
             "version": __version__,
@@ -244,5 +245,7 @@ class Endpoints:
             "credentials": files,
             "acr_login": login,
             "tokens": tokens.tokens() if tokens is not None else [],
+            # Per hosts.toml the runmd asks for: does containerd go through the mirror (first)?
+            "hosts_toml": hosts() if hosts is not None else [],
             "counters": dict(sorted(self.state.counters.items())),
         }

@@ -276,24 +276,35 @@ class AadClient:
             self._save_cache()
 
     def _auto(self) -> AadToken:
-        sp = self._service_principal(required=False)
-        if sp is not None:
+        """The first identity this machine has; without any, one line per identity tried and why not."""
+        tried: list[str] = []
+        try:
+            sp = self._service_principal(required=True)
+        except LoginError as e:
+            if self.identity.credentials is not None:
+                raise
+            tried.append(f"service principal: {str(e).removeprefix('no service principal: ')}")
+        else:
+            assert sp is not None
             return self._client_credentials(sp)
         token = self._aks(required=False)
         if token is not None:
             return token
+        tried.append(f"AKS: {self._azure_json_path()} does not exist")
         token = self._azure_cli(required=False)
         if token is not None:
             return token
+        tried.append("Azure CLI: no 'az' on PATH")
         client_id = self.identity.client_id or self._env("AZURE_CLIENT_ID")
         try:
             return self._managed(client_id)
         except _Unreachable as e:
-            raise LoginError(
-                "no identity: no service principal (AZURE_CLIENT_ID, AZURE_TENANT_ID and "
-                f"AZURE_CLIENT_SECRET or AZURE_CLIENT_CERTIFICATE_PATH), no {self._azure_json_path()}, "
-                f"no 'az' on PATH, and {e}; add ': .identity device' under .login-acr to sign in at a terminal"
-            ) from None
+            tried.append(f"managed identity: {e}")
+        lines = "".join(f"\n  {line}" for line in tried)
+        raise LoginError(
+            "no identity: none of these applies on this machine (add ': .identity device' under "
+            f".login-acr to sign in at a terminal):{lines}"
+        )
 
     # -- managed identity (IMDS) ------------------------------------------------
 

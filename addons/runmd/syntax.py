@@ -216,8 +216,10 @@ def load(path: str | Path, attributes: Mapping[str, Collection[str]] | None = No
         data = p.read_bytes()
     except FileNotFoundError:
         raise RunmdError(str(p), 0, "no such file (run 'acr init' to write one)") from None
+    except IsADirectoryError:
+        raise RunmdError(str(p), 0, f"is a folder, not a runmd file (e.g. --runmd {p / 'mirror.runmd'})") from None
     except OSError as e:
-        raise RunmdError(str(p), 0, f"cannot read: {e.__class__.__name__}") from None
+        raise RunmdError(str(p), 0, f"cannot read: {e.strerror or e.__class__.__name__}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
