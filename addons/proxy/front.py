@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from typing import Any
 
@@ -22,7 +24,8 @@ from addons.registry import oci
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.context import RequestContext, info, note
+from addons.proxy.context import Forward, RequestContext, info, note
+from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
@@ -90,8 +93,28 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     for k, v in (headers or {}).items():
         flow.response.headers[k] = v
     info(flow)["refused"] = f"{status} {code}"
+    info(flow)["why"] = message
     flow.comment = f"refused: {status} {code}: {message}"
     note(flow, "proxy", f"refused {status} {code}: {message}")
+
+
+def upstream_prefix(path: str, hosts: Iterable[str]) -> tuple[str | None, str]:
+    """`/v2/<registry-host>/<name>/...` -> (host, `/v2/<name>/...`) when the first component is a
+    configured upstream and the rest is still an API path; else (None, path) unchanged.
+
+    This is how clients that cannot send `ns` (skopeo, podman, CRI-O: a registries.conf mirror
+    `location = "HOST:PORT/<registry-host>"`) say which upstream they mean. Only configured
+    hosts are stripped, so the mirror never reaches a host it was not told to serve, and a
+    repository whose first component merely looks like a host stays a repository.
+    """
+    raw, sep, query = path.partition("?")
+    if not raw.startswith("/v2/"):
+        return None, path
+    first, slash, rest = raw[4:].partition("/")
+    host = first.lower()
+    if not slash or host not in hosts or not _PATH_RE.match("/v2/" + rest):
+        return None, path
+    return host, "/v2/" + rest + sep + query
 
 
 def head_size(req: http.Request) -> int:
@@ -144,8 +167,10 @@ class Proxy(ProxyPlugin):
             return refuse(flow, 400, "UNSUPPORTED", "this is a registry mirror, not an HTTP proxy")
         if head_size(req) > MAX_REQUEST_HEAD:
             return refuse(flow, 431, "UNSUPPORTED", f"request line and headers are larger than {MAX_REQUEST_HEAD // 1024} KiB")
+        ns = req.query.get("ns")
+        prefix, path = upstream_prefix(req.path, self.state.upstreams) if ns is None else (None, req.path)
         try:
-            target = parse_target(req.path)
+            target = parse_target(path)
         except RouteError as e:
             return refuse(flow, e.status, e.code, e.message)
         if target.kind == "ping":
@@ -161,11 +186,11 @@ class Proxy(ProxyPlugin):
             flow.response.headers["Content-Length"] = str(len(body))
             info(flow)["route"] = "ping"
             return
-        ns = req.query.get("ns")
-        upstream = self.state.upstream_for(ns)
+        upstream = self.state.upstream_for(prefix or ns)
         if upstream is None:
             if ns is None:
-                return refuse(flow, 404, "NAME_UNKNOWN", "no ns given and more than one upstream is configured")
+                return refuse(flow, 404, "NAME_UNKNOWN",
+                              "no ns given and more than one upstream is configured (use ?ns= or /v2/<registry-host>/<name>)")
             return refuse(flow, 404, "NAME_UNKNOWN", f"registry '{ns[:100]}' is not mirrored here")
         route = self.routes.get(target.kind)
         if route is None:
@@ -184,6 +209,8 @@ class Proxy(ProxyPlugin):
             accept=oci.accept_values(req.headers),
             query=[(k, v) for k, v in req.query.items(multi=True) if k != "ns"],
             ns_sent=ns,
+            prefix=prefix,
+            if_none_match=req.headers.get_all("if-none-match"),
             pass_headers={k: v for k, v in req.headers.items() if k.lower() in PASSED_HEADERS},
         )
         ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
@@ -215,16 +242,45 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(f"refused {meta['refused']}")
     if flow.error:
         parts.append(f"error: {flow.error.msg}")
+    elif flow.response and not 200 <= flow.response.status_code < 300:
+        parts.append(f"({meta.get('why') or why_status(flow.response.status_code)})")
     if meta.get("upstream") and not meta.get("refused"):
         parts.append(f"[{meta.get('ns')}]")
     return " ".join(parts)
 
 
-class ProxyTail:
-    """The last addon of the chain: a routed flow that no step answered or forwarded gets a 500.
+def forward_as_is(flow: http.HTTPFlow, ctx: RequestContext) -> None:
+    """Send a routed request that no step answers to its upstream unchanged (but for `ns`)."""
+    path = f"/v2/{ctx.name}/{ctx.route}/{ctx.reference}" if ctx.reference else f"/v2/{ctx.name}/tags/list"
+    url = ctx.upstream.url(path)
+    if ctx.query:
+        url += "?" + urlencode(ctx.query)
+    header = None
+    if ctx.authorizer is not None:
+        found, header = ctx.authorizer.cached_header()
+        header = header if found else None
+    ctx.forward = Forward(url, redirected=False, authorization=header)
+    ctx.note("proxy", f"no step of .{ctx.route} answers: forwarded to {ctx.upstream.ns} as is")
+    deliver(flow, ctx)
 
-    Without it mitmproxy would send the request to reverse mode's placeholder target. It also
-    writes each request's one log line, once the answer is complete.
+
+def why_status(status: int) -> str:
+    """A few words for a non-2xx answer no step explained (a streamed upstream answer)."""
+    if status == 304:
+        return "not modified"
+    if 300 <= status < 400:
+        return "redirected"
+    return f"upstream answered {status}"
+
+
+class ProxyTail:
+    """The last addon of the chain: a routed flow that no step answered goes to its upstream as is.
+
+    A route with no step that answers (`.tags get` with nothing under it) forwards its requests
+    to the upstream unchanged, with the route's upstream token when `.authn` got one, and the
+    answer streams back: what a client of the registry expects, rather than an error. Without
+    this mitmproxy would send the request to reverse mode's placeholder target. It also writes
+    each request's one log line, once the answer is complete.
     """
 
     name = "acr-proxy-tail"
@@ -238,10 +294,20 @@ class ProxyTail:
         meta = flow.metadata.get("acr") or {}
         if meta.get("forward"):
             return
-        if meta.get("route"):
-            refuse(flow, 500, "UNSUPPORTED", f"no step of the .{meta['route']} route answered: check mirror.runmd")
-        else:
-            refuse(flow, 404, "NOT_FOUND", "not served")
+        ctx = self.state.contexts.get(flow)
+        if ctx is None or not meta.get("route"):
+            return refuse(flow, 404, "NOT_FOUND", "not served")
+        forward_as_is(flow, ctx)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = self.state.contexts.get(flow)
+        if ctx is None or ctx.forward is None or flow.response is None:
+            return
+        if not flow.response.stream:
+            flow.response.stream = True  # a blob never sits in memory whole
+        if flow.response.status_code >= 400 and not ctx.why:
+            ctx.why = f"upstream answered {flow.response.status_code}"
+            ctx.publish(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if "acr" in flow.metadata:

@@ -89,6 +89,19 @@ def close_upstream(flow: http.HTTPFlow) -> bool:
     return True
 
 
+def link_with_prefix(link: str, prefix: str) -> str:
+    """Keep the `/v2/<registry-host>/` prefix on a tag list's next-page link, for a client that
+    chose the upstream by its path."""
+
+    def add(m: re.Match[str]) -> str:
+        target = m.group(1)
+        if target.startswith("/v2/"):
+            target = f"/v2/{prefix}/{target[4:]}"
+        return f"<{target}>"
+
+    return re.sub(r"<([^>]*)>", add, link, count=1)
+
+
 def link_with_ns(link: str, ns: str) -> str:
     """Keep containerd's `ns` on a tag list's next-page link, so the next page reaches the same upstream."""
 
@@ -108,6 +121,7 @@ def scrub(flow: http.HTTPFlow) -> None:
 class Pull(ProxyPlugin):
     plugin = "pull"
     routes = frozenset({"blobs", "tags"})
+    answers = frozenset({"blobs", "tags"})
     summary = "stream blobs (follow storage redirects; 'client' hands them to the client) and pass tag lists"
 
     @classmethod
@@ -158,7 +172,6 @@ class Pull(ProxyPlugin):
                     return current, None  # storage: let mitmproxy stream it
                 continue
             if resp.status_code >= 400:
-                resp.close()
                 raise UpstreamError.from_status(resp, what)
             if method == "GET":
                 resp.close()
@@ -198,6 +211,8 @@ class Pull(ProxyPlugin):
         try:
             if ctx.method == "HEAD" or ctx.route == "tags":
                 ctx.answer = self.answer_small(ctx.method, url, ctx.pass_headers, ctx.authorizer, what, ctx.ns_sent)
+                if ctx.prefix and "Link" in ctx.answer.headers:
+                    ctx.answer.headers["Link"] = link_with_prefix(ctx.answer.headers["Link"], ctx.prefix)
                 ctx.note("pull", f"{ctx.method} answered by the mirror ({ctx.answer.status_code})")
                 return
             self.forward_blob(ctx, url, ctx.pass_headers, what)
@@ -214,7 +229,6 @@ class Pull(ProxyPlugin):
         if resp is None:
             resp = send(self.state, method, url, headers=extra, auth=auth, stream=True, what=what)
             if resp.status_code >= 400:
-                resp.close()
                 raise UpstreamError.from_status(resp, what)
         try:
             body = b"" if method == "HEAD" else resp.raw.read(4 * 1024 * 1024 + 1, decode_content=True)
@@ -302,12 +316,15 @@ class Pull(ProxyPlugin):
         self.state.counters["blobs_streamed"] += 1
         resp.stream = self.watch(flow)
         ctx.upstream_status = resp.status_code
+        if resp.status_code >= 400:
+            ctx.why = f"upstream answered {resp.status_code}"
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.
             self.blob_modes()[ctx.upstream.ns] = "redirect"
         elif resp.status_code in (401, 403, 429):
             # The client must not be sent to the upstream's token realm: make it fall back.
             mapped = {401: 502, 403: 502, 429: 503}[resp.status_code]
+            ctx.why = f"upstream refused the mirror ({resp.status_code})"
             resp.status_code = mapped
             resp.headers.pop("WWW-Authenticate", None)
             auth = ctx.authorizer
