@@ -352,7 +352,7 @@ def test_a_configured_registry_host_as_path_prefix_selects_the_upstream(prefix: 
     assert flow.response is None
     meta = flow.metadata["acr"]
     assert (meta["upstream"], meta["name"], meta["reference"]) == (upstream, "library/alpine", "latest")
-    assert meta["prefix"] == prefix.lower()
+    assert meta["prefix"] == prefix  # as sent: a next-page link keeps it
 
 
 def test_a_prefix_also_routes_with_one_upstream() -> None:
@@ -387,3 +387,11 @@ def test_an_unconfigured_host_prefix_is_never_proxied_to() -> None:
 def test_ns_wins_over_a_path_that_starts_with_a_host() -> None:
     flow = _routed(make_mirror(TWO_UPSTREAMS), "/v2/127.0.0.1:5000/x/manifests/v1?ns=example.azurecr.io")
     assert flow.response is not None and error_of(flow)["code"] == "NAME_INVALID"
+
+
+def test_an_upstream_with_a_port_is_named_by_its_host_when_no_other_has_it() -> None:
+    """registries.conf locations cannot carry a port in a path component."""
+    flow = _routed(make_mirror(TWO_UPSTREAMS), "/v2/127.0.0.1/library/alpine/manifests/latest")
+    assert flow.response is None
+    assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
+    assert flow.metadata["acr"]["prefix"] == "127.0.0.1"

@@ -396,14 +396,22 @@ def registries_conf(compiled: Compiled, work: Path | None = None) -> str:
         MARKER,
         f"# Save as {REGISTRIES_CONF_D / REGISTRIES_CONF_NAME} (podman, skopeo and CRI-O read it).",
     ]
-    for f in files:
-        server = Upstream.from_spec(f.server) if f.server else Upstream.from_spec(f.folder)
+    upstreams = [Upstream.from_spec(f.server) if f.server else Upstream.from_spec(f.folder) for f in files]
+    for f, server in zip(files, upstreams):
+        # A path component cannot hold a port: such a registry is named by its host alone,
+        # which the mirror maps back when no other upstream has that host.
+        prefix = f.folder
+        if ":" in f.folder:
+            prefix = Upstream.from_spec(f.folder).hostname
+            if sum(1 for u in upstreams if u.hostname == prefix) > 1:
+                lines += ["", f"# {f.folder}: no mirror entry (another registry has the host {prefix}; use ?ns=)"]
+                continue
         lines += ["", "[[registry]]", f"prefix = {_toml_str(f.folder)}", f"location = {_toml_str(server.host)}"]
         if server.scheme == "http":
             lines.append("insecure = true")
         for host in f.hosts:
             scheme, _, address = host.url.partition("://")
-            lines += ["", "[[registry.mirror]]", f"location = {_toml_str(f'{address}/{f.folder}')}"]
+            lines += ["", "[[registry.mirror]]", f"location = {_toml_str(f'{address}/{prefix}')}"]
             if scheme == "http":
                 lines.append("insecure = true")
             elif host.options.ca:

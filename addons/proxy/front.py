@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -21,6 +21,7 @@ from mitmproxy import ctx, http
 from addons.core.duration import seconds_option
 
 from addons.registry import oci
+from addons.registry.oci import Upstream
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
@@ -98,23 +99,37 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     note(flow, "proxy", f"refused {status} {code}: {message}")
 
 
-def upstream_prefix(path: str, hosts: Iterable[str]) -> tuple[str | None, str]:
-    """`/v2/<registry-host>/<name>/...` -> (host, `/v2/<name>/...`) when the first component is a
-    configured upstream and the rest is still an API path; else (None, path) unchanged.
+def upstream_prefix(path: str, upstreams: Mapping[str, Upstream]) -> tuple[str | None, str, str]:
+    """`/v2/<registry-host>/<name>/...` -> (upstream ns, the prefix as sent, `/v2/<name>/...`)
+    when the first component names a configured upstream and the rest is still an API path;
+    else (None, "", path) unchanged.
 
     This is how clients that cannot send `ns` (skopeo, podman, CRI-O: a registries.conf mirror
-    `location = "HOST:PORT/<registry-host>"`) say which upstream they mean. Only configured
-    hosts are stripped, so the mirror never reaches a host it was not told to serve, and a
-    repository whose first component merely looks like a host stays a repository.
+    `location = "HOST:PORT/<registry-host>"`) say which upstream they mean. A path component
+    cannot hold a port, so an upstream with a port is named by its host alone when no other
+    upstream has that host. Only configured hosts are matched, so the mirror never reaches a
+    host it was not told to serve, and a repository whose first component merely looks like
+    a host stays a repository.
     """
     raw, sep, query = path.partition("?")
     if not raw.startswith("/v2/"):
-        return None, path
+        return None, "", path
     first, slash, rest = raw[4:].partition("/")
-    host = first.lower()
-    if not slash or host not in hosts or not _PATH_RE.match("/v2/" + rest):
-        return None, path
-    return host, "/v2/" + rest + sep + query
+    if not slash or not _PATH_RE.match("/v2/" + rest):
+        return None, "", path
+    ns = prefix_upstream(first, upstreams)
+    if ns is None:
+        return None, "", path
+    return ns, first, "/v2/" + rest + sep + query
+
+
+def prefix_upstream(component: str, upstreams: Mapping[str, Upstream]) -> str | None:
+    """The configured upstream a path prefix names: by host[:port], or by a host that only one has."""
+    host = component.lower()
+    if host in upstreams:
+        return host
+    same = [ns for ns, u in upstreams.items() if u.hostname.lower() == host]
+    return same[0] if len(same) == 1 else None
 
 
 def head_size(req: http.Request) -> int:
@@ -168,7 +183,7 @@ class Proxy(ProxyPlugin):
         if head_size(req) > MAX_REQUEST_HEAD:
             return refuse(flow, 431, "UNSUPPORTED", f"request line and headers are larger than {MAX_REQUEST_HEAD // 1024} KiB")
         ns = req.query.get("ns")
-        prefix, path = upstream_prefix(req.path, self.state.upstreams) if ns is None else (None, req.path)
+        chosen, prefix, path = upstream_prefix(req.path, self.state.upstreams) if ns is None else (None, "", req.path)
         try:
             target = parse_target(path)
         except RouteError as e:
@@ -186,7 +201,7 @@ class Proxy(ProxyPlugin):
             flow.response.headers["Content-Length"] = str(len(body))
             info(flow)["route"] = "ping"
             return
-        upstream = self.state.upstream_for(prefix or ns)
+        upstream = self.state.upstream_for(chosen or ns)
         if upstream is None:
             if ns is None:
                 return refuse(flow, 404, "NAME_UNKNOWN",
@@ -209,7 +224,7 @@ class Proxy(ProxyPlugin):
             accept=oci.accept_values(req.headers),
             query=[(k, v) for k, v in req.query.items(multi=True) if k != "ns"],
             ns_sent=ns,
-            prefix=prefix,
+            prefix=prefix or None,
             if_none_match=req.headers.get_all("if-none-match"),
             pass_headers={k: v for k, v in req.headers.items() if k.lower() in PASSED_HEADERS},
         )
