@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -259,3 +260,26 @@ def test_podman_pulls_through_a_registries_conf_mirror_entry(
     assert f"GET blobs {repo_name}:{image.layers[0].digest} -> 200" in log, log
     seen = registry_manifest_requests(token_registry, repo_name)
     assert seen and all("python-requests" in line for line in seen), seen
+
+
+def test_a_route_that_no_step_answers_forwards_to_its_upstream_and_dump_says_so(
+    registry: Registry, repo_name: str, mirror_factory: Callable[..., Mirror],
+) -> None:
+    """`.tags get` with nothing under it: the registry's own tag list, never a 500."""
+    push_image(registry, repo_name, "v1", make_image({"tags": repo_name.encode()}))
+    m = mirror_factory(registry.url, start=False)
+    text = m.runmd_path.read_text()
+    start = text.index(": .tags")
+    end = text.index("```", start)
+    m.runmd_path.write_text(text[:start] + ": .tags           get\n" + text[end:])
+    dump = subprocess.run([ACR, "--runmd", str(m.runmd_path), "dump"], capture_output=True, text=True, check=True).stdout
+    assert 'tags "get"  # no step answers: forwarded to the upstream as is' in dump, dump
+    m.start()
+    status, _, body = fetch(m.host, "GET", f"/v2/{repo_name}/tags/list", [])
+    assert (status, json.loads(body)) == (200, {"name": repo_name, "tags": ["v1"]})
+    # A streamed answer's log line is written once mitmproxy has sent the last byte.
+    for _ in range(100):
+        if f"GET tags {repo_name} -> 200" in m.log_text():
+            break
+        time.sleep(0.1)
+    assert f"GET tags {repo_name} -> 200" in m.log_text(), m.log_text()
