@@ -144,3 +144,17 @@ def test_the_registries_conf_drop_in_names_each_registry_by_a_path_prefix(tmp_pa
     assert 'prefix = "127.0.0.1:5000"\nlocation = "127.0.0.1:5000"\ninsecure = true' in text
     assert 'location = "127.0.0.1:8578/127.0.0.1"' in text
     assert 'location = "127.0.0.1:8578/localhost"' in text
+
+
+def test_the_readme_shows_the_drop_in_that_the_command_prints(tmp_path) -> None:
+    import re
+    import subprocess
+    from pathlib import Path
+
+    acr = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "acr")
+    subprocess.run([acr, "--registry", "example", "init"], cwd=tmp_path, check=True, capture_output=True)
+    out = subprocess.run([acr, "hosts", "show", "--registries-conf"], cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shown = re.search(r"<!-- registries-conf: .*? -->\n```toml\n(.*?)```", readme, re.S)
+    assert shown is not None and shown.group(1) == out

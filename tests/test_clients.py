@@ -145,11 +145,19 @@ def test_304_and_errors_say_why_in_the_log(
     assert status == 404 and b"accept header does not support OCI indexes" in body
     status, _, _ = fetch(m.host, "GET", f"/v2/{repo_name}/manifests/docker", [])
     assert status == 200
+    status, _, _ = fetch(m.host, "GET", f"/v2/{repo_name}/manifests/missing", [])
+    assert status == 404
     log = m.log_text()
-    assert f"GET manifests {repo_name}:oci -> 304" in log and "(not modified: If-None-Match names this digest)" in log, log
-    assert "OCI index found, but accept header does not support OCI indexes" in log, log
-    # A signed schema1 answer is checked by its payload and passed on, never a 502.
-    assert f"GET manifests {repo_name}:docker -> 200" in log, log
+    ns = registry.host
+    assert (f"GET manifests {repo_name}:oci -> 304 {pushed['oci']} (not modified: If-None-Match names this digest) [{ns}]"
+            in log), log
+    assert (f"GET manifests {repo_name}:index -> 404 (manifest {repo_name}:index: upstream 404 MANIFEST_UNKNOWN: "
+            f"OCI index found, but accept header does not support OCI indexes) [{ns}]") in log, log
+    assert (f"GET manifests {repo_name}:missing -> 404 (manifest {repo_name}:missing: upstream 404 MANIFEST_UNKNOWN: "
+            f'manifest unknown {{"Tag":"missing"}}) [{ns}]') in log, log
+    # A signed schema1 answer is checked by its payload and passed on (with its own digest), never a 502.
+    assert f"GET manifests {repo_name}:docker -> 200 sha256:" in log, log
+    assert f"GET manifests {repo_name}:docker -> 200 {pushed['docker']}" not in log, log
 
 
 # --- skopeo and podman: a registries.conf mirror of a mirror that serves two registries -----------

@@ -244,9 +244,14 @@ def summary(flow: http.HTTPFlow) -> str:
         what = f"{meta['route']} {meta.get('name')}{':' if meta.get('reference') else ''}{meta.get('reference', '')}"
     parts = [f"{req.method} {what} -> {status}"]
     resolved = meta.get("resolved")
-    if resolved:
-        parts.append(resolved["digest"])
     teleport = meta.get("teleport") or {}
+    # The digest the client got: the registry's own for an answer passed on (a schema1
+    # conversion has another), none for an error, the original one when teleported.
+    answered = flow.response.headers.get(oci.CONTENT_DIGEST_HEADER) if flow.response else None
+    if resolved and ("to" in teleport or (not answered and flow.response is not None and flow.response.status_code < 400)):
+        parts.append(resolved["digest"])
+    elif answered and meta.get("route") == "manifests":
+        parts.append(answered)
     if "to" in teleport:
         parts.append(f"teleported to {teleport['to']}")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
