@@ -57,8 +57,11 @@ def response(body: bytes, headers: dict[str, str], status: int = 200) -> request
     (["*/*"], oci.OCI_MANIFEST, False),  # docker-registry counts named types only
     ([], oci.DOCKER_MANIFEST, False),
     ([oci.DOCKER_MANIFEST], oci.DOCKER_MANIFEST_LIST, False),
+    # Other types (artifacts, stored schema1) are served whatever the client accepts.
+    (["*/*"], "application/vnd.oci.artifact.manifest.v1+json", True),
+    ([], "application/json", True),
 ])
-def test_a_manifest_goes_to_a_client_only_when_its_accept_names_the_type(accept, media_type, ok) -> None:
+def test_an_image_manifest_or_index_goes_to_a_client_only_when_its_accept_names_the_type(accept, media_type, ok) -> None:
     assert accepts(accept, media_type) is ok
 
 
@@ -158,3 +161,10 @@ def test_the_readme_shows_the_drop_in_that_the_command_prints(tmp_path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     shown = re.search(r"<!-- registries-conf: .*? -->\n```toml\n(.*?)```", readme, re.S)
     assert shown is not None and shown.group(1) == out
+
+
+def test_a_next_page_link_keeps_the_registry_host_prefix() -> None:
+    from addons.proxy.pull import link_with_prefix
+
+    link = '</v2/demo/app/tags/list?last=v1&n=1>; rel="next"'
+    assert link_with_prefix(link, "127.0.0.1") == '</v2/127.0.0.1/demo/app/tags/list?last=v1&n=1>; rel="next"'

@@ -26,25 +26,12 @@ from mitmproxy import ctx, http
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import Forward, RequestContext
-from addons.proxy.upstream import Authorizer, UpstreamError, send
+from addons.proxy.upstream import Authorizer, UpstreamError, passed_headers, send
 
 logger = logging.getLogger(__name__)
 
 REDIRECTS = ("follow", "client")
 MAX_REDIRECTS = 5
-#: Upstream headers worth passing on with a blob or tag list.
-_PASS_HEADERS = (
-    "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified",
-    oci.CONTENT_DIGEST_HEADER, "Link", "Retry-After",
-)
-
-
-def _pass_headers(resp: requests.Response) -> dict[str, str]:
-    out = {k: resp.headers[k] for k in _PASS_HEADERS if k in resp.headers}
-    out[oci.API_VERSION_HEADER] = oci.API_VERSION
-    return out
-
-
 def same_origin(a: str, b: str) -> bool:
     x, y = urlsplit(a), urlsplit(b)
     return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
@@ -238,7 +225,7 @@ class Pull(ProxyPlugin):
             resp.close()
         if len(body) > 4 * 1024 * 1024:
             raise UpstreamError(502, "UNSUPPORTED", f"{what}: upstream answer is larger than 4 MiB")
-        headers = _pass_headers(resp)
+        headers = passed_headers(resp)
         if method != "HEAD":
             headers.pop("Content-Length", None)  # the body may have been decoded
         if ns and "Link" in headers:

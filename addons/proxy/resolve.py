@@ -61,9 +61,14 @@ def digest_of(body: bytes, algorithm: str = "sha256") -> str:
 
 
 def accepts(accept: list[str], media_type: str) -> bool:
-    """Whether the client's `Accept` names this manifest type. Like docker-registry, `*/*` does
-    not count: a client that names no type gets what the registry gives such a client."""
+    """Whether the registry gives a client with this `Accept` the manifest as stored.
+
+    Like docker-registry: an OCI or Docker v2 manifest or index only when `Accept` names its
+    type (`*/*` does not count), any other type (an artifact, a stored schema1) to everyone.
+    """
     want = oci.base_media_type(media_type)
+    if want not in oci.MANIFEST_TYPES:
+        return True
     return any(oci.base_media_type(v) == want for v in accept)
 
 
