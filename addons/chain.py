@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
+from addons.core import mitm
 from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
-from addons.observe.endpoints import Endpoints  # issue 5
-from addons.node.login_acr import LoginRefresh  # issue 5
-from addons.observe import record  # issue 6: flow files scrubbed of credentials
-from addons.observe.metrics import Metrics  # issue 6: GET /metrics
-from addons.observe.replay import ReplayCheck  # issue 6: decisions re-made offline over read flows
+from addons.observe.endpoints import Endpoints
+from addons.node.login_acr import LoginRefresh
+from addons.observe import record  # flow files scrubbed of credentials
+from addons.observe.metrics import Metrics  # GET /metrics
+from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
 from addons.proxy.front import Proxy, ProxyTail
 from addons.proxy.pull import TokenScrub
 from addons.proxy.routes import Route
@@ -64,7 +65,7 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
         elif route_addon is not None:
             route_addon.steps.append(addon)
         steps.append(addon)
-    # issue 5: /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
+    # /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
     front: list[Any] = [Endpoints(compiled, state)]
     front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
@@ -98,12 +99,9 @@ class AcrMirror:
 
     def load(self, loader) -> None:
         # First in the master's chain, ahead of the flow writer and mitmweb (see TokenScrub).
-        manager = ctx.master.addons
-        if manager.get(TokenScrub.name) is None:
-            scrubber = TokenScrub()
-            manager.lookup[TokenScrub.name] = scrubber
-            manager.chain.insert(0, scrubber)
-        record.install(ctx.master)  # issue 6: `-w` and mitmweb's save write scrubbed copies
+        if ctx.master.addons.get(TokenScrub.name) is None:
+            mitm.put_first_in_chain(ctx.master, TokenScrub())
+        record.install(ctx.master)  # `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
 
     def configure(self, updated: set[str]) -> None:

@@ -32,7 +32,8 @@ from addons.proxy.state import MirrorState
 logger = logging.getLogger(__name__)
 
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+?)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|(?P<tags>tags)/list)$")
-#: The digest algorithms the mirror can check content against (resolve, oci.DigestVerifier).
+#: The digest algorithms a reference may use: resolve checks manifests against them; blob bytes
+#: are streamed as they come (the client checks them against the digest it asked for).
 DIGEST_ALGORITHMS = ("sha256", "sha512")
 #: Request line and headers together; containerd sends about 1 KiB. mitmproxy itself has no
 #: limit, and a client's `Accept` is passed upstream, so a larger request is refused here.
@@ -191,14 +192,9 @@ class Proxy(ProxyPlugin):
         if target.kind == "ping":
             if req.method not in ("GET", "HEAD"):
                 return refuse(flow, 405, "UNSUPPORTED", "method not allowed", {"Allow": "GET, HEAD"})
-            body = b"{}"
-            flow.response = http.Response.make(
-                200,
-                b"" if req.method == "HEAD" else body,
-                {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION},
+            flow.response = oci.make_response(
+                200, b"{}", {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION}, req.method
             )
-            # Set after make(), which would reset it to the empty HEAD body's length.
-            flow.response.headers["Content-Length"] = str(len(body))
             info(flow)["route"] = "ping"
             return
         upstream = self.state.upstream_for(chosen or ns)

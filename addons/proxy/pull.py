@@ -23,6 +23,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import requests
 from mitmproxy import ctx, http
 
+from addons.core import mitm
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import Forward, RequestContext
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 REDIRECTS = ("follow", "client")
 MAX_REDIRECTS = 5
+
+
 def same_origin(a: str, b: str) -> bool:
     x, y = urlsplit(a), urlsplit(b)
     return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
@@ -49,31 +52,6 @@ class Activity:
         if not chunk:
             self.done = True  # mitmproxy calls it with b"" at the end of the body
         return chunk
-
-
-def client_backlogged(flow: http.HTTPFlow) -> bool:
-    """Whether bytes for the client are still queued: mitmproxy then waits for the *client*
-    (it reads upstream only once its writers drained), so a quiet upstream is not stalled."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
-    io = getattr(handler, "transports", {}).get(flow.client_conn)
-    transport = getattr(getattr(io, "writer", None), "transport", None)
-    try:
-        return transport is not None and transport.get_write_buffer_size() > 0
-    except Exception:  # another transport type: assume the upstream is the one to watch
-        return False
-
-
-def close_upstream(flow: http.HTTPFlow) -> bool:
-    """Close the server side of a flow's connection (found the way addons.core.mitm finds readers)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
-    io = getattr(handler, "transports", {}).get(flow.server_conn)
-    writer = getattr(io, "writer", None)
-    if writer is None:
-        return False
-    writer.transport.abort()
-    return True
 
 
 def link_with_prefix(link: str, prefix: str) -> str:
@@ -283,7 +261,7 @@ class Pull(ProxyPlugin):
             for flow, activity in list(self._watched.items()):
                 if activity.done or not flow.live:
                     self._watched.pop(flow, None)
-                elif now - activity.last > limit and client_backlogged(flow):
+                elif now - activity.last > limit and mitm.client_has_unsent_bytes(flow):
                     activity.last = now  # the client is slow, not the upstream (backpressure)
                 elif now - activity.last > limit:
                     self._watched.pop(flow, None)
@@ -292,7 +270,7 @@ class Pull(ProxyPlugin):
                         ctx.stalled = True
                         ctx.note("pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
                         ctx.publish(flow)
-                    close_upstream(flow)
+                    mitm.abort_server_connection(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = self.context(flow)
@@ -348,9 +326,5 @@ class TokenScrub:
         self.responseheaders(flow)
 
     def done(self) -> None:
-        from mitmproxy import ctx
-
-        save = ctx.master.addons.get("save")
-        for flow in list(getattr(save, "active_flows", ())):
-            if isinstance(flow, http.HTTPFlow):
-                self.responseheaders(flow)
+        for flow in mitm.flows_the_writer_holds(ctx.master):
+            self.responseheaders(flow)

@@ -123,11 +123,7 @@ def manifest_response(method: str, manifest: Manifest) -> http.Response:
         "Etag": f'"{manifest.digest}"',
         "Date": http_date(),
     }
-    if method == "HEAD":
-        resp = http.Response.make(200, b"", headers)
-        resp.headers["Content-Length"] = str(manifest.size)
-        return resp
-    return http.Response.make(200, manifest.body, headers)
+    return oci.make_response(200, manifest.body, headers, method)
 
 
 def not_modified() -> http.Response:
