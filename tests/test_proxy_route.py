@@ -320,7 +320,7 @@ def _proxy_index(mirror: AcrMirror) -> int:
 def _routed(mirror: AcrMirror, path: str) -> http.HTTPFlow:
     flow = make_flow(path)
     with taddons.context(mirror):
-        _call(mirror.addons[_proxy_index(mirror)], "requestheaders", flow)
+        run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
     return flow
 
 
