@@ -3,7 +3,7 @@
 containerd sends every manifest type in `Accept` and `?ns=` on every request; skopeo, podman,
 CRI-O and plain HTTP clients do not. The matrix sends the same requests to the real
 docker-registry and through the mirror (OCI image, Docker schema2, OCI index, Docker list; by
-tag and by digest; seven `Accept` sets; GET and HEAD; `If-None-Match`), in two orders, each on
+tag and by digest; seven `Accept` sets; GET and HEAD; `If-None-Match`; `Range`), in two orders, each on
 a cold mirror, and fails on any difference a client could see. skopeo and podman (from Debian)
 then pull through a registries.conf mirror entry of a mirror that serves two registries, which
 they can only name by the path prefix `/v2/<registry-host>/...`.
@@ -113,6 +113,8 @@ def requests_for(repo: str, pushed: dict[str, str]) -> list[tuple[str, str, str,
                 for method in ("GET", "HEAD"):
                     out.append((method, f"/v2/{repo}/manifests/{ref}", accept, {"If-None-Match": f'"{digest}"'}))
             out.append(("GET", f"/v2/{repo}/manifests/{ref}", "oci", {"If-None-Match": '"sha256:' + "1" * 64 + '"'}))
+            for accept in ("none", "all-as-lines"):  # docker-registry answers a manifest whole
+                out.append(("GET", f"/v2/{repo}/manifests/{ref}", accept, {"Range": "bytes=0-9"}))
     return out
 
 

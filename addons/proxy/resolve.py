@@ -272,6 +272,9 @@ def client_headers(ctx: RequestContext) -> dict[str, str | None]:
     out: dict[str, str | None] = {"Accept": ", ".join(ctx.accept) if ctx.accept else None}
     if ctx.if_none_match:
         out["If-None-Match"] = ", ".join(ctx.if_none_match)
+    for name, value in ctx.pass_headers.items():
+        if name.lower() == "range":
+            out["Range"] = value
     return out
 
 
