@@ -145,10 +145,16 @@ def dump(compiled: Compiled) -> str:
         for root in block.roots:
             lines.append(f"  {root.id:>{width}}: {root.kind}{' ' + _q(root.input) if root.input else ''}")
             depth = 1
+            #: (line index, kind) of each route, and the routes a step under them answers
+            routes: list[tuple[int, str]] = []
+            answered: set[int] = set()
             for step in root.steps:
                 cls = compiled.classes[step.id]
                 if getattr(cls, "route_kind", ""):
                     depth = 1
+                    routes.append((len(lines), step.plugin))
+                elif routes and routes[-1][1] in getattr(cls, "answers", ()):
+                    answered.add(routes[-1][0])
                 text = f"  {step.id:>{width}}: {'  ' * depth}{step.plugin}"
                 if step.input:
                     text += f" {_q(step.input)}"
@@ -157,6 +163,9 @@ def dump(compiled: Compiled) -> str:
                     lines.append(f"  {'':>{width}}  {'  ' * (depth + 1)}.{attr.name} {_q(attr.input)}")
                 if getattr(cls, "route_kind", ""):
                     depth = 2
+            for i, _ in routes:
+                if i not in answered:
+                    lines[i] += "  # no step answers: forwarded to the upstream as is"
     return "\n".join(lines)
 
 
@@ -493,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     hosts = sub.add_parser("hosts", help="show, install or remove the hosts.toml files for containerd")
     hosts.add_argument("hosts_command", choices=("show", "install", "remove"), metavar="{show,install,remove}")
     hosts.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
+    hosts.add_argument(
+        "--registries-conf", action="store_true",
+        help="with show: print the registries.conf.d drop-in for podman, skopeo and CRI-O instead",
+    )
     hosts.set_defaults(func=cmd_hosts)
     return parser
 
@@ -505,6 +518,9 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     hosts_dir = hosts_dir_of(args)
     work = compiled.home / ".work"
     try:
+        if args.hosts_command == "show" and args.registries_conf:
+            print(hostsfile.registries_conf(compiled, work))
+            return 0
         if args.hosts_command == "show":
             print(hostsfile.show(compiled, work, hosts_dir))
             return 0

@@ -194,7 +194,7 @@ SMALL_DUMP = [
     '  2:   mirror "http://127.0.0.1:5000"',
     '  3:   host "localhost:8578, resolve, pull"',
     '  4: proxy "localhost:8578"',
-    '  5:   manifests "head, get"',
+    '  5:   manifests "head, get"  # no step answers: forwarded to the upstream as is',
     '  6:     login "access_token"',
     '  7:   blobs "get"',
     "  8:     pull",

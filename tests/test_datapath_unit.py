@@ -159,7 +159,7 @@ def test_send_turns_transport_failures_into_gateway_errors(exc: Exception, statu
     (401, "blob sha256:x", 502, "UNAUTHORIZED"),
     (403, "blob sha256:x", 502, "DENIED"),
     (429, "blob sha256:x", 503, "TOOMANYREQUESTS"),
-    (400, "blob sha256:x", 502, "UPSTREAM_UNAVAILABLE"),
+    (400, "blob sha256:x", 400, "UNKNOWN"),
     (500, "blob sha256:x", 500, "UPSTREAM_UNAVAILABLE"),
     (503, "blob sha256:x", 503, "UPSTREAM_UNAVAILABLE"),
 ])

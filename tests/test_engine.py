@@ -75,8 +75,8 @@ TWO_EVENTS_DUMP = [
     '   8:   process "touch started"',
     '   9:   mirror "http://127.0.0.1:{upstream}"',
     '  10: proxy "127.0.0.1:{port}"',
-    '  11:   manifests "head, get"',
-    '  12:   blobs "get"',
+    '  11:   manifests "head, get"  # no step answers: forwarded to the upstream as is',
+    '  12:   blobs "get"  # no step answers: forwarded to the upstream as is',
 ]
 
 

@@ -225,13 +225,14 @@ def test_ns_naming_the_upstream_is_routed(ns: str) -> None:
     assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
 
 
-def test_routed_flow_that_no_step_answers_gets_500_from_the_tail() -> None:
-    flow = make_flow("/v2/library/alpine/manifests/latest")
-    url = flow.request.url
+def test_routed_flow_that_no_step_answers_goes_to_its_upstream_as_is() -> None:
+    """A route with no step that answers forwards (as `acr dump` says), never a 500."""
+    flow = make_flow("/v2/library/alpine/manifests/latest?ns=127.0.0.1%3A5000&x=1")
     drive(make_mirror(ONE_UPSTREAM), flow)
     assert flow.metadata["acr"]["route"] == "manifests"
-    assert flow.response is not None and flow.response.status_code == 500
-    assert flow.request.url == url
+    assert flow.metadata["acr"]["forward"] is True
+    assert flow.response is None
+    assert flow.request.url == "http://127.0.0.1:5000/v2/library/alpine/manifests/latest?x=1"
 
 
 def test_no_ns_with_two_upstreams_is_404() -> None:
@@ -311,3 +312,68 @@ def test_a_flow_that_already_has_a_response_is_left_alone() -> None:
 def _proxy_index(mirror: AcrMirror) -> int:
     """Where the `.proxy` root stands in the chain (front addons such as /auth come before it)."""
     return next(i for i, a in enumerate(mirror.addons) if isinstance(a, Proxy))
+
+
+# --- clients that cannot send ns: the registry host as a path prefix --------------------------
+
+
+def _routed(mirror: AcrMirror, path: str) -> http.HTTPFlow:
+    flow = make_flow(path)
+    with taddons.context(mirror):
+        run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
+    return flow
+
+
+@pytest.mark.parametrize("prefix, upstream", [
+    ("example.azurecr.io", "https://example.azurecr.io"),
+    ("EXAMPLE.azurecr.io", "https://example.azurecr.io"),
+    ("127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+def test_a_configured_registry_host_as_path_prefix_selects_the_upstream(prefix: str, upstream: str) -> None:
+    flow = _routed(make_mirror(TWO_UPSTREAMS), f"/v2/{prefix}/library/alpine/manifests/latest")
+    assert flow.response is None
+    meta = flow.metadata["acr"]
+    assert (meta["upstream"], meta["name"], meta["reference"]) == (upstream, "library/alpine", "latest")
+    assert meta["prefix"] == prefix  # as sent: a next-page link keeps it
+
+
+def test_a_prefix_also_routes_with_one_upstream() -> None:
+    flow = _routed(make_mirror(ONE_UPSTREAM), "/v2/127.0.0.1:5000/demo/app/blobs/sha256:" + "a" * 64)
+    assert flow.response is None
+    assert (flow.metadata["acr"]["name"], flow.metadata["acr"]["route"]) == ("demo/app", "blobs")
+
+
+@pytest.mark.parametrize("path, name", [
+    # A first component that looks like a host but is not configured stays part of the repository.
+    ("/v2/docker.io/library/alpine/manifests/latest", "docker.io/library/alpine"),
+    # A configured host with nothing behind it is the repository itself, not a prefix.
+    ("/v2/example.azurecr.io/manifests/latest", "example.azurecr.io"),
+])
+def test_a_prefix_that_is_not_a_configured_upstream_stays_a_repository(path: str, name: str) -> None:
+    flow = _routed(make_mirror(ONE_UPSTREAM), path)
+    assert flow.response is None
+    assert flow.metadata["acr"]["name"] == name
+    assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
+
+
+def test_an_unconfigured_host_prefix_is_never_proxied_to() -> None:
+    """Never an open proxy: a host:port prefix that is not configured is an invalid name."""
+    flow = _routed(make_mirror(TWO_UPSTREAMS), "/v2/127.0.0.1:6000/library/alpine/manifests/latest")
+    assert flow.response is not None and flow.response.status_code == 400
+    assert error_of(flow)["code"] == "NAME_INVALID"
+    flow = _routed(make_mirror(TWO_UPSTREAMS), "/v2/evil.example.com/library/alpine/manifests/latest")
+    assert flow.response is not None and flow.response.status_code == 404
+    assert "more than one upstream" in error_of(flow)["message"]
+
+
+def test_ns_wins_over_a_path_that_starts_with_a_host() -> None:
+    flow = _routed(make_mirror(TWO_UPSTREAMS), "/v2/127.0.0.1:5000/x/manifests/v1?ns=example.azurecr.io")
+    assert flow.response is not None and error_of(flow)["code"] == "NAME_INVALID"
+
+
+def test_an_upstream_with_a_port_is_named_by_its_host_when_no_other_has_it() -> None:
+    """registries.conf locations cannot carry a port in a path component."""
+    flow = _routed(make_mirror(TWO_UPSTREAMS), "/v2/127.0.0.1/library/alpine/manifests/latest")
+    assert flow.response is None
+    assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
+    assert flow.metadata["acr"]["prefix"] == "127.0.0.1"

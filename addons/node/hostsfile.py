@@ -462,3 +462,51 @@ def show(compiled: Compiled, work: Path, hosts_dir: Path) -> str:
         target = Path(hosts_dir) / f.folder / FILE_NAME
         chunks.append(f"# --- {target} ({state(f, hosts_dir)})\n{text}")
     return "\n".join(chunks).rstrip("\n")
+
+
+# --- registries.conf (podman, skopeo, CRI-O) ---------------------------------------------
+
+#: Where containers-registries.conf(5) drop-ins live; later names win over earlier ones.
+REGISTRIES_CONF_D = Path("/etc/containers/registries.conf.d")
+REGISTRIES_CONF_NAME = "50-lifec-registry.conf"
+
+
+def _toml_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def registries_conf(compiled: Compiled, work: Path | None = None) -> str:
+    """The registries.conf.d drop-in that sends podman, skopeo and CRI-O through the mirror.
+
+    Those clients cannot send containerd's `ns`: each mirror `location` carries the registry's
+    host as a path prefix (`HOST:PORT/<registry-host>`), which the mirror maps to that upstream.
+    When the mirror fails, the clients pull from the registry itself, as containerd does.
+    """
+    files = [f for f in plan(compiled, work) if f.folder != DEFAULT_FOLDER]
+    if not files:
+        return f"# {compiled.path}: no '.host' step, so no mirror entries"
+    lines = [
+        MARKER,
+        f"# Save as {REGISTRIES_CONF_D / REGISTRIES_CONF_NAME} (podman, skopeo and CRI-O read it).",
+    ]
+    upstreams = [Upstream.from_spec(f.server) if f.server else Upstream.from_spec(f.folder) for f in files]
+    for f, server in zip(files, upstreams):
+        # A path component cannot hold a port: such a registry is named by its host alone,
+        # which the mirror maps back when no other upstream has that host.
+        prefix = f.folder
+        if ":" in f.folder:
+            prefix = Upstream.from_spec(f.folder).hostname
+            if sum(1 for u in upstreams if u.hostname == prefix) > 1:
+                lines += ["", f"# {f.folder}: no mirror entry (another registry has the host {prefix}; use ?ns=)"]
+                continue
+        lines += ["", "[[registry]]", f"prefix = {_toml_str(f.folder)}", f"location = {_toml_str(server.host)}"]
+        if server.scheme == "http":
+            lines.append("insecure = true")
+        for host in f.hosts:
+            scheme, _, address = host.url.partition("://")
+            lines += ["", "[[registry.mirror]]", f"location = {_toml_str(f'{address}/{prefix}')}"]
+            if scheme == "http":
+                lines.append("insecure = true")
+            elif host.options.ca:
+                lines.append(f"# trust {host.options.ca[0]}: copy it to /etc/containers/certs.d/{address}/ca.crt")
+    return "\n".join(lines)

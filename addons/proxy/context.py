@@ -211,6 +211,10 @@ class RequestContext:
     #: The client's query without `ns`, and `ns` as it sent it (kept on a tag list's next link).
     query: list[tuple[str, str]] = field(default_factory=list)
     ns_sent: str | None = None
+    #: The upstream host named by the path (`/v2/<host>/<name>/...`), for clients that send no `ns`.
+    prefix: str | None = None
+    #: The client's `If-None-Match` lines (a manifest answer is 304 when one names its digest).
+    if_none_match: list[str] = field(default_factory=list)
     #: The client's headers that go upstream with a blob or tag list (Range, Accept, If-None-Match).
     pass_headers: dict[str, str] = field(default_factory=dict)
     # -- login, authn ---------------------------------------------------------------
@@ -222,6 +226,11 @@ class RequestContext:
     manifest_cached: bool = False
     #: The `Accept` the mirror's own manifest lookups use (the client's plus `.resolve` types).
     lookup_accept: str = ""
+    #: The manifest in the answer when it is the one resolved (the client accepts its type).
+    served: Manifest | None = None
+    #: The answer is the registry's own for the client's headers (the client does not accept
+    #: the resolved type): nothing may replace it.
+    passed_through: bool = False
     referrers: Referrers | None = None
     discover_skipped: str | None = None
     teleport: TeleportDecision | None = None
@@ -235,6 +244,8 @@ class RequestContext:
     error: UpstreamError | None = None
     upstream_status: int | None = None
     refused: str | None = None
+    #: Why the answer is not a 2xx, in a few words, for the log line.
+    why: str = ""
     steps: list[str] = field(default_factory=list)
     #: mitmweb's mark for the flow, set on the flow with the answer.
     marked: str = ""
@@ -309,6 +320,7 @@ class RequestContext:
         """A step's upstream failure becomes the answer (already mapped for the client)."""
         self.error = e
         self.answer = e.response(self.method)
+        self.why = e.message
         if e.status and step in ("resolve", "pull"):
             self.upstream_status = e.status
         self.note(step, e.message)
@@ -348,6 +360,10 @@ class RequestContext:
             out["upstream_status"] = self.upstream_status
         if self.refused:
             out["refused"] = self.refused
+        if self.prefix:
+            out["prefix"] = self.prefix
+        if self.why:
+            out["why"] = self.why
         out["steps"] = list(self.steps)
         return out
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from typing import Any
 
@@ -19,10 +21,12 @@ from mitmproxy import ctx, http
 from addons.core.duration import seconds_option
 
 from addons.registry import oci
+from addons.registry.oci import Upstream
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.context import ANSWERED, RequestContext, info, listen_origin, note, show_served_from
+from addons.proxy.context import ANSWERED, Forward, RequestContext, info, listen_origin, note, show_served_from
+from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
@@ -93,12 +97,46 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     meta = info(flow)
     meta["refused"] = f"{status} {code}"
     meta["answered"] = "mirror"
+    meta["why"] = message
     note(flow, "proxy", f"refused {status} {code}: {message}")
     flow.comment = "\n".join([f"refused {status} {code}", f"{ANSWERED}: {message}", *meta["steps"]])
     own = listen_origin(flow)
     if own is not None and flow.request.first_line_format == "relative":
         # Served by the mirror itself: show its own address, not reverse mode's placeholder.
         show_served_from(flow, own)
+
+
+def upstream_prefix(path: str, upstreams: Mapping[str, Upstream]) -> tuple[str | None, str, str]:
+    """`/v2/<registry-host>/<name>/...` -> (upstream ns, the prefix as sent, `/v2/<name>/...`)
+    when the first component names a configured upstream and the rest is still an API path;
+    else (None, "", path) unchanged.
+
+    This is how clients that cannot send `ns` (skopeo, podman, CRI-O: a registries.conf mirror
+    `location = "HOST:PORT/<registry-host>"`) say which upstream they mean. A path component
+    cannot hold a port, so an upstream with a port is named by its host alone when no other
+    upstream has that host. Only configured hosts are matched, so the mirror never reaches a
+    host it was not told to serve, and a repository whose first component merely looks like
+    a host stays a repository.
+    """
+    raw, sep, query = path.partition("?")
+    if not raw.startswith("/v2/"):
+        return None, "", path
+    first, slash, rest = raw[4:].partition("/")
+    if not slash or not _PATH_RE.match("/v2/" + rest):
+        return None, "", path
+    ns = prefix_upstream(first, upstreams)
+    if ns is None:
+        return None, "", path
+    return ns, first, "/v2/" + rest + sep + query
+
+
+def prefix_upstream(component: str, upstreams: Mapping[str, Upstream]) -> str | None:
+    """The configured upstream a path prefix names: by host[:port], or by a host that only one has."""
+    host = component.lower()
+    if host in upstreams:
+        return host
+    same = [ns for ns, u in upstreams.items() if u.hostname.lower() == host]
+    return same[0] if len(same) == 1 else None
 
 
 def head_size(req: http.Request) -> int:
@@ -151,8 +189,10 @@ class Proxy(ProxyPlugin):
             return refuse(flow, 400, "UNSUPPORTED", "this is a registry mirror, not an HTTP proxy")
         if head_size(req) > MAX_REQUEST_HEAD:
             return refuse(flow, 431, "UNSUPPORTED", f"request line and headers are larger than {MAX_REQUEST_HEAD // 1024} KiB")
+        ns = req.query.get("ns")
+        chosen, prefix, path = upstream_prefix(req.path, self.state.upstreams) if ns is None else (None, "", req.path)
         try:
-            target = parse_target(req.path)
+            target = parse_target(path)
         except RouteError as e:
             return refuse(flow, e.status, e.code, e.message)
         if target.kind == "ping":
@@ -166,11 +206,11 @@ class Proxy(ProxyPlugin):
             if (own := listen_origin(flow)) is not None:
                 show_served_from(flow, own)
             return
-        ns = req.query.get("ns")
-        upstream = self.state.upstream_for(ns)
+        upstream = self.state.upstream_for(chosen or ns)
         if upstream is None:
             if ns is None:
-                return refuse(flow, 404, "NAME_UNKNOWN", "no ns given and more than one upstream is configured")
+                return refuse(flow, 404, "NAME_UNKNOWN",
+                              "no ns given and more than one upstream is configured (use ?ns= or /v2/<registry-host>/<name>)")
             return refuse(flow, 404, "NAME_UNKNOWN", f"registry '{ns[:100]}' is not mirrored here")
         route = self.routes.get(target.kind)
         if route is None:
@@ -189,6 +229,8 @@ class Proxy(ProxyPlugin):
             accept=oci.accept_values(req.headers),
             query=[(k, v) for k, v in req.query.items(multi=True) if k != "ns"],
             ns_sent=ns,
+            prefix=prefix or None,
+            if_none_match=req.headers.get_all("if-none-match"),
             pass_headers={k: v for k, v in req.headers.items() if k.lower() in PASSED_HEADERS},
         )
         ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
@@ -206,9 +248,14 @@ def summary(flow: http.HTTPFlow) -> str:
         what = f"{meta['route']} {meta.get('name')}{':' if meta.get('reference') else ''}{meta.get('reference', '')}"
     parts = [f"{req.method} {what} -> {status}"]
     resolved = meta.get("resolved")
-    if resolved:
-        parts.append(resolved["digest"])
     teleport = meta.get("teleport") or {}
+    # The digest the client got: the registry's own for an answer passed on (a schema1
+    # conversion has another), none for an error, the original one when teleported.
+    answered = flow.response.headers.get(oci.CONTENT_DIGEST_HEADER) if flow.response else None
+    if resolved and ("to" in teleport or (not answered and flow.response is not None and flow.response.status_code < 400)):
+        parts.append(resolved["digest"])
+    elif answered and meta.get("route") == "manifests":
+        parts.append(answered)
     if "to" in teleport:
         parts.append(f"teleported to {teleport['to']}")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
@@ -219,16 +266,45 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(f"refused {meta['refused']}")
     if flow.error:
         parts.append(f"error: {flow.error.msg}")
+    elif flow.response and not 200 <= flow.response.status_code < 300:
+        parts.append(f"({meta.get('why') or why_status(flow.response.status_code)})")
     if meta.get("upstream") and not meta.get("refused"):
         parts.append(f"[{meta.get('ns')}]")
     return " ".join(parts)
 
 
-class ProxyTail:
-    """The last addon of the chain: a routed flow that no step answered or forwarded gets a 500.
+def forward_as_is(flow: http.HTTPFlow, ctx: RequestContext) -> None:
+    """Send a routed request that no step answers to its upstream unchanged (but for `ns`)."""
+    path = f"/v2/{ctx.name}/{ctx.route}/{ctx.reference}" if ctx.reference else f"/v2/{ctx.name}/tags/list"
+    url = ctx.upstream.url(path)
+    if ctx.query:
+        url += "?" + urlencode(ctx.query)
+    header = None
+    if ctx.authorizer is not None:
+        found, header = ctx.authorizer.cached_header()
+        header = header if found else None
+    ctx.forward = Forward(url, redirected=False, authorization=header)
+    ctx.note("proxy", f"no step of .{ctx.route} answers: forwarded to {ctx.upstream.ns} as is")
+    deliver(flow, ctx)
 
-    Without it mitmproxy would send the request to reverse mode's placeholder target. It also
-    writes each request's one log line, once the answer is complete.
+
+def why_status(status: int) -> str:
+    """A few words for a non-2xx answer no step explained (a streamed upstream answer)."""
+    if status == 304:
+        return "not modified"
+    if 300 <= status < 400:
+        return "redirected"
+    return f"upstream answered {status}"
+
+
+class ProxyTail:
+    """The last addon of the chain: a routed flow that no step answered goes to its upstream as is.
+
+    A route with no step that answers (`.tags get` with nothing under it) forwards its requests
+    to the upstream unchanged, with the route's upstream token when `.authn` got one, and the
+    answer streams back: what a client of the registry expects, rather than an error. Without
+    this mitmproxy would send the request to reverse mode's placeholder target. It also writes
+    each request's one log line, once the answer is complete.
     """
 
     name = "acr-proxy-tail"
@@ -244,10 +320,20 @@ class ProxyTail:
         meta = flow.metadata.get("acr") or {}
         if meta.get("forward"):
             return
-        if meta.get("route"):
-            refuse(flow, 500, "UNSUPPORTED", f"no step of the .{meta['route']} route answered: check mirror.runmd")
-        else:
-            refuse(flow, 404, "NOT_FOUND", "not served")
+        ctx = self.state.contexts.get(flow)
+        if ctx is None or not meta.get("route"):
+            return refuse(flow, 404, "NOT_FOUND", "not served")
+        forward_as_is(flow, ctx)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        ctx = self.state.contexts.get(flow)
+        if ctx is None or ctx.forward is None or flow.response is None:
+            return
+        if not flow.response.stream:
+            flow.response.stream = True  # a blob never sits in memory whole
+        if flow.response.status_code >= 400 and not ctx.why:
+            ctx.why = f"upstream answered {flow.response.status_code}"
+            ctx.publish(flow)
 
     @staticmethod
     def own_answer(flow: http.HTTPFlow) -> None:

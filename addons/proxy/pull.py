@@ -25,26 +25,14 @@ import requests
 from mitmproxy import ctx, http
 
 from addons.core import mitm
-from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import Forward, RequestContext, Streamed, size_text
-from addons.proxy.upstream import Authorizer, UpstreamError, send
+from addons.proxy.upstream import Authorizer, UpstreamError, passed_headers, send
 
 logger = logging.getLogger(__name__)
 
 REDIRECTS = ("follow", "client")
 MAX_REDIRECTS = 5
-#: Upstream headers worth passing on with a blob or tag list.
-_PASS_HEADERS = (
-    "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified",
-    oci.CONTENT_DIGEST_HEADER, "Link", "Retry-After",
-)
-
-
-def _pass_headers(resp: requests.Response) -> dict[str, str]:
-    out = {k: resp.headers[k] for k in _PASS_HEADERS if k in resp.headers}
-    out[oci.API_VERSION_HEADER] = oci.API_VERSION
-    return out
 
 
 def same_origin(a: str, b: str) -> bool:
@@ -74,6 +62,19 @@ class Activity:
         return chunk
 
 
+def link_with_prefix(link: str, prefix: str) -> str:
+    """Keep the `/v2/<registry-host>/` prefix on a tag list's next-page link, for a client that
+    chose the upstream by its path."""
+
+    def add(m: re.Match[str]) -> str:
+        target = m.group(1)
+        if target.startswith("/v2/"):
+            target = f"/v2/{prefix}/{target[4:]}"
+        return f"<{target}>"
+
+    return re.sub(r"<([^>]*)>", add, link, count=1)
+
+
 def link_with_ns(link: str, ns: str) -> str:
     """Keep containerd's `ns` on a tag list's next-page link, so the next page reaches the same upstream."""
 
@@ -93,6 +94,7 @@ def scrub(flow: http.HTTPFlow) -> None:
 class Pull(ProxyPlugin):
     plugin = "pull"
     routes = frozenset({"blobs", "tags"})
+    answers = frozenset({"blobs", "tags"})
     summary = "stream blobs (follow storage redirects; 'client' hands them to the client) and pass tag lists"
 
     @classmethod
@@ -143,7 +145,6 @@ class Pull(ProxyPlugin):
                     return current, None  # storage: let mitmproxy stream it
                 continue
             if resp.status_code >= 400:
-                resp.close()
                 raise UpstreamError.from_status(resp, what)
             if method == "GET":
                 resp.close()
@@ -183,6 +184,8 @@ class Pull(ProxyPlugin):
         try:
             if ctx.method == "HEAD" or ctx.route == "tags":
                 ctx.answer = self.answer_small(ctx.method, url, ctx.pass_headers, ctx.authorizer, what, ctx.ns_sent)
+                if ctx.prefix and "Link" in ctx.answer.headers:
+                    ctx.answer.headers["Link"] = link_with_prefix(ctx.answer.headers["Link"], ctx.prefix)
                 ctx.note("pull", f"{ctx.method} answered by the mirror ({ctx.answer.status_code})")
                 return
             self.forward_blob(ctx, url, ctx.pass_headers, what)
@@ -199,7 +202,6 @@ class Pull(ProxyPlugin):
         if resp is None:
             resp = send(self.state, method, url, headers=extra, auth=auth, stream=True, what=what)
             if resp.status_code >= 400:
-                resp.close()
                 raise UpstreamError.from_status(resp, what)
         try:
             body = b"" if method == "HEAD" else resp.raw.read(4 * 1024 * 1024 + 1, decode_content=True)
@@ -209,7 +211,7 @@ class Pull(ProxyPlugin):
             resp.close()
         if len(body) > 4 * 1024 * 1024:
             raise UpstreamError(502, "UNSUPPORTED", f"{what}: upstream answer is larger than 4 MiB")
-        headers = _pass_headers(resp)
+        headers = passed_headers(resp)
         if method != "HEAD":
             headers.pop("Content-Length", None)  # the body may have been decoded
         if ns and "Link" in headers:
@@ -300,12 +302,15 @@ class Pull(ProxyPlugin):
         self.state.counters["blobs_streamed"] += 1
         resp.stream = self.watch(flow, ctx)
         ctx.upstream_status = resp.status_code
+        if resp.status_code >= 400:
+            ctx.why = f"upstream answered {resp.status_code}"
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.
             self.blob_modes()[ctx.upstream.ns] = "redirect"
         elif resp.status_code in (401, 403, 429):
             # The client must not be sent to the upstream's token realm: make it fall back.
             mapped = {401: 502, 403: 502, 429: 503}[resp.status_code]
+            ctx.why = f"upstream refused the mirror ({resp.status_code})"
             resp.status_code = mapped
             resp.headers.pop("WWW-Authenticate", None)
             auth = ctx.authorizer

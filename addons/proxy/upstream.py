@@ -39,16 +39,27 @@ class Shared(Protocol):
 
 
 class UpstreamError(Exception):
-    """A failure talking upstream, already turned into the answer the client gets."""
+    """A failure talking upstream, already turned into the answer the client gets.
 
-    def __init__(self, status: int, code: str, message: str, retry_after: str | None = None) -> None:
+    `body` and `headers` hold an upstream error answer that passes to the client unchanged
+    (a 404 MANIFEST_UNKNOWN says more than anything the mirror could write instead).
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: str | None = None,
+        *, body: bytes | None = None, headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.body = body
+        self.headers = dict(headers or {})
 
     def response(self, method: str) -> http.Response:
+        if self.body is not None:
+            return passed_response(method, self.status, self.body, self.headers)
         headers = {"Retry-After": self.retry_after} if self.retry_after else None
         return oci.error_response(self.status, self.code, self.message, method=method, headers=headers)
 
@@ -59,13 +70,80 @@ class UpstreamError(Exception):
 
     @classmethod
     def from_status(cls, resp: requests.Response, what: str) -> UpstreamError:
+        """The upstream's error answer: a client error passes on as it came (status, body);
+        401/403/429 are the mirror's own credentials or quota, so they become gateway errors
+        that make containerd fall back, and a 5xx stays a 5xx."""
         status = resp.status_code
-        if status == 404:
-            code = "MANIFEST_UNKNOWN" if "manifest" in what else "BLOB_UNKNOWN" if "blob" in what else "NAME_UNKNOWN"
-            return cls(404, code, f"{what}: not found upstream")
+        body = read_error_body(resp)
+        code, detail = error_summary(body)
+        if 400 <= status < 500 and status not in _GATEWAY:
+            fallback = "UNKNOWN"  # docker-registry's code for an error it cannot name
+            if status == 404:
+                fallback = "MANIFEST_UNKNOWN" if "manifest" in what else "BLOB_UNKNOWN" if "blob" in what else "NAME_UNKNOWN"
+            words = f"{code}: {detail}" if code else "not found" if status == 404 else "client error"
+            return cls(
+                status, code or fallback, f"{what}: upstream {status} {words}", resp.headers.get("Retry-After"),
+                body=body, headers=passed_headers(resp),
+            )
         mapped = _GATEWAY.get(status, status if status >= 500 else 502)
-        code = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(status, "UPSTREAM_UNAVAILABLE")
-        return cls(mapped, code, f"{what}: upstream answered {status}", resp.headers.get("Retry-After"))
+        mine = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(status, "UPSTREAM_UNAVAILABLE")
+        why = f" ({code}: {detail})" if code and detail else ""
+        return cls(mapped, mine, f"{what}: upstream answered {status}{why}", resp.headers.get("Retry-After"))
+
+
+#: An upstream error body larger than this is not an OCI error document: it is not passed on.
+MAX_ERROR_BODY = 64 * 1024
+#: Upstream headers an answer passed on to the client keeps.
+PASSED_HEADERS = (
+    "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified", "Date",
+    oci.CONTENT_DIGEST_HEADER, oci.API_VERSION_HEADER, "Link", "Retry-After",
+)
+
+
+def read_error_body(resp: requests.Response) -> bytes | None:
+    """An upstream error answer's body (None when too large or cut short); closes the response."""
+    try:
+        data = resp.raw.read(MAX_ERROR_BODY + 1, decode_content=True) if resp.raw is not None else resp.content
+    except (requests.RequestException, OSError):
+        return None
+    finally:
+        resp.close()
+    return data if data is not None and len(data) <= MAX_ERROR_BODY else None
+
+
+def error_summary(body: bytes | None) -> tuple[str, str]:
+    """The first error's code and message (with detail) of an OCI error document, for the log."""
+    import json
+
+    try:
+        first = json.loads(body or b"")["errors"][0]
+        code, message = str(first.get("code", "")), str(first.get("message", ""))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        return "", ""
+    detail = first.get("detail")
+    if detail not in (None, "", {}):
+        message += f" {json.dumps(detail, separators=(',', ':'))[:120]}"
+    return code[:60], message[:200]
+
+
+def passed_headers(resp: requests.Response) -> dict[str, str]:
+    """The upstream headers that describe its answer, as the client gets them."""
+    out = {k: resp.headers[k] for k in PASSED_HEADERS if k in resp.headers}
+    out.setdefault(oci.API_VERSION_HEADER, oci.API_VERSION)
+    return out
+
+
+def passed_response(method: str, status: int, body: bytes, headers: Mapping[str, str]) -> http.Response:
+    """An upstream answer as the client gets it; a HEAD keeps the upstream's Content-Length
+    (mitmproxy would write a body for HEAD, so it gets none)."""
+    out = http.Response.make(status, b"" if method == "HEAD" else body, dict(headers))
+    if method == "HEAD" or status == 304:
+        out.headers.pop("Content-Length", None)
+        if "Content-Length" in headers:
+            out.headers["Content-Length"] = headers["Content-Length"]
+    else:
+        out.headers["Content-Length"] = str(len(body))
+    return out
 
 
 @dataclass

@@ -239,8 +239,10 @@ class Discover(ProxyPlugin):
         return referrers_client(self.state).referrers(ctx.upstream, ctx.name, digest, self.config, ctx.authorizer, io)
 
     def applies(self, ctx: RequestContext) -> bool:
-        """A manifest was resolved and is being answered: find what refers to it."""
-        return ctx.manifest is not None and not ctx.failed and ctx.answer is not None and ctx.answer.status_code == 200
+        """A resolved manifest is being answered with 200: find what refers to it. Not when the
+        registry's own answer for the client's headers is passed on (nothing may replace it)."""
+        return (ctx.manifest is not None and not ctx.failed and not ctx.passed_through
+                and ctx.answer is not None and ctx.answer.status_code == 200)
 
     def ready(self, ctx: RequestContext) -> bool:
         if oci.is_digest(ctx.reference):

@@ -23,7 +23,7 @@ from addons.teleport.discover import DiscoverError
 from addons.registry.oci import Descriptor, Manifest, Platform
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import ROCKET, NeedsIO, RequestContext, TeleportDecision
-from addons.proxy.resolve import fetch_manifest, manifest_response
+from addons.proxy.resolve import accepts, fetch_manifest, manifest_response
 from addons.proxy.upstream import UpstreamError
 
 logger = logging.getLogger(__name__)
@@ -199,8 +199,9 @@ class Teleport(ProxyPlugin):
         return parse_platform(self.state.settings.platform) if self.state.settings.platform else host_platform()
 
     def applies(self, ctx: RequestContext) -> bool:
-        """A resolved manifest is being answered with 200: teleport decides about it."""
-        return (ctx.manifest is not None and not ctx.failed and ctx.teleport is None
+        """A resolved manifest is being answered with 200: teleport decides about it. Not when
+        the registry's own answer for the client's headers is passed on."""
+        return (ctx.manifest is not None and not ctx.failed and ctx.teleport is None and not ctx.passed_through
                 and ctx.answer is not None and ctx.answer.status_code == 200)
 
     def ready(self, ctx: RequestContext) -> bool:
@@ -247,6 +248,8 @@ class Teleport(ProxyPlugin):
             raise NoTeleport("size", f"streamable manifest is {streamable.size} B, the referrer says {choice.target.size}")
         if oci.is_index(streamable.media_type) or not oci.is_manifest_type(streamable.media_type):
             raise NoTeleport("format", f"streamable target is a {streamable.media_type}, not an image manifest")
+        if not accepts(ctx.accept, streamable.media_type):
+            raise NoTeleport("accept", f"the client does not accept {streamable.media_type}")
         return choice, streamable
 
     def _fetch(self, ctx: RequestContext, digest: str, what: str, accept: str, io: bool) -> Manifest:
@@ -278,6 +281,7 @@ class Teleport(ProxyPlugin):
             self._record(ctx, "error", e.__class__.__name__)
             return True
         ctx.answer = manifest_response(ctx.method, streamable)
+        ctx.served = streamable
         ctx.teleport = TeleportDecision(original, streamable, self.config, choice.referrer.artifact_type)
         self.state.counters["teleports"] += 1
         self.state.counters["teleport:teleported"] += 1
