@@ -10,6 +10,7 @@ photographs it with the teleported flow selected. This script runs just that tes
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     test = "tests/test_web.py::test_flow_list_in_a_real_browser"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", test], cwd=ROOT)
+    env = {**os.environ, "LIFEC_UPDATE_SCREENSHOT": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings", test], cwd=ROOT, env=env)
     if done.returncode == 0:
         print(f"wrote {ROOT / 'docs' / 'mitmweb-teleport.png'}")
     return done.returncode
