@@ -19,6 +19,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from addons.proxy.relay import BlobBody
 from addons.proxy.upstream import Authorizer, UpstreamError
 from addons.registry.auth import Credentials
 from addons.registry.oci import Descriptor, Manifest, Upstream
@@ -130,6 +131,10 @@ class RequestContext:
     teleport: TeleportDecision | None = None
     # -- pull -------------------------------------------------------------------------
     forward: Forward | None = None
+    #: A blob body the mirror fetched itself and writes to the client past mitmproxy's layers.
+    body: BlobBody | None = field(default=None, repr=False)
+    #: Whether the client connection allows that (plain TCP, HTTP/1; set before the steps run).
+    hand_off: bool = False
     stalled: bool = False
     # -- the answer ---------------------------------------------------------------------
     #: The response the steps decided on; the route puts it on the flow (on the event loop).
@@ -187,6 +192,10 @@ class RequestContext:
         if self.forward is not None:
             out["forward"] = True
             out["redirected"] = self.forward.redirected
+        elif self.body is not None:
+            out["forward"] = True
+            out["redirected"] = self.body.redirected
+            out["handed_off"] = True
         if self.stalled:
             out["stalled"] = True
         if self.upstream_status is not None:

@@ -1,13 +1,17 @@
-"""`.pull [follow|client]`: blobs streamed from upstream; tag lists passed through.
+"""`.pull [follow|client]`: blobs from upstream at the speed of the wire; tag lists passed through.
 
-A blob GET is probed first by the mirror itself (bounded by the upstream timeout, renewing
-an expired token once): a registry that redirects to blob storage answers the probe with
-the storage URL, which mitmproxy then streams from *without* the registry token; a
-registry that serves blobs itself is remembered, probed with a cheap HEAD from then on, and
-streamed with the token. Bodies are streamed chunk by chunk, never held whole. HEAD
-requests and tag lists are small: the mirror answers them itself. The probe and the small
-answers are made in the route's worker thread (`run`); `ready` sends a blob on at once
-when `.pull client` hands redirects to the client and the token is cached.
+A blob GET costs one upstream request (two where the registry redirects to storage): the
+mirror makes the GET itself in the route's worker thread (renewing a stale token once,
+following a storage redirect without the registry's token, or in `client` mode handing it to
+the client), answers the flow with the upstream's status and headers, and hands the body to
+addons.proxy.relay, which a thread writes straight to the client socket (addons.core.mitm
+`hand_off`), checking a whole blob against its digest and cutting the transfer before its
+last byte when it does not match. The flow stays a mitmproxy flow (status, headers, real
+duration in mitmweb; counted by /metrics; saved without a token).
+
+A client connection that cannot be handed off (TLS or HTTP/2 to the mirror) is streamed by
+mitmproxy as before: probed first, then forwarded, chunk by chunk, never held whole. HEAD
+requests and tag lists are small: the mirror answers them itself.
 """
 
 from __future__ import annotations
@@ -22,16 +26,21 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from mitmproxy import ctx, http
+from mitmproxy.flow import Error as flow_error
 
+from addons.core import mitm
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import Forward, RequestContext
+from addons.proxy.relay import BlobBody, checkable
 from addons.proxy.upstream import Authorizer, UpstreamError, send
 
 logger = logging.getLogger(__name__)
 
 REDIRECTS = ("follow", "client")
 MAX_REDIRECTS = 5
+#: A redirect's own body up to this size is read so that its connection goes back to the pool.
+SMALL_BODY = 64 * 1024
 #: Upstream headers worth passing on with a blob or tag list.
 _PASS_HEADERS = (
     "Content-Type", "Content-Length", "Content-Range", "Accept-Ranges", "ETag", "Last-Modified",
@@ -129,9 +138,17 @@ class Pull(ProxyPlugin):
             "changes); off hands the redirect to the client.",
         )
 
+        loader.add_option(
+            "acr_verify_blobs", bool, True,
+            "Check each whole blob against its digest as it passes and cut the client's transfer "
+            "before the last byte when it does not match (costs one sha256 pass over the bytes).",
+        )
+
     def configure(self, updated: set[str]) -> None:
         if "acr_follow_redirects" in updated:
             self.state.settings.follow_redirects = ctx.options.acr_follow_redirects
+        if "acr_verify_blobs" in updated:
+            self.state.settings.verify_blobs = ctx.options.acr_verify_blobs
 
     @property
     def follow(self) -> bool:
@@ -180,9 +197,16 @@ class Pull(ProxyPlugin):
             url += "?" + "&".join(f"{k}={v}" for k, v in ctx.query)
         return url, what
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        ctx = self.context(flow)
+        if ctx is not None and ctx.route == "blobs" and ctx.method == "GET":
+            ctx.hand_off = mitm.can_hand_off(flow)
+
     def ready(self, ctx: RequestContext) -> bool:
-        """A blob GET that needs no probe (`client` mode) and whose token is cached."""
-        if self.follow or ctx.route != "blobs" or ctx.method != "GET":
+        """A streamed blob GET that needs no probe (`client` mode) and whose token is cached."""
+        if self.follow or ctx.route != "blobs" or ctx.method != "GET" or ctx.hand_off:
             return False
         header: str | None = None
         if ctx.authorizer is not None:
@@ -200,7 +224,10 @@ class Pull(ProxyPlugin):
                 ctx.answer = self.answer_small(ctx.method, url, ctx.pass_headers, ctx.authorizer, what, ctx.ns_sent)
                 ctx.note("pull", f"{ctx.method} answered by the mirror ({ctx.answer.status_code})")
                 return
-            self.forward_blob(ctx, url, ctx.pass_headers, what)
+            if ctx.hand_off:
+                self.open_blob(ctx, url, what)
+            else:
+                self.forward_blob(ctx, url, ctx.pass_headers, what)
         except UpstreamError as e:
             ctx.fail("pull", e)
             logger.debug("%s %s -> %d (%s)", ctx.method, what, e.status, e.message)
@@ -233,6 +260,63 @@ class Pull(ProxyPlugin):
         if method == "HEAD" and "Content-Length" in headers:
             out.headers["Content-Length"] = headers["Content-Length"]
         return out
+
+    def open_blob(self, ctx: RequestContext, url: str, what: str) -> None:
+        """Blocking: the blob's one upstream GET; its body is written by the hand-off.
+
+        A redirect to another host is followed without the registry's token (or, in `client`
+        mode, handed to the client); a 401 renews the token once (in `send`).
+        """
+        headers = {**ctx.pass_headers, "Accept-Encoding": "identity"}
+        current, auth, redirected = url, ctx.authorizer, False
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = send(self.state, "GET", current, headers=headers, auth=auth, stream=True, what=what)
+            if not (resp.is_redirect and "Location" in resp.headers):
+                break
+            target = urljoin(current, resp.headers["Location"])
+            self._drain(resp)
+            if not same_origin(target, current):
+                auth = None  # a storage host never gets the registry's token
+                self.blob_modes()[ctx.upstream.ns] = "redirect"
+                if not self.follow:
+                    ctx.answer = http.Response.make(resp.status_code, b"", {
+                        "Location": target, oci.API_VERSION_HEADER: oci.API_VERSION})
+                    ctx.note("pull", f"redirect to storage {urlsplit(target).netloc} handed to the client")
+                    return
+            current, redirected = target, redirected or not same_origin(target, url)
+        else:
+            raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: too many redirects upstream")
+        if resp.status_code >= 300:
+            self._drain(resp)
+            raise UpstreamError.from_status(resp, what)
+        if not redirected:
+            self.blob_modes()[ctx.upstream.ns] = "direct"
+        length = resp.headers.get("Content-Length")
+        whole = resp.status_code == 200 and "Range" not in ctx.pass_headers
+        digest = checkable(ctx.reference) if whole and self.state.settings.verify_blobs else None
+        body = BlobBody(resp, int(length) if length and length.isdigit() else None, digest, redirected)
+        answer = http.Response.make(resp.status_code, b"", _pass_headers(resp))
+        if body.length is None:
+            del answer.headers["Content-Length"]
+            answer.headers["Transfer-Encoding"] = "chunked"
+        else:
+            answer.headers["Content-Length"] = str(body.length)  # make() set that of the empty body
+        ctx.answer, ctx.body = answer, body
+        ctx.upstream_status = resp.status_code
+        host = urlsplit(current).netloc
+        ctx.note("pull", f"one GET from {'storage ' + host if redirected else 'the registry'}, body handed off")
+
+    @staticmethod
+    def _drain(resp: requests.Response) -> None:
+        """Read a small answer's body so its connection is reused; drop a large one's connection."""
+        try:
+            length = int(resp.headers.get("Content-Length", "-1"))
+            if 0 <= length <= SMALL_BODY:
+                resp.content
+        except (requests.RequestException, OSError, ValueError):
+            pass
+        finally:
+            resp.close()
 
     def forward_blob(self, ctx: RequestContext, url: str, extra: dict[str, str], what: str) -> None:
         """Blocking: find the URL to stream from; mitmproxy streams it to the client."""
@@ -295,7 +379,11 @@ class Pull(ProxyPlugin):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = self.context(flow)
-        if ctx is None or ctx.forward is None or flow.response is None:
+        if ctx is None or flow.response is None:
+            return
+        if ctx.body is not None:
+            return self.hand_off(flow, ctx, ctx.body)
+        if ctx.forward is None:
             return
         scrub(flow)
         resp = flow.response
@@ -315,6 +403,30 @@ class Pull(ProxyPlugin):
                 auth.tokens.invalidate(auth.upstream, auth.scope)
         for name in ("Set-Cookie",):
             resp.headers.pop(name, None)
+        ctx.publish(flow)
+
+    def hand_off(self, flow: http.HTTPFlow, ctx: RequestContext, body: BlobBody) -> None:
+        """Have the blob's body written past mitmproxy's layers once the head is out."""
+
+        def done(ok: bool) -> None:
+            ctx.note("pull", body.summary())
+            if body.error == "upstream stalled mid-body":
+                ctx.stalled = True
+            if not ok:
+                self.state.counters["blobs_cut"] += 1
+                flow.error = flow_error(f"blob body cut: {body.error}")
+            ctx.publish(flow)
+            logger.debug("GET %s: %s", ctx.reference, body.summary())
+
+        self.state.counters["blobs_streamed"] += 1
+        if mitm.hand_off(flow, body.write, done):
+            return
+        # The connection changed under us (closed meanwhile): never leave a client waiting for a body.
+        body.close()
+        ctx.body = None
+        err = UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"blob {ctx.reference}: the client connection cannot take the body")
+        ctx.fail("pull", err)
+        flow.response = ctx.answer
         ctx.publish(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
