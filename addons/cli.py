@@ -60,6 +60,16 @@ def template_path() -> Path:
     raise CliError("mirror.runmd.template is not installed")
 
 
+#: Why `acr init` writes `.pull client` for ACR (measured by scripts/bench_redirects.py).
+ACR_BLOB_PULL_NOTE = (
+    "    For ACR this file uses `.pull client`: ACR answers every blob with a redirect to blob\n"
+    "    storage, and containerd fetching from storage itself was measured faster and cheaper\n"
+    "    than the mirror relaying the bytes (scripts/bench_redirects.py: BENCH_FIGURES).\n"
+    "    The redirect carries a short-lived SAS URL, never your token. Write `.pull` to have\n"
+    "    the mirror fetch and check the bytes itself (e.g. where nodes cannot reach storage).\n"
+)
+
+
 def render_template(
     *,
     registry: str | None,
@@ -79,6 +89,7 @@ def render_template(
             f"This mirror serves `{upstream}`. Put its credentials (if it needs any) in a file "
             "`access_token` next to this file: `user:password`, or a bare refresh token.\n"
         )
+        blob_pull, blob_pull_note = ".pull", ""
     else:
         if not registry:
             raise CliError("acr init needs --registry NAME (or --upstream URL)", EXIT_USAGE)
@@ -91,6 +102,7 @@ def render_template(
             "- `.install access_token` copies it, owner-only, into the work folder `.work/`.\n"
         )
         runtime_notes = f"This mirror serves the Azure Container Registry `{host}`.\n"
+        blob_pull, blob_pull_note = ".pull         client", ACR_BLOB_PULL_NOTE
     return string.Template(template_path().read_text()).substitute(
         registry_host=host,
         runtime_notes=runtime_notes,
@@ -100,6 +112,8 @@ def render_template(
         mirror_address=mirror_address,
         teleport_format=teleport_format,
         artifact_types=", ".join(artifact_types),
+        blob_pull=blob_pull,
+        blob_pull_note=blob_pull_note,
     )
 
 

@@ -17,8 +17,10 @@ import hashlib
 import json
 import re
 import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -902,3 +904,55 @@ def test_each_blob_get_is_one_upstream_request_and_no_body_is_fetched_twice(
     assert r.status_code == 206 and len(r.content) == 100 and r.headers["Content-Range"] == f"bytes 100-199/{size}"
     time.sleep(0.2)
     assert registry_blob_requests(token_registry, repo_name, digest, since) == ["GET"]
+
+
+def _registries_conf(tmp_path: Path, upstream: str, mirror: str) -> tuple[Path, Path]:
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "{upstream}"\ninsecure = true\n'
+                    f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n')
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+    return conf, policy
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["follow", "client"])
+@pytest.mark.parametrize("tool", ["skopeo", "podman"])
+def test_skopeo_and_podman_pull_blobs_from_a_redirecting_registry(
+    token_registry: Registry, token_server: TokenServer, repo_name: str, start_mirror: Callable[..., Mirror],
+    loop_server: Callable[..., LoopServer], tmp_path: Path, tool: str, mode: str,
+) -> None:
+    """Unchanged clients pull through the mirror whether it follows storage redirects (the body
+    handed off past mitmproxy) or hands them on (`.pull client`: the client follows them)."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
+    image = make_image({tool: repo_name.encode()}, oci=False)
+    push_image(token_registry, repo_name, "v1", image)
+    rig = StorageRig(loop_server, token_registry)
+    sets = [] if mode == "follow" else ["acr_follow_redirects=false"]
+    m = start_mirror(rig.front.url, credentials=token_server.issue_refresh_token(), sets=sets)
+    conf, policy = _registries_conf(tmp_path, rig.front.host, m.host)
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": str(tmp_path), "CONTAINERS_REGISTRIES_CONF": str(conf)}
+    ref = f"{rig.front.host}/{repo_name}:v1"
+    if tool == "skopeo":
+        out = tmp_path / "copy"
+        cmd = ["skopeo", "--registries-conf", str(conf), "--policy", str(policy), "copy", "--src-tls-verify=false",
+               f"docker://{ref}", f"dir:{out}"]
+    else:
+        runroot = tempfile.mkdtemp(prefix="pm-", dir="/tmp")  # podman refuses a runroot over 50 characters
+        cmd = ["podman", "--root", str(tmp_path / "root"), "--runroot", runroot, "--storage-driver", "vfs",
+               "pull", "--tls-verify=false", "--signature-policy", str(policy), ref]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    finally:
+        if tool == "podman":
+            shutil.rmtree(runroot, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    if tool == "skopeo":
+        for blob in image.blobs:
+            assert sha256_digest((out / blob.digest.split(":", 1)[1]).read_bytes()) == blob.digest
+    # Every blob came from storage, without the registry's token, through the mirror.
+    fetched = {s.path.split("/")[-1].split("?")[0] for s in rig.storage.requests if s.path.startswith("/blobs/")}
+    assert fetched >= {b.digest for b in image.blobs}
+    assert all("authorization" not in s.headers for s in rig.storage.requests)
+    assert f"GET blobs {repo_name}:{image.layers[0].digest} -> {200 if mode == 'follow' else 307}" in m.log_text()
