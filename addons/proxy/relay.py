@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +25,10 @@ import requests
 
 logger = logging.getLogger(__name__)
 
-#: Bytes per read: large enough that per-call costs vanish, small enough that 64 parallel
-#: pulls hold 16 MiB of buffers.
-CHUNK = 256 * 1024
+#: Bytes per read, and buffers per checked blob: large enough that per-call costs vanish,
+#: small enough that 64 parallel pulls hold 32 MiB of buffers.
+CHUNK = 128 * 1024
+RING = 4
 
 
 #: Digest algorithms a blob reference may use (the OCI distribution spec's registered ones).
@@ -47,6 +50,47 @@ def body_reader(resp: requests.Response) -> Any:
     each chunk), else urllib3's own response (its `readinto` copies once more)."""
     fp = getattr(resp.raw, "_fp", None)
     return fp if fp is not None and hasattr(fp, "readinto") else resp.raw
+
+
+class Pipeline:
+    """Hashes chunks in a second thread while the copy thread sends them: `hashlib` and socket
+    calls release the GIL, so on two cores checking a blob costs little time, only CPU.
+
+    The copy thread `take`s a free buffer, reads into it, `submit`s it and sends it; the hashing
+    thread gives the buffer back once hashed, so a buffer is never refilled while being hashed.
+    """
+
+    def __init__(self, algorithm: str, count: int = RING, size: int = CHUNK) -> None:
+        self.hasher = hashlib.new(algorithm)
+        self.views = [memoryview(bytearray(size)) for _ in range(count)]
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(count):
+            self._free.put(i)
+        self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="acr-digest", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            i, n = item
+            self.hasher.update(self.views[i][:n])
+            self._free.put(i)
+
+    def take(self) -> int:
+        return self._free.get()
+
+    def submit(self, i: int, n: int) -> None:
+        self._todo.put((i, n))
+
+    def result(self) -> str:
+        """The digest of everything submitted (waits for the hashing thread to finish)."""
+        self.close()
+        return f"{self.hasher.name}:{self.hasher.hexdigest()}"
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
 
 
 @dataclass
@@ -85,45 +129,53 @@ class BlobBody:
 
     def _copy(self, sock: socket.socket) -> None:
         reader = body_reader(self.resp)
-        hasher = hashlib.new(self.digest.split(":", 1)[0]) if self.digest else None
-        chunked = self.length is None
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        remaining = self.length if self.length is not None else -1
-        pending: memoryview | None = None  # a chunked body's chunk, held until the next one is read
-        while remaining:
-            n = reader.readinto(view if remaining < 0 or remaining >= CHUNK else view[:remaining])
-            if not n:
-                if not chunked:
+        if self.length is None:
+            return self._copy_chunked(sock, reader)
+        pipe = Pipeline(self.digest.split(":", 1)[0]) if self.digest else None
+        single = memoryview(bytearray(CHUNK))
+        remaining = self.length
+        try:
+            while remaining:
+                i = pipe.take() if pipe is not None else 0
+                view = pipe.views[i] if pipe is not None else single
+                n = reader.readinto(view[:remaining] if remaining < CHUNK else view)
+                if not n:
                     raise BodyError(f"upstream sent {self.sent} of {self.length} bytes")
-                break
-            if remaining > 0:
                 remaining -= n
-            data = view[:n]
+                if pipe is not None:
+                    pipe.submit(i, n)
+                    if remaining == 0:  # the last chunk goes out only once the whole blob matched
+                        self._check(pipe.result())
+                sock.sendall(view[:n])
+                self.sent += n
+        finally:
+            if pipe is not None:
+                pipe.close()
+
+    def _copy_chunked(self, sock: socket.socket, reader: Any) -> None:
+        """A body without Content-Length: re-chunked to the client, the last chunk held until checked."""
+        hasher = hashlib.new(self.digest.split(":", 1)[0]) if self.digest else None
+        view = memoryview(bytearray(CHUNK))
+        pending: bytes | None = None
+        while n := reader.readinto(view):
             if hasher is not None:
-                hasher.update(data)
-            if chunked:
-                if pending is not None:
-                    self._send_chunk(sock, pending)
-                pending = memoryview(bytes(data))
-                continue
-            if remaining == 0:
-                self._check(hasher)
-            sock.sendall(data)
-            self.sent += n
-        if chunked:
-            self._check(hasher)
+                hasher.update(view[:n])
             if pending is not None:
                 self._send_chunk(sock, pending)
+            pending = bytes(view[:n])
+        if hasher is not None:
+            self._check(f"{hasher.name}:{hasher.hexdigest()}")
+        if pending is not None:
+            self._send_chunk(sock, pending)
 
-    def _send_chunk(self, sock: socket.socket, data: memoryview) -> None:
+    def _send_chunk(self, sock: socket.socket, data: bytes) -> None:
         sock.sendall(b"%x\r\n" % len(data))
         sock.sendall(data)
         sock.sendall(b"\r\n")
         self.sent += len(data)
 
-    def _check(self, hasher: Any) -> None:
-        if hasher is not None and f"{hasher.name}:{hasher.hexdigest()}" != self.digest:
+    def _check(self, digest: str) -> None:
+        if digest != self.digest:
             raise BodyError(f"upstream bytes do not match {self.digest}")
 
     def close(self, reuse: bool = False) -> None:
