@@ -108,3 +108,26 @@ def test_checkable_digests() -> None:
     assert checkable(DIGEST) == DIGEST
     assert checkable("sha512:" + "a" * 128) is not None
     assert checkable("md5:abc") is None and checkable("sha256:") is None
+
+
+def _stream(activity: Any, chunks: list[bytes]) -> bytes:
+    """What mitmproxy sends for a streamed body: each chunk through the callable, then b""."""
+    out = bytearray()
+    for chunk in [*chunks, b""]:
+        result = activity(chunk)
+        out += result if isinstance(result, bytes) else b"".join(result)
+    return bytes(out)
+
+
+def test_a_blob_streamed_by_mitmproxy_is_checked_and_a_mismatch_cut_before_the_last_chunk() -> None:
+    """The path of clients on TLS or HTTP/2, whose bodies mitmproxy streams."""
+    from addons.proxy.pull import Activity
+
+    chunks = [DATA[:1000], DATA[1000:CHUNK], DATA[CHUNK:]]
+    cut: list[bool] = []
+    assert _stream(Activity(DIGEST, lambda: cut.append(True)), chunks) == DATA and not cut
+    bad = [chunks[0], b"x" + chunks[1][1:], chunks[2]]
+    activity = Activity(DIGEST, lambda: cut.append(True))
+    assert _stream(activity, bad) == bad[0] + bad[1]  # the last chunk never goes out
+    assert cut == [True] and activity.mismatch and activity.done
+    assert _stream(Activity(), bad) == b"".join(bad)  # unchecked (Range, HEAD): passed as is

@@ -164,6 +164,16 @@ def _client_socket(flow: http.HTTPFlow) -> tuple[Any, Any] | None:
     return writer, sock
 
 
+def abort_client(flow: http.HTTPFlow) -> bool:
+    """Break the flow's client connection at once (no more bytes, no orderly end of the body)."""
+    writer = getattr(client_io(flow), "writer", None)
+    transport = getattr(writer, "transport", None)
+    if transport is None:
+        return False
+    transport.abort()
+    return True
+
+
 def can_hand_off(flow: http.HTTPFlow) -> bool:
     """Whether `hand_off` can write this flow's response body: plain TCP, HTTP/1.x, a known socket."""
     if flow.client_conn.tls or flow.request.http_version not in ("HTTP/1.1", "HTTP/1.0"):

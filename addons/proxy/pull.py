@@ -17,10 +17,12 @@ requests and tag lists are small: the mirror answers them itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -60,17 +62,40 @@ def same_origin(a: str, b: str) -> bool:
 
 
 class Activity:
-    """A pass-through stream function that remembers when data last moved."""
+    """A pass-through stream function that remembers when data last moved.
 
-    def __init__(self) -> None:
+    With a `digest`, it also checks a whole blob streamed by mitmproxy (a client on TLS or
+    HTTP/2): each chunk is held back until the next one arrives, and at the end the last one
+    goes out only if the bytes matched; otherwise `cut` breaks the client's connection.
+    """
+
+    def __init__(self, digest: str | None = None, cut: Callable[[], object] | None = None) -> None:
         self.last = time.monotonic()
         self.done = False
+        self.digest = digest
+        self.hasher = hashlib.new(digest.split(":", 1)[0]) if digest else None
+        self.held = b""
+        self.cut = cut
+        self.mismatch = False
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         self.last = time.monotonic()
         if not chunk:
             self.done = True  # mitmproxy calls it with b"" at the end of the body
-        return chunk
+        if self.hasher is None:
+            return chunk
+        if chunk:
+            self.hasher.update(chunk)
+            out, self.held = self.held, chunk
+            return [out] if out else []
+        out, self.held = self.held, b""
+        if f"{self.hasher.name}:{self.hasher.hexdigest()}" == self.digest:
+            return [out] if out else []
+        self.mismatch = True
+        logger.warning("blob %s: upstream bytes do not match: transfer cut", self.digest)
+        if self.cut is not None:
+            self.cut()
+        return []
 
 
 def client_backlogged(flow: http.HTTPFlow) -> bool:
@@ -160,8 +185,10 @@ class Pull(ProxyPlugin):
 
     # -- blocking helpers (run in a thread) ---------------------------------------------
 
-    def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str) -> tuple[str, requests.Response | None]:
-        """Follow registry redirects; return the URL to stream from and, for HEAD, the answer."""
+    def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str,
+              stop_at_storage: bool = False) -> tuple[str, requests.Response | None]:
+        """Follow registry redirects; return the URL to stream from and, for HEAD, the answer
+        (with `stop_at_storage`, the storage URL without asking storage)."""
         current, current_auth = url, auth
         for _ in range(MAX_REDIRECTS + 1):
             resp = send(self.state, method, current, headers=extra, auth=current_auth, stream=True, what=what)
@@ -171,7 +198,7 @@ class Pull(ProxyPlugin):
                 if not same_origin(target, current):
                     current_auth = None  # a storage host never gets the registry's token
                 current = target
-                if current_auth is None and method == "GET":
+                if current_auth is None and (method == "GET" or stop_at_storage):
                     return current, None  # storage: let mitmproxy stream it
                 continue
             if resp.status_code >= 400:
@@ -330,7 +357,10 @@ class Pull(ProxyPlugin):
             self.probe(url, "HEAD", extra, auth, what)
             target = url
         else:
-            target, _ = self.probe(url, "GET", extra, auth, what)
+            # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
+            target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
+            if resp is not None:
+                resp.close()
             modes[ns] = "direct" if target == url else "redirect"
         header = auth.header() if same_origin(target, url) and auth is not None else None
         self._forward(ctx, url, target, header)
@@ -341,9 +371,10 @@ class Pull(ProxyPlugin):
         host = urlsplit(target).netloc
         ctx.note("pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
 
-    def watch(self, flow: http.HTTPFlow) -> "Activity":
-        """Stream the body, noting when each chunk passes so a stalled upstream can be cut off."""
-        activity = Activity()
+    def watch(self, flow: http.HTTPFlow, digest: str | None = None) -> "Activity":
+        """Stream the body, noting when each chunk passes so a stalled upstream can be cut off
+        (and checking it against `digest` when given)."""
+        activity = Activity(digest, lambda: mitm.abort_client(flow))
         self._watched[flow] = activity
         if self._watchdog is None or self._watchdog.done():
             try:
@@ -388,7 +419,9 @@ class Pull(ProxyPlugin):
         scrub(flow)
         resp = flow.response
         self.state.counters["blobs_streamed"] += 1
-        resp.stream = self.watch(flow)
+        whole = resp.status_code == 200 and "Range" not in ctx.pass_headers and self.state.settings.verify_blobs
+        digest = checkable(ctx.reference) if whole and ctx.route == "blobs" else None
+        resp.stream = self.watch(flow, digest)
         ctx.upstream_status = resp.status_code
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.
