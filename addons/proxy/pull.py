@@ -443,6 +443,8 @@ class Pull(ProxyPlugin):
 
         def done(ok: bool) -> None:
             ctx.note("pull", body.summary())
+            # mitmweb's size column counts stored bodies only: the comment says what went out.
+            ctx.comment += f" · {body.sent / (1 << 20):.1f} MiB in {body.seconds:.2f} s" + ("" if ok else " (cut)")
             if body.error == "upstream stalled mid-body":
                 ctx.stalled = True
             if not ok:
