@@ -275,7 +275,9 @@ def blob_flow(method: str = "GET", digest: str = DIGEST) -> http.HTTPFlow:
                       headers=http.Headers(((b"Host", b"localhost:8578"), (b"Range", b"bytes=0-9"),
                                             (b"Authorization", b"Basic client-secret"))),
                       content=b"")
-    return tflow.tflow(req=req)
+    flow = tflow.tflow(req=req)
+    flow.client_conn.tls = True  # a TLS client: the path where mitmproxy streams the blob
+    return flow
 
 
 def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:

@@ -175,13 +175,13 @@ def abort_client(flow: http.HTTPFlow) -> bool:
 
 
 def can_hand_off(flow: http.HTTPFlow) -> bool:
-    """Whether `hand_off` can write this flow's response body: plain TCP, HTTP/1.x, a known socket."""
-    if flow.client_conn.tls or flow.request.http_version not in ("HTTP/1.1", "HTTP/1.0"):
-        return False
-    try:
-        return _client_socket(flow) is not None
-    except Exception:  # mitmproxy's internals are not what this expects: stream the stock way
-        return False
+    """Whether the flow's client speaks plain HTTP/1 (no TLS): the connections `hand_off` serves.
+
+    Decided from the flow alone, before any upstream request, so that an offline re-run of a
+    recorded flow takes the path the live mirror took; `hand_off` itself still refuses (and its
+    caller answers an error) when the live connection cannot be found.
+    """
+    return not flow.client_conn.tls and flow.request.http_version in ("HTTP/1.1", "HTTP/1.0")
 
 
 def hand_off(
@@ -195,7 +195,10 @@ def hand_off(
     exception) cuts the connection. `done(ok)` runs on the event loop afterwards. Returns False
     (nothing changed) when the connection cannot be handed off.
     """
-    found = _client_socket(flow) if can_hand_off(flow) else None
+    try:
+        found = _client_socket(flow) if can_hand_off(flow) else None
+    except Exception:  # mitmproxy's internals are not what this expects
+        found = None
     if found is None:
         return False
     writer, tsock = found
