@@ -486,7 +486,7 @@ class StorageRig:
 
     def _front(self, h: _Handler, seen: Seen) -> None:
         m = re.match(r"^/v2/(.+)/blobs/(sha256:[0-9a-f]{64})$", seen.path)
-        if not m or seen.method != "GET":
+        if not m or seen.method not in ("GET", "HEAD"):  # ACR redirects both
             return relay(h, seen, self.registry.url)
         headers = {k: v for k, v in seen.headers.items() if k == "authorization"}
         with _session() as s:
@@ -495,7 +495,7 @@ class StorageRig:
             out = {k: v for k, v in check.headers.items() if k.lower() == "www-authenticate"}
             return h.json(check.status_code, {"errors": [{"code": "UNAUTHORIZED"}]}, out)
         location = f"{self.storage.url}/blobs/{m[1]}/{m[2]}?sig={self.sig}"
-        h.reply(307, b"", {"Location": location})
+        h.reply(307, b"", {"Location": location, "Content-Length": "0"})
 
     def _storage(self, h: _Handler, seen: Seen) -> None:
         m = re.match(r"^/blobs/(.+)/(sha256:[0-9a-f]{64})\?sig=(\w+)$", seen.path)

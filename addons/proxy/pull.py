@@ -34,6 +34,7 @@ from addons.core import mitm
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import Forward, RequestContext
+from addons.proxy.front import summary
 from addons.proxy.relay import BlobBody, checkable
 from addons.proxy.upstream import Authorizer, UpstreamError, send
 
@@ -321,7 +322,7 @@ class Pull(ProxyPlugin):
         length = resp.headers.get("Content-Length")
         whole = resp.status_code == 200 and "Range" not in ctx.pass_headers
         digest = checkable(ctx.reference) if whole and self.state.settings.verify_blobs else None
-        body = BlobBody(resp, int(length) if length and length.isdigit() else None, digest, redirected)
+        body = BlobBody(resp, int(length) if length and length.isdigit() else None, digest, redirected, current)
         answer = http.Response.make(resp.status_code, b"", _pass_headers(resp))
         if body.length is None:
             del answer.headers["Content-Length"]
@@ -450,10 +451,14 @@ class Pull(ProxyPlugin):
             if not ok:
                 self.state.counters["blobs_cut"] += 1
                 flow.error = flow_error(f"blob body cut: {body.error}")
+                logger.warning("%s", summary(flow))  # the request's line was written with the head
             ctx.publish(flow)
             logger.debug("GET %s: %s", ctx.reference, body.summary())
 
         self.state.counters["blobs_streamed"] += 1
+        # The flow shows where the bytes came from, as a forwarded flow does (flow files
+        # scrub a storage URL's signature); the request is never sent by mitmproxy.
+        flow.request.url = body.url or flow.request.url
         if mitm.hand_off(flow, body.write, done):
             return
         # The connection changed under us (closed meanwhile): never leave a client waiting for a body.

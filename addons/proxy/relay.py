@@ -103,6 +103,8 @@ class BlobBody:
     #: The digest the bytes must match (e.g. sha256:<hex>), or None to pass them unchecked.
     digest: str | None
     redirected: bool = False
+    #: Where the bytes come from (the registry's or the storage URL): the flow shows it.
+    url: str = ""
     sent: int = 0
     seconds: float = 0.0
     error: str = ""
