@@ -63,10 +63,11 @@ def template_path() -> Path:
 #: Why `acr init` writes `.pull client` for ACR (measured by scripts/bench_redirects.py).
 ACR_BLOB_PULL_NOTE = (
     "    For ACR this file uses `.pull client`: ACR answers every blob with a redirect to blob\n"
-    "    storage, and containerd fetching from storage itself was measured faster and cheaper\n"
-    "    than the mirror relaying the bytes (scripts/bench_redirects.py: BENCH_FIGURES).\n"
-    "    The redirect carries a short-lived SAS URL, never your token. Write `.pull` to have\n"
-    "    the mirror fetch and check the bytes itself (e.g. where nodes cannot reach storage).\n"
+    "    storage, and containerd fetching from storage itself was measured as fast as the\n"
+    "    mirror relaying the bytes (within the spread of the runs) for a fifth of the mirror's\n"
+    "    CPU (scripts/bench_redirects.py). The redirect carries a short-lived SAS URL, never\n"
+    "    your token. Write `.pull` to have the mirror fetch and check the bytes itself (e.g.\n"
+    "    where nodes cannot reach blob storage).\n"
 )
 
 
