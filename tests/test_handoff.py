@@ -157,3 +157,18 @@ def test_mitmproxy_writes_a_response_head_in_one_send_and_runs_responseheaders_b
     assert "raw = http1.assemble_response_head(response)\n            yield commands.SendData(self.conn, raw)" in send
     request_done = inspect.getsource(HttpStream.state_wait_for_request_headers) + inspect.getsource(HttpStream)
     assert "yield HttpResponseHeadersHook(self.flow)" in request_done
+
+
+def test_a_client_that_asks_to_close_gets_the_whole_body_then_the_end(lane: tuple[Lane, int]) -> None:
+    """mitmproxy closes its side right after the head (`Connection: close`): the hand-off's own
+    copy of the socket keeps the connection until the body is out, then ends it."""
+    addon, port = lane
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(b"GET /whole HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw = bytearray()
+        while chunk := c.recv(1 << 20):
+            raw += chunk
+    head, _, body = bytes(raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == BODY
+    settled(addon, 1)
+    assert [(p, ok) for p, ok, _ in addon.done] == [("/whole", True)]
