@@ -343,14 +343,14 @@ def test_upstream_throttling_and_failures_keep_status_and_retry_after(
                 oci_error(r, mapped, code)
                 assert r.headers.get("Retry-After") == retry_after[status], (status, method, kind, r.headers)
                 assert len(up.seen(f"/s{status}/")) - before == 1, "the mirror retried a throttled upstream"
-        # A registry that serves blobs itself (learned from the first GET) and throttles the
-        # streamed GET after a good HEAD probe: still 503 with its Retry-After, no challenge.
+        # A registry that serves blobs itself and throttles the blob's one GET: still 503
+        # with its Retry-After, no challenge.
         ok = s.get(f"{m.url}/v2/ok/blobs/{digest}", timeout=15)
         assert ok.status_code == 200 and ok.content == blob
         r = s.get(f"{m.url}/v2/flaky/blobs/{digest}", timeout=15)
         assert r.status_code == 503 and r.headers.get("Retry-After") == "13", (r.status_code, r.headers)
         assert "WWW-Authenticate" not in r.headers
-        assert [x.method for x in up.seen("/flaky/")] == ["HEAD", "GET"]
+        assert [x.method for x in up.seen("/flaky/")] == ["GET"]  # no probe: one request per blob
 
 
 def test_a_token_expiring_mid_pull_is_renewed_and_the_pull_succeeds(
@@ -478,7 +478,7 @@ def test_a_client_that_disconnects_mid_blob_releases_the_upstream_connection(
                 assert data, "the mirror closed the connection early"
                 got += len(data)
             assert wait_for(lambda: up.streams == 1, 5)
-            assert connections_to(pid, up.port) > pooled
+            assert connections_to(pid, up.port) >= 1  # the stream's (the pooled one, when free)
         # The client is gone: the upstream stream must end (a broken pipe there) and the
         # proxy's connection to it must be closed, not drained to the end or kept open.
         assert wait_for(lambda: up.streams == 0, 5), "the upstream is still streaming to nobody"

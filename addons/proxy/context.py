@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import connection, http
 
+from addons.proxy.relay import BlobBody
 from addons.proxy.upstream import Authorizer, UpstreamError
 from addons.registry.auth import Credentials
 from addons.registry.oci import Descriptor, Manifest, Upstream
@@ -236,6 +237,10 @@ class RequestContext:
     teleport: TeleportDecision | None = None
     # -- pull -------------------------------------------------------------------------
     forward: Forward | None = None
+    #: A blob body the mirror fetched itself and writes to the client past mitmproxy's layers.
+    body: BlobBody | None = field(default=None, repr=False)
+    #: Whether the client connection allows that (plain TCP, HTTP/1; set before the steps run).
+    hand_off: bool = False
     stalled: bool = False
     streamed: Streamed | None = None
     # -- the answer ---------------------------------------------------------------------
@@ -308,6 +313,8 @@ class RequestContext:
         if self.forward is not None:
             host = urlsplit(self.forward.url).netloc
             where = f"streamed from {'storage ' + host if self.forward.redirected else 'the registry ' + host}"
+        elif self.streamed is not None:  # a body handed past mitmproxy's layers
+            where = f"streamed from {'storage' if self.streamed.source == 'storage' else 'the registry ' + self.upstream.ns}"
         else:
             where = f"{ANSWERED} (from {self.upstream.ns})"
         return "\n".join([self.headline(), where, *self.steps])
@@ -349,6 +356,10 @@ class RequestContext:
         if self.forward is not None:
             out["forward"] = True
             out["redirected"] = self.forward.redirected
+        elif self.body is not None:
+            out["forward"] = True
+            out["redirected"] = self.body.redirected
+            out["handed_off"] = True
         if self.stalled:
             out["stalled"] = True
         if self.streamed is not None:

@@ -1,18 +1,23 @@
-"""`.pull [follow|client]`: blobs streamed from upstream; tag lists passed through.
+"""`.pull [follow|client]`: blobs from upstream at the speed of the wire; tag lists passed through.
 
-A blob GET is probed first by the mirror itself (bounded by the upstream timeout, renewing
-an expired token once): a registry that redirects to blob storage answers the probe with
-the storage URL, which mitmproxy then streams from *without* the registry token; a
-registry that serves blobs itself is remembered, probed with a cheap HEAD from then on, and
-streamed with the token. Bodies are streamed chunk by chunk, never held whole. HEAD
-requests and tag lists are small: the mirror answers them itself. The probe and the small
-answers are made in the route's worker thread (`run`); `ready` sends a blob on at once
-when `.pull client` hands redirects to the client and the token is cached.
+A blob GET costs one upstream request (two where the registry redirects to storage): the
+mirror makes the GET itself in the route's worker thread (renewing a stale token once,
+following a storage redirect without the registry's token, or in `client` mode handing it to
+the client), answers the flow with the upstream's status and headers, and hands the body to
+addons.proxy.relay, which a thread writes straight to the client socket (addons.core.mitm
+`hand_off`), checking a whole blob against its digest and cutting the transfer before its
+last byte when it does not match. The flow stays a mitmproxy flow (status, headers, real
+duration in mitmweb; counted by /metrics; saved without a token).
+
+A client connection that cannot be handed off (TLS or HTTP/2 to the mirror) is streamed by
+mitmproxy as before: probed first, then forwarded, chunk by chunk, never held whole. HEAD
+requests and tag lists are small: the mirror answers them itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
@@ -23,16 +28,22 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from mitmproxy import ctx, http
+from mitmproxy.flow import Error as flow_error
 
 from addons.core import mitm
+from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import Forward, RequestContext, Streamed, size_text
+from addons.proxy.front import summary
+from addons.proxy.relay import BlobBody, checkable
 from addons.proxy.upstream import Authorizer, UpstreamError, passed_headers, send
 
 logger = logging.getLogger(__name__)
 
 REDIRECTS = ("follow", "client")
 MAX_REDIRECTS = 5
+#: A redirect's own body up to this size is read so that its connection goes back to the pool.
+SMALL_BODY = 64 * 1024
 
 
 def same_origin(a: str, b: str) -> bool:
@@ -41,15 +52,26 @@ def same_origin(a: str, b: str) -> bool:
 
 
 class Activity:
-    """A pass-through stream function that counts the bytes and remembers when data last moved."""
+    """A pass-through stream function that counts the bytes and remembers when data last moved.
 
-    def __init__(self, streamed: Streamed | None = None, done: Callable[[], None] | None = None) -> None:
+    With a `digest`, it also checks a whole blob streamed by mitmproxy (a client on TLS or
+    HTTP/2): each chunk is held back until the next one arrives, and at the end the last one
+    goes out only if the bytes matched; otherwise `cut` breaks the client's connection.
+    """
+
+    def __init__(self, streamed: Streamed | None = None, done: Callable[[], None] | None = None,
+                 digest: str | None = None, cut: Callable[[], object] | None = None) -> None:
         self.last = time.monotonic()
         self.done = False
         self.streamed = streamed
         self._on_done = done
+        self.digest = digest
+        self.hasher = hashlib.new(digest.split(":", 1)[0]) if digest else None
+        self.held = b""
+        self.cut = cut
+        self.mismatch = False
 
-    def __call__(self, chunk: bytes) -> bytes:
+    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         self.last = time.monotonic()
         if self.streamed is not None:
             self.streamed.bytes += len(chunk)
@@ -57,9 +79,36 @@ class Activity:
             self.done = True  # mitmproxy calls it with b"" at the end of the body
             if self.streamed is not None:
                 self.streamed.ended = self.last
-            if self._on_done is not None:
-                self._on_done()
-        return chunk
+        if self.hasher is None:
+            if self.done and self._on_done is not None and not chunk:
+                self._finish()
+            return chunk
+        if chunk:
+            self.hasher.update(chunk)
+            out, self.held = self.held, chunk
+            return [out] if out else []
+        out, self.held = self.held, b""
+        if f"{self.hasher.name}:{self.hasher.hexdigest()}" != self.digest:
+            self.mismatch = True
+            if self.streamed is not None:
+                self.streamed.cut = True
+            logger.warning("blob %s: upstream bytes do not match: transfer cut", self.digest)
+            if self.cut is not None:
+                self.cut()
+            self._finish()
+            return []
+        self._finish()
+        return [out] if out else []
+
+    def _finish(self) -> None:
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done()
+
+
+def streamed_note(s: Streamed) -> str:
+    """The pull step's last note for a blob body, however it was streamed."""
+    return f"streamed {s.bytes} B ({size_text(s.bytes)}) in {s.seconds:.3f} s from {s.source}"
 
 
 def link_with_prefix(link: str, prefix: str) -> str:
@@ -116,9 +165,17 @@ class Pull(ProxyPlugin):
             "changes); off hands the redirect to the client.",
         )
 
+        loader.add_option(
+            "acr_verify_blobs", bool, True,
+            "Check each whole blob against its digest as it passes and cut the client's transfer "
+            "before the last byte when it does not match (costs one sha256 pass over the bytes).",
+        )
+
     def configure(self, updated: set[str]) -> None:
         if "acr_follow_redirects" in updated:
             self.state.settings.follow_redirects = ctx.options.acr_follow_redirects
+        if "acr_verify_blobs" in updated:
+            self.state.settings.verify_blobs = ctx.options.acr_verify_blobs
 
     @property
     def follow(self) -> bool:
@@ -130,8 +187,10 @@ class Pull(ProxyPlugin):
 
     # -- blocking helpers (run in a thread) ---------------------------------------------
 
-    def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str) -> tuple[str, requests.Response | None]:
-        """Follow registry redirects; return the URL to stream from and, for HEAD, the answer."""
+    def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str,
+              stop_at_storage: bool = False) -> tuple[str, requests.Response | None]:
+        """Follow registry redirects; return the URL to stream from and, for HEAD, the answer
+        (with `stop_at_storage`, the storage URL without asking storage)."""
         current, current_auth = url, auth
         for _ in range(MAX_REDIRECTS + 1):
             resp = send(self.state, method, current, headers=extra, auth=current_auth, stream=True, what=what)
@@ -141,7 +200,7 @@ class Pull(ProxyPlugin):
                 if not same_origin(target, current):
                     current_auth = None  # a storage host never gets the registry's token
                 current = target
-                if current_auth is None and method == "GET":
+                if current_auth is None and (method == "GET" or stop_at_storage):
                     return current, None  # storage: let mitmproxy stream it
                 continue
             if resp.status_code >= 400:
@@ -166,9 +225,16 @@ class Pull(ProxyPlugin):
             url += "?" + "&".join(f"{k}={v}" for k, v in ctx.query)
         return url, what
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        ctx = self.context(flow)
+        if ctx is not None and ctx.route == "blobs" and ctx.method == "GET":
+            ctx.hand_off = mitm.can_hand_off(flow)
+
     def ready(self, ctx: RequestContext) -> bool:
-        """A blob GET that needs no probe (`client` mode) and whose token is cached."""
-        if self.follow or ctx.route != "blobs" or ctx.method != "GET":
+        """A streamed blob GET that needs no probe (`client` mode) and whose token is cached."""
+        if self.follow or ctx.route != "blobs" or ctx.method != "GET" or ctx.hand_off:
             return False
         header: str | None = None
         if ctx.authorizer is not None:
@@ -188,7 +254,10 @@ class Pull(ProxyPlugin):
                     ctx.answer.headers["Link"] = link_with_prefix(ctx.answer.headers["Link"], ctx.prefix)
                 ctx.note("pull", f"{ctx.method} answered by the mirror ({ctx.answer.status_code})")
                 return
-            self.forward_blob(ctx, url, ctx.pass_headers, what)
+            if ctx.hand_off:
+                self.open_blob(ctx, url, what)
+            else:
+                self.forward_blob(ctx, url, ctx.pass_headers, what)
         except UpstreamError as e:
             ctx.fail("pull", e)
             logger.debug("%s %s -> %d (%s)", ctx.method, what, e.status, e.message)
@@ -221,6 +290,63 @@ class Pull(ProxyPlugin):
             out.headers["Content-Length"] = headers["Content-Length"]
         return out
 
+    def open_blob(self, ctx: RequestContext, url: str, what: str) -> None:
+        """Blocking: the blob's one upstream GET; its body is written by the hand-off.
+
+        A redirect to another host is followed without the registry's token (or, in `client`
+        mode, handed to the client); a 401 renews the token once (in `send`).
+        """
+        headers = {**ctx.pass_headers, "Accept-Encoding": "identity"}
+        current, auth, redirected = url, ctx.authorizer, False
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = send(self.state, "GET", current, headers=headers, auth=auth, stream=True, what=what)
+            if not (resp.is_redirect and "Location" in resp.headers):
+                break
+            target = urljoin(current, resp.headers["Location"])
+            self._drain(resp)
+            if not same_origin(target, current):
+                auth = None  # a storage host never gets the registry's token
+                self.blob_modes()[ctx.upstream.ns] = "redirect"
+                if not self.follow:
+                    ctx.answer = http.Response.make(resp.status_code, b"", {
+                        "Location": target, oci.API_VERSION_HEADER: oci.API_VERSION})
+                    ctx.note("pull", f"redirect to storage {urlsplit(target).netloc} handed to the client")
+                    return
+            current, redirected = target, redirected or not same_origin(target, url)
+        else:
+            raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: too many redirects upstream")
+        if resp.status_code >= 300:
+            self._drain(resp)
+            raise UpstreamError.from_status(resp, what)
+        if not redirected:
+            self.blob_modes()[ctx.upstream.ns] = "direct"
+        length = resp.headers.get("Content-Length")
+        whole = resp.status_code == 200 and "Range" not in ctx.pass_headers
+        digest = checkable(ctx.reference) if whole and self.state.settings.verify_blobs else None
+        body = BlobBody(resp, int(length) if length and length.isdigit() else None, digest, redirected, current)
+        answer = http.Response.make(resp.status_code, b"", passed_headers(resp))
+        if body.length is None:
+            del answer.headers["Content-Length"]
+            answer.headers["Transfer-Encoding"] = "chunked"
+        else:
+            answer.headers["Content-Length"] = str(body.length)  # make() set that of the empty body
+        ctx.answer, ctx.body = answer, body
+        ctx.upstream_status = resp.status_code
+        host = urlsplit(current).netloc
+        ctx.note("pull", f"one GET from {'storage ' + host if redirected else 'the registry'}, body handed off")
+
+    @staticmethod
+    def _drain(resp: requests.Response) -> None:
+        """Read a small answer's body so its connection is reused; drop a large one's connection."""
+        try:
+            length = int(resp.headers.get("Content-Length", "-1"))
+            if 0 <= length <= SMALL_BODY:
+                resp.content
+        except (requests.RequestException, OSError, ValueError):
+            pass
+        finally:
+            resp.close()
+
     def forward_blob(self, ctx: RequestContext, url: str, extra: dict[str, str], what: str) -> None:
         """Blocking: find the URL to stream from; mitmproxy streams it to the client."""
         auth = ctx.authorizer
@@ -233,7 +359,10 @@ class Pull(ProxyPlugin):
             self.probe(url, "HEAD", extra, auth, what)
             target = url
         else:
-            target, _ = self.probe(url, "GET", extra, auth, what)
+            # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
+            target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
+            if resp is not None:
+                resp.close()
             modes[ns] = "direct" if target == url else "redirect"
         header = auth.header() if same_origin(target, url) and auth is not None else None
         self._forward(ctx, url, target, header)
@@ -244,22 +373,23 @@ class Pull(ProxyPlugin):
         host = urlsplit(target).netloc
         ctx.note("pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
 
-    def watch(self, flow: http.HTTPFlow, ctx: RequestContext | None = None) -> "Activity":
+    def watch(self, flow: http.HTTPFlow, ctx: RequestContext | None = None, digest: str | None = None) -> "Activity":
         """Stream the body, counting it and noting when each chunk passes, so a stalled upstream
-        can be cut off and the flow tells how many bytes passed, how fast and from where."""
+        can be cut off and the flow tells how many bytes passed, how fast and from where (and
+        checking it against `digest` when given)."""
+        cut = lambda: mitm.abort_client(flow)  # noqa: E731
         if ctx is not None and ctx.forward is not None:
             ctx.streamed = Streamed(started=time.monotonic(),
                                     source="storage" if ctx.forward.redirected else "registry")
 
             def done() -> None:
                 assert ctx.streamed is not None
-                ctx.note("pull", f"streamed {ctx.streamed.bytes} B ({size_text(ctx.streamed.bytes)}) in "
-                                 f"{ctx.streamed.seconds:.3f} s from {ctx.streamed.source}")
+                ctx.note("pull", streamed_note(ctx.streamed))
                 ctx.publish(flow)
 
-            activity = Activity(ctx.streamed, done)
+            activity = Activity(ctx.streamed, done, digest, cut)
         else:
-            activity = Activity()
+            activity = Activity(None, None, digest, cut)
         self._watched[flow] = activity
         if self._watchdog is None or self._watchdog.done():
             try:
@@ -295,12 +425,18 @@ class Pull(ProxyPlugin):
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = self.context(flow)
-        if ctx is None or ctx.forward is None or flow.response is None:
+        if ctx is None or flow.response is None:
+            return
+        if ctx.body is not None:
+            return self.hand_off(flow, ctx, ctx.body)
+        if ctx.forward is None:
             return
         scrub(flow)
         resp = flow.response
         self.state.counters["blobs_streamed"] += 1
-        resp.stream = self.watch(flow, ctx)
+        whole = resp.status_code == 200 and "Range" not in ctx.pass_headers and self.state.settings.verify_blobs
+        digest = checkable(ctx.reference) if whole and ctx.route == "blobs" else None
+        resp.stream = self.watch(flow, ctx, digest)
         ctx.upstream_status = resp.status_code
         if resp.status_code >= 400:
             ctx.why = f"upstream answered {resp.status_code}"
@@ -318,6 +454,38 @@ class Pull(ProxyPlugin):
                 auth.tokens.invalidate(auth.upstream, auth.scope)
         for name in ("Set-Cookie",):
             resp.headers.pop(name, None)
+        ctx.publish(flow)
+
+    def hand_off(self, flow: http.HTTPFlow, ctx: RequestContext, body: BlobBody) -> None:
+        """Have the blob's body written past mitmproxy's layers once the head is out."""
+
+        def done(ok: bool) -> None:
+            # mitmweb's size column counts stored bodies only: the headline says what went out.
+            ctx.streamed = Streamed(bytes=body.sent, started=0.0, ended=body.seconds,
+                                    source="storage" if body.redirected else "registry", cut=not ok)
+            ctx.note("pull", streamed_note(ctx.streamed) + (f", {body.error}" if body.error else
+                                                           ", digest checked" if body.digest else ", unchecked (range)"))
+            if body.error == "upstream stalled mid-body":
+                ctx.stalled = True
+            if not ok:
+                self.state.counters["blobs_cut"] += 1
+                flow.error = flow_error(f"blob body cut: {body.error}")
+                logger.warning("%s", summary(flow))  # the request's line was written with the head
+            ctx.publish(flow)
+            logger.debug("GET %s: %s", ctx.reference, body.summary())
+
+        self.state.counters["blobs_streamed"] += 1
+        # The flow shows where the bytes came from, as a forwarded flow does (flow files
+        # scrub a storage URL's signature); the request is never sent by mitmproxy.
+        flow.request.url = body.url or flow.request.url
+        if mitm.hand_off(flow, body.write, done):
+            return
+        # The connection changed under us (closed meanwhile): never leave a client waiting for a body.
+        body.close()
+        ctx.body = None
+        err = UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"blob {ctx.reference}: the client connection cannot take the body")
+        ctx.fail("pull", err)
+        flow.response = ctx.answer
         ctx.publish(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:

@@ -29,6 +29,8 @@ class Settings:
     upstream_timeout: float = 30.0
     connect_timeout: float = 5.0
     follow_redirects: bool = True
+    #: Check a whole blob's bytes against its digest while they pass (cut the transfer on a mismatch).
+    verify_blobs: bool = True
     discover_timeout: float = 5.0
     #: The platform teleport chooses for, as os/arch[/variant].
     platform: str = ""

@@ -1,0 +1,198 @@
+"""A blob's body, copied from the mirror's own upstream response to the client's socket.
+
+`.pull` makes the one upstream GET of a blob itself (following a storage redirect, renewing a
+stale token), answers the flow with the upstream's status and headers, and hands the body to
+`BlobBody.write`, which addons.core.mitm runs in a thread on a copy of the client socket: a
+loop of `readinto` a reused buffer, `sha256.update`, `sendall`, with no event-loop work per
+chunk. A whole blob (200 to a GET without Range) is checked against the digest it was asked
+for: the last chunk is written only after the digest matched, so a registry that sends other
+bytes (or fewer or more than it announced) never gives the client a success. Range answers
+(206) are passed unchecked: a part cannot be checked against the digest of the whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+logger = logging.getLogger(__name__)
+
+#: Bytes per read, and buffers per checked blob: large enough that per-call costs vanish,
+#: small enough that 64 parallel pulls hold 32 MiB of buffers.
+CHUNK = 128 * 1024
+RING = 4
+
+
+#: Digest algorithms a blob reference may use (the OCI distribution spec's registered ones).
+CHECKED = frozenset({"sha256", "sha512"})
+
+
+def checkable(reference: str) -> str | None:
+    """The digest to check a whole blob against, or None for an algorithm not checked here."""
+    algorithm, _, hexdigest = reference.partition(":")
+    return reference if algorithm in CHECKED and hexdigest else None
+
+
+class BodyError(Exception):
+    """The upstream's body is not the blob: the client's transfer is cut."""
+
+
+def body_reader(resp: requests.Response) -> Any:
+    """The object to `readinto` from: http.client's response under urllib3 (no extra copy of
+    each chunk), else urllib3's own response (its `readinto` copies once more)."""
+    fp = getattr(resp.raw, "_fp", None)
+    return fp if fp is not None and hasattr(fp, "readinto") else resp.raw
+
+
+class Pipeline:
+    """Hashes chunks in a second thread while the copy thread sends them: `hashlib` and socket
+    calls release the GIL, so on two cores checking a blob costs little time, only CPU.
+
+    The copy thread `take`s a free buffer, reads into it, `submit`s it and sends it; the hashing
+    thread gives the buffer back once hashed, so a buffer is never refilled while being hashed.
+    """
+
+    def __init__(self, algorithm: str, count: int = RING, size: int = CHUNK) -> None:
+        self.hasher = hashlib.new(algorithm)
+        self.views = [memoryview(bytearray(size)) for _ in range(count)]
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(count):
+            self._free.put(i)
+        self._todo: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="acr-digest", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            i, n = item
+            self.hasher.update(self.views[i][:n])
+            self._free.put(i)
+
+    def take(self) -> int:
+        return self._free.get()
+
+    def submit(self, i: int, n: int) -> None:
+        self._todo.put((i, n))
+
+    def result(self) -> str:
+        """The digest of everything submitted (waits for the hashing thread to finish)."""
+        self.close()
+        return f"{self.hasher.name}:{self.hasher.hexdigest()}"
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._todo.put(None)
+            self._thread.join()
+
+
+@dataclass
+class BlobBody:
+    """One blob body to copy; what happened is kept for the flow's record."""
+
+    resp: requests.Response = field(repr=False)
+    #: Bytes announced by the upstream (Content-Length), or None for a chunked body.
+    length: int | None
+    #: The digest the bytes must match (e.g. sha256:<hex>), or None to pass them unchecked.
+    digest: str | None
+    redirected: bool = False
+    #: Where the bytes come from (the registry's or the storage URL): the flow shows it.
+    url: str = ""
+    sent: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    def write(self, sock: socket.socket) -> bool:
+        """Blocking: copy the body to `sock`; True when the whole, matching body was written."""
+        start = time.monotonic()
+        try:
+            self._copy(sock)
+            return True
+        except BodyError as e:
+            self.error = str(e)
+            logger.warning("blob %s: %s: transfer cut", self.digest or "range", e)
+            return False
+        except TimeoutError:
+            self.error = "upstream stalled mid-body"
+            return False
+        except Exception as e:  # the client went away, the upstream broke off: cut either way
+            self.error = f"transfer broke off ({e.__class__.__name__})"
+            return False
+        finally:
+            self.seconds = time.monotonic() - start
+            self.close(reuse=not self.error)
+
+    def _copy(self, sock: socket.socket) -> None:
+        reader = body_reader(self.resp)
+        if self.length is None:
+            return self._copy_chunked(sock, reader)
+        pipe = Pipeline(self.digest.split(":", 1)[0]) if self.digest else None
+        single = memoryview(bytearray(CHUNK))
+        remaining = self.length
+        try:
+            while remaining:
+                i = pipe.take() if pipe is not None else 0
+                view = pipe.views[i] if pipe is not None else single
+                n = reader.readinto(view[:remaining] if remaining < CHUNK else view)
+                if not n:
+                    raise BodyError(f"upstream sent {self.sent} of {self.length} bytes")
+                remaining -= n
+                if pipe is not None:
+                    pipe.submit(i, n)
+                    if remaining == 0:  # the last chunk goes out only once the whole blob matched
+                        self._check(pipe.result())
+                sock.sendall(view[:n])
+                self.sent += n
+        finally:
+            if pipe is not None:
+                pipe.close()
+
+    def _copy_chunked(self, sock: socket.socket, reader: Any) -> None:
+        """A body without Content-Length: re-chunked to the client, the last chunk held until checked."""
+        hasher = hashlib.new(self.digest.split(":", 1)[0]) if self.digest else None
+        view = memoryview(bytearray(CHUNK))
+        pending: bytes | None = None
+        while n := reader.readinto(view):
+            if hasher is not None:
+                hasher.update(view[:n])
+            if pending is not None:
+                self._send_chunk(sock, pending)
+            pending = bytes(view[:n])
+        if hasher is not None:
+            self._check(f"{hasher.name}:{hasher.hexdigest()}")
+        if pending is not None:
+            self._send_chunk(sock, pending)
+
+    def _send_chunk(self, sock: socket.socket, data: bytes) -> None:
+        sock.sendall(b"%x\r\n" % len(data))
+        sock.sendall(data)
+        sock.sendall(b"\r\n")
+        self.sent += len(data)
+
+    def _check(self, digest: str) -> None:
+        if digest != self.digest:
+            raise BodyError(f"upstream bytes do not match {self.digest}")
+
+    def close(self, reuse: bool = False) -> None:
+        """Give the upstream connection back to the pool when the body was read whole, else drop it."""
+        try:
+            if reuse:
+                self.resp.raw.release_conn()
+            else:
+                self.resp.close()
+        except Exception:  # closing must never raise into the hand-off
+            pass
+
+    def summary(self) -> str:
+        if self.error:
+            return f"{self.error} after {self.sent} bytes"
+        rate = self.sent / self.seconds / 1e6 if self.seconds > 0 else 0.0
+        check = "digest checked" if self.digest else "unchecked (range)"
+        return f"{self.sent} bytes in {self.seconds:.2f} s ({rate:.0f} MB/s), {check}"
