@@ -37,7 +37,6 @@ OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
 DADI = "dadi.image.v1"
 ORAS_ARTIFACT = "application/vnd.cncf.oras.artifact.manifest.v1+json"
 SBOM = "application/spdx+json"
-BLOB_DIGEST = "containerd.io/snapshot/overlaybd/blob-digest"
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, "application/vnd.docker.distribution.manifest.v2+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json", "*/*"))
 
@@ -91,18 +90,9 @@ def runmd(upstream: str, types: str, teleport: bool = True) -> str:
 
 
 def streamable(text: str, platform: str = HOST, oci: bool = True) -> Image:
-    """An ordinary image standing for an overlaybd one: tar layers (so containerd unpacks them)
-    annotated, as overlaybd layers are, with their own digest."""
-    img = make_image({"streamable.txt": text.encode()}, platform=platform, oci=oci)
-    layers = tuple(dataclasses.replace(layer, annotations={BLOB_DIGEST: layer.digest}) for layer in img.layers)
-    return make_image_from(img, layers)
-
-
-def make_image_from(img: Image, layers: tuple[Any, ...]) -> Image:
-    obj = json.loads(img.manifest)
-    obj["layers"] = [layer.descriptor() for layer in layers]
-    body = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-    return dataclasses.replace(img, layers=layers, manifest=body)
+    """A streamable image as overlaybd's converter writes one: each layer an overlaybd blob
+    (a plain tar holding `overlaybd.commit`) annotated with its digest, size and file system."""
+    return make_image({"streamable.txt": text.encode()}, platform=platform, oci=oci, overlaybd=True)
 
 
 def annotations_for(platform: Optional[str]) -> dict[str, str]:

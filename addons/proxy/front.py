@@ -207,6 +207,8 @@ def summary(flow: http.HTTPFlow) -> str:
     teleport = meta.get("teleport") or {}
     if "to" in teleport:
         parts.append(f"teleported to {teleport['to']}")
+    elif teleport.get("skipped") == "snapshotter":
+        parts.append(f"no teleport (snapshotter: {teleport.get('message', '').split(': ', 1)[-1]})")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
         parts.append(f"no teleport ({teleport['skipped']})")
     if meta.get("redirected"):

@@ -32,6 +32,8 @@ class Settings:
     discover_timeout: float = 5.0
     #: The platform teleport chooses for, as os/arch[/variant].
     platform: str = ""
+    #: Teleport's mode from the `acr_teleport` option; empty: as mirror.runmd says.
+    teleport_mode: str = ""
 
 
 @dataclass
