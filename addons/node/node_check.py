@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from addons.node.containerd_config import DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS, Schema
+from addons.node import overlaybd_config
 from addons.runmd.runtime import RuntimePlugin
 from addons.runmd.runtime import Runtime
 
@@ -179,18 +180,36 @@ def check_node(
     containerd: str = "containerd",
     overlaybd_socket: Path = Path(OVERLAYBD_SOCKET),
     overlaybd_binaries: tuple[str, ...] = OVERLAYBD_BINARIES,
+    overlaybd_json: Path = overlaybd_config.DEFAULT_CONFIG,
+    auth_url: str | None = None,
 ) -> list[Finding]:
     found, version = check_containerd(containerd)
     findings = [found]
     config_findings, data = check_config(config, hosts_dir, version)
     findings += config_findings
     findings += check_overlaybd(data, overlaybd_socket, overlaybd_binaries)
+    if auth_url is not None:
+        credentials = overlaybd_config.check_credentials(overlaybd_json, auth_url)
+        if credentials is not None:
+            findings.append(Finding(*credentials))
     return findings
 
 
 class NodeCheck(RuntimePlugin):
+    """`.node-check [CONFIG]`, with `: .overlaybd PATH` naming overlaybd's config (default
+    /etc/overlaybd/overlaybd.json), whose credentials must come from this mirror's `/auth`."""
+
     plugin = "node-check"
+    attributes = ("overlaybd",)
     summary = "check containerd, its config_path and overlaybd on this node; warn about what is missing, never fail"
+
+    @classmethod
+    def parse_attribute(cls, name: str, text: str) -> Path:
+        if name == "overlaybd":
+            if not text or len(text.split()) > 1:
+                raise ValueError(f"expected the path of overlaybd's config, e.g. '.overlaybd {overlaybd_config.DEFAULT_CONFIG}'")
+            return Path(text)
+        raise ValueError(f"'.{cls.plugin}' has no attribute '.{name}'")
 
     @classmethod
     def parse(cls, text: str) -> Path:
@@ -201,7 +220,11 @@ class NodeCheck(RuntimePlugin):
     def run(self, runtime: Runtime) -> None:
         path = self.config if self.config.is_absolute() else runtime.home / self.config
         hosts_dir = str(runtime.hosts_dir) if runtime.hosts_dir else DEFAULT_HOSTS_DIR
-        findings = check_node(path, hosts_dir)
+        obd = overlaybd_config.DEFAULT_CONFIG
+        for attr in self.step.attributes:
+            obd = self.parse_attribute(attr.name, attr.input)
+        obd = obd if obd.is_absolute() else runtime.home / obd
+        findings = check_node(path, hosts_dir, overlaybd_json=obd, auth_url=overlaybd_config.auth_url(runtime.compiled))
         for f in findings:
             (logger.info if f.ok else logger.warning)("step %d: %s", self.step.id, f.message)
         missing = sum(not f.ok for f in findings)
