@@ -2,9 +2,13 @@
 registry, with the OCI 1.1 referrers API (or its absence, or the legacy ORAS endpoint, or a
 broken one) provided by `tests.harness.referrers.ReferrersFront` in front of the registry.
 
-The streamable images are ordinary images (tar layers, an image config), pushed as referrers
-the way each format does it, so containerd's default snapshotter unpacks them: a test proves a
-teleport by the digest containerd's image points at and by the content it fetched.
+The streamable images have the layers overlaybd's converter writes (a plain tar holding
+`overlaybd.commit`, annotated with its digest, size and file system), pushed as referrers the
+way each format does it; containerd's default snapshotter unpacks them (into one blob file): a
+test proves a teleport by the digest containerd's image points at and by the content it fetched.
+The mirror runs `acr init`'s `auto` mode, pointed at a node that streams (`StreamingNode`: a
+config.toml that declares the overlaybd snapshotter, and a listening socket at its address);
+tests/test_teleport_gate.py is about the other nodes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tests.harness.images import (OCI_INDEX, OCI_MANIFEST, Image, Index, canonic
                                   make_image, make_index, platform_string, push_image, push_index,
                                   push_referrer, referrers_tag, sha256_digest)
 from tests.harness.mirror import ACR, Mirror
+from tests.harness.overlaybd import StreamingNode
 from tests.harness.referrers import FILTERS_HEADER, ReferrersFront
 from tests.harness.registry import Registry
 
@@ -130,6 +135,17 @@ PLACEHOLDER_ADDRESS = "127.0.0.1:65535"
 
 
 @pytest.fixture(scope="module")
+def streaming_node() -> Iterator[StreamingNode]:
+    """This module's node streams overlaybd images, as far as the mirror can tell."""
+    with StreamingNode() as node:
+        yield node
+
+
+def node_sets(node: StreamingNode) -> list[str]:
+    return [f"acr_containerd_config={node.config}"]
+
+
+@pytest.fixture(scope="module")
 def init_runmd(tmp_path_factory: pytest.TempPathFactory) -> str:
     """What `acr init` writes (its default artifact types, `.teleport overlaybd`), rendered once
     per module: each mirror then starts from it without another `acr init` process."""
@@ -138,19 +154,19 @@ def init_runmd(tmp_path_factory: pytest.TempPathFactory) -> str:
                     "--mirror-address", PLACEHOLDER_ADDRESS, "--force"], check=True, capture_output=True)
     text = path.read_text()
     assert re.search(rf"^:\s+\.discover\s+{re.escape(f'{STREAMING}, {STREAMING_LINK}, {OVERLAYBD_NATIVE}')}$", text, re.M)
-    assert re.search(r"^:\s+\.teleport\s+overlaybd$", text, re.M)
+    assert re.search(r"^:\s+\.teleport\s+overlaybd, auto$", text, re.M)
     return text.replace(PLACEHOLDER_ADDRESS, "127.0.0.1:{port}")
 
 
 @pytest.fixture
 def start(mirror_factory: Callable[..., Mirror], tmp_hosts_dir: HostsDir, tmp_path: Path,
-          referrers_front: ReferrersFront, init_runmd: str) -> Callable[..., Mirror]:
+          referrers_front: ReferrersFront, init_runmd: str, streaming_node: StreamingNode) -> Callable[..., Mirror]:
     """A mirror of the front, with containerd's hosts.toml for the front pointing at it."""
 
     def make(*, text: Optional[str] = None, sets: tuple[str, ...] = ()) -> Mirror:
         m = mirror_factory(
             referrers_front.url, runmd=text or init_runmd.replace(PLACEHOLDER_UPSTREAM, referrers_front.url),
-            sets=list(sets),
+            sets=[*node_sets(streaming_node), *sets],
             # Keep `.host` away from /etc/containerd/certs.d; unbuffered so the log is current.
             args=["--hosts-dir", str(tmp_path / "runtime-certs.d")],
             env={"PYTHONUNBUFFERED": "1"},
@@ -170,11 +186,13 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def _shared_site(registry: Registry, init_runmd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def _shared_site(registry: Registry, init_runmd: str, tmp_path_factory: pytest.TempPathFactory,
+                 streaming_node: StreamingNode) -> Iterator[Site]:
     home = tmp_path_factory.mktemp("shared-mirror")
     with ReferrersFront(registry.url) as front:
         m = Mirror(home, [front.url], runmd=init_runmd.replace(PLACEHOLDER_UPSTREAM, front.url),
-                   args=["--hosts-dir", str(home / "runtime-certs.d")], env={"PYTHONUNBUFFERED": "1"})
+                   args=["--hosts-dir", str(home / "runtime-certs.d")], env={"PYTHONUNBUFFERED": "1"},
+                   sets=node_sets(streaming_node))
         try:
             yield Site(front, m)
         finally:
@@ -569,7 +587,7 @@ def test_one_referrers_call_cold_none_warm(
 @pytest.mark.e2e
 def test_teleport_through_a_token_registry(
     containerd: Ctr, token_registry: Registry, token_server: Any, tmp_hosts_dir: HostsDir, repo_name: str,
-    mirror_factory: Callable[..., Mirror], init_runmd: str, tmp_path: Path,
+    mirror_factory: Callable[..., Mirror], init_runmd: str, tmp_path: Path, streaming_node: StreamingNode,
 ) -> None:
     """The referrers lookup and the streamable manifest go upstream with the flow's token."""
     user, password = token_registry.credentials or ("", "")
@@ -580,7 +598,7 @@ def test_teleport_through_a_token_registry(
     with ReferrersFront(token_registry.url, credentials=(user, password)) as front:
         m = mirror_factory(front.url, runmd=init_runmd.replace(PLACEHOLDER_UPSTREAM, front.url),
                            credentials=f"{user}:{password}", args=["--hosts-dir", str(tmp_path / "rt")],
-                           env={"PYTHONUNBUFFERED": "1"})
+                           env={"PYTHONUNBUFFERED": "1"}, sets=node_sets(streaming_node))
         tmp_hosts_dir.write(front.host, m.url)
         assert pull(containerd, tmp_hosts_dir, f"{front.host}/{repo_name}:v1") == target
         (call,) = front.seen("oci")
