@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -380,3 +381,31 @@ def test_node_check_reports_overlaybd_credentials_that_do_not_point_at_this_mirr
     assert [f.message for f in found if not f.ok][-1] == (
         f"overlaybd asks http://10.0.0.1/auth for credentials, not this mirror (http://127.0.0.1:8592/auth): "
         f"run 'acr overlaybd configure --config {obd}'")
+
+
+# --- the README's table of reasons --------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def recorded_reasons() -> set[str]:
+    """Every reason teleport can record, read from the source: a new one must reach the README."""
+    found: set[str] = set()
+    for module in ("teleport.py", "discover.py"):
+        src = (ROOT / "addons" / "teleport" / module).read_text()
+        found |= set(re.findall(r'(?:NoTeleport|DiscoverError)\("([a-z-]+)"', src))
+        found |= set(re.findall(r'_record\(ctx, "([a-z-]+)"', src))
+        for line in src.splitlines():
+            if re.search(r"\breason\b.*=|return \"", line) and " if " in line or line.strip().startswith('return "'):
+                found |= set(re.findall(r'"([a-z-]+)"', line))
+    return found
+
+
+def test_the_readme_explains_every_reason() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Will my pulls be teleported?", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z-]+)` \| (.+?) \| (.+?) \|$", section, re.M)
+    table = {reason for reason, meaning, fix in rows if meaning.strip() and fix.strip()}
+    reasons = recorded_reasons()
+    assert {"snapshotter", "format", "never", "no-referrer", "timeout", "auth", "upstream", "fetch"} <= reasons
+    assert reasons == table, (reasons - table, table - reasons)
