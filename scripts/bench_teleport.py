@@ -55,7 +55,7 @@ RUNMD = """\
 ```
 """
 TELEPORT = f""":   .discover     {STREAMING}
-:   .teleport     overlaybd
+:   .teleport     overlaybd, always
 """
 
 
@@ -113,7 +113,7 @@ def main() -> int:
             image = make_image({"f": f"original {tag}".encode()})
             push_image(reg, name, tag, image)
             if tag != "plain":
-                fast = make_image({"f": f"streamable {tag}".encode()})
+                fast = make_image({"f": f"streamable {tag}".encode()}, overlaybd=True)
                 push_referrer(reg, name, image, STREAMING, {"streaming.format": "overlaybd"},
                               config=fast.config, layers=list(fast.layers))
             tags[tag] = image.digest
