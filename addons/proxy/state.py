@@ -34,6 +34,8 @@ class Settings:
     platform: str = ""
     #: Teleport's mode from the `acr_teleport` option; empty: as mirror.runmd says.
     teleport_mode: str = ""
+    #: containerd's config.toml that teleport's `auto` mode reads (`acr_containerd_config`).
+    containerd_config: str = ""
 
 
 @dataclass

@@ -233,7 +233,9 @@ class Teleport(ProxyPlugin):
         super().__init__(*args, **kwargs)
         #: The node's verdict, shared by every teleport step of this mirror.
         self.gate: Gate = self.state.service("teleport_gate", Gate)
-        self.gate.mode = self.config.mode
+        self.gate.mode = self.mode
+        if self.state.settings.containerd_config:  # a state made from another's settings (offline replay)
+            self.gate.configure(Path(self.state.settings.containerd_config))
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -271,6 +273,7 @@ class Teleport(ProxyPlugin):
             text = mitmctx.options.acr_containerd_config
             if not text:
                 raise exceptions.OptionsError("acr_containerd_config: expected the path of containerd's config.toml")
+            self.state.settings.containerd_config = text
             self.gate.configure(Path(text))
 
     async def running(self) -> None:
