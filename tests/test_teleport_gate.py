@@ -103,7 +103,7 @@ def test_auto_on_a_node_without_overlaybd_serves_the_original_and_says_why(
     assert head.metadata["acr"]["teleport"]["skipped"] == "snapshotter"
     assert "no teleport: snapshotter (CRI's snapshotter is" in head.comment and not head.marked
     (told,) = AcrMirror().teleports([head])
-    assert told.startswith(f"{repo_name}:v1 not teleported: snapshotter: this node cannot stream overlaybd images: ")
+    assert told.startswith(f"{repo_name}:v1 not teleported: snapshotter: CRI's snapshotter is ")
     assert any(w.strip().startswith("teleport: not teleported: snapshotter: ") for w in AcrMirror().why([head]))
 
 

@@ -200,11 +200,11 @@ def test_auto_serves_the_original_where_the_node_cannot_stream(tmp_path: Path) -
         assert f.response is not None and f.response.headers["Docker-Content-Digest"] == original
         t = f.metadata["acr"]["teleport"]
         assert t["skipped"] == "snapshotter"
-        assert t["message"].startswith("this node cannot stream overlaybd images: CRI's snapshotter is 'overlayfs'")
+        assert t["message"].startswith("CRI's snapshotter is 'overlayfs', not 'overlaybd'")
         assert "· no teleport: snapshotter (CRI's snapshotter is 'overlayfs'" in f.comment and not f.marked
         assert f.metadata["acr"]["steps"][-1].startswith("teleport: not teleported: snapshotter: ")
     (line,) = mirror.teleports(flows[:1])
-    assert line.startswith(f"app:v1 not teleported: snapshotter: this node cannot stream overlaybd images: ")
+    assert line.startswith("app:v1 not teleported: snapshotter: CRI's snapshotter is 'overlayfs'")
     why = mirror.why(flows[:1])
     assert any("teleport: not teleported: snapshotter" in w for w in why)
     assert mirror.state.counters["teleport:snapshotter"] == 2  # type: ignore[union-attr]

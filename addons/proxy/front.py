@@ -208,7 +208,7 @@ def summary(flow: http.HTTPFlow) -> str:
     if "to" in teleport:
         parts.append(f"teleported to {teleport['to']}")
     elif teleport.get("skipped") == "snapshotter":
-        parts.append(f"no teleport (snapshotter: {teleport.get('message', '').split(': ', 1)[-1]})")
+        parts.append(f"no teleport (snapshotter: {teleport.get('message', '')})")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
         parts.append(f"no teleport ({teleport['skipped']})")
     if meta.get("redirected"):

@@ -14,9 +14,9 @@ The target is checked too: its layers must be overlaybd blobs, as the converter 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import asyncio
 import platform as platform_module
 import re
 from dataclasses import dataclass
@@ -368,7 +368,7 @@ class Teleport(ProxyPlugin):
             except NeedsIO:
                 return False
             if not verdict.streams:
-                self._record(ctx, "snapshotter", f"this node cannot stream {self.config.format} images: {verdict.missing}")
+                self._record(ctx, "snapshotter", verdict.missing or "")
                 return True
         try:
             choice, streamable = self.decide(ctx, io)
@@ -398,5 +398,5 @@ class Teleport(ProxyPlugin):
         self.state.counters[f"teleport:{reason}"] += 1
         if ctx.comment and reason != "digest-pinned":
             # What the node lacks is the one thing an operator must act on: say it where they look.
-            ctx.comment += f" · no teleport: {reason}" + (f" ({message.split(': ', 1)[-1]})" if reason == "snapshotter" else "")
+            ctx.comment += f" · no teleport: {reason}" + (f" ({message})" if reason == "snapshotter" else "")
         ctx.note("teleport", f"not teleported: {reason}: {message}")
