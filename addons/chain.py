@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
+from addons.core import mitm
 from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
-from addons.observe.endpoints import Endpoints  # issue 5
-from addons.node.login_acr import LoginRefresh  # issue 5
-from addons.observe import record  # issue 6: flow files scrubbed of credentials
-from addons.observe.metrics import Metrics  # issue 6: GET /metrics
-from addons.observe.replay import ReplayCheck  # issue 6: decisions re-made offline over read flows
+from addons.observe.endpoints import Endpoints
+from addons.node.login_acr import LoginRefresh
+from addons.observe import record  # flow files scrubbed of credentials
+from addons.observe.metrics import Metrics  # GET /metrics
+from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
 from addons.proxy.front import Proxy, ProxyTail
 from addons.proxy.pull import TokenScrub
 from addons.proxy.routes import Route
@@ -64,7 +65,7 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
         elif route_addon is not None:
             route_addon.steps.append(addon)
         steps.append(addon)
-    # issue 5: /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
+    # /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
     front: list[Any] = [Endpoints(compiled, state)]
     front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
@@ -98,12 +99,9 @@ class AcrMirror:
 
     def load(self, loader) -> None:
         # First in the master's chain, ahead of the flow writer and mitmweb (see TokenScrub).
-        manager = ctx.master.addons
-        if manager.get(TokenScrub.name) is None:
-            scrubber = TokenScrub()
-            manager.lookup[TokenScrub.name] = scrubber
-            manager.chain.insert(0, scrubber)
-        record.install(ctx.master)  # issue 6: `-w` and mitmweb's save write scrubbed copies
+        if ctx.master.addons.get(TokenScrub.name) is None:
+            mitm.put_first_in_chain(ctx.master, TokenScrub())
+        record.install(ctx.master)  # `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
 
     def configure(self, updated: set[str]) -> None:
@@ -140,28 +138,21 @@ class AcrMirror:
 
     @command.command("acr.teleports")
     def teleports(self, flows: Sequence[flow.Flow]) -> Sequence[str]:
-        """One line per manifest flow: teleported from -> to, or why not."""
-        out = []
-        for f in flows:
-            meta = f.metadata.get("acr") or {}
-            t = meta.get("teleport")
-            if not t:
-                continue
-            where = f"{meta.get('name')}:{meta.get('reference')}"
-            if "to" in t:
-                out.append(f"{where} teleported {t['from']} -> {t['to']} ({t['format']})")
-            else:
-                out.append(f"{where} not teleported: {t['skipped']}: {t.get('message', '')}")
-        return out
+        """One line per tag: teleported from -> to (with the client's follow-up GET of the target
+        under it), or why not; pulls by digest; and the manifest requests the mirror refused."""
+        return teleport_lines(flows)
 
     @command.command("acr.why")
     def why(self, flows: Sequence[flow.Flow]) -> Sequence[str]:
-        """Each step's decision for the chosen flows, in chain order: why a pull did what it did."""
+        """Each step's decision for the chosen flows, in chain order: why a pull did what it did.
+        In mitmweb, `@focus` is the flow selected in the page."""
         out = []
         for f in flows:
             meta = f.metadata.get("acr") or {}
             req = getattr(f, "request", None)
-            out.append(f"{req.method if req else ''} {req.path if req else ''}".strip())
+            client = f.metadata.get("acr_client") or {}
+            path = client.get("path") or (req.path if req else "")
+            out.append(f"{req.method if req else ''} {path}".strip())
             out.extend(f"  {line}" for line in meta.get("steps", ["(no decisions: not a registry request)"]))
         return out
 
@@ -175,3 +166,42 @@ class AcrMirror:
             for t in self.state.services["tokens"].tokens()
         ]
 
+
+
+def teleport_lines(flows: Sequence[flow.Flow]) -> list[str]:
+    """`acr.teleports`: each tag with its decision and, under it, the client's follow-up GET of
+    the manifest it was served (the streamable one after a teleport); other pulls by digest; the
+    manifest requests the mirror refused."""
+    out: list[str] = []
+    follow_ups: dict[tuple[str, str], list[str]] = {}
+    for f in flows:
+        meta = f.metadata.get("acr") or {}
+        if (meta.get("teleport") or {}).get("skipped") == "digest-pinned":
+            status = f.response.status_code if getattr(f, "response", None) else "error"
+            what = "the streamable manifest" if meta.get("teleport_target_of") else "the manifest it was served"
+            line = f"  {f.request.method} {meta.get('name')}@{meta.get('reference')} -> {status} (the client fetching {what})"
+            follow_ups.setdefault((meta.get("name"), meta.get("reference")), []).append(line)
+    for f in flows:
+        meta = f.metadata.get("acr") or {}
+        req = getattr(f, "request", None)
+        if meta.get("refused") and req is not None and "/manifests/" in req.path:
+            steps = meta.get("steps") or [""]
+            reason = steps[-1].split(": ", 1)[-1].removeprefix(f"refused {meta['refused']}: ")
+            out.append(f"refused: {req.method} {req.path.partition('?')[0]} {meta['refused']}: {reason}")
+            continue
+        t = meta.get("teleport")
+        if not t or t.get("skipped") == "digest-pinned":
+            continue
+        name = meta.get("name")
+        where = f"{name}:{meta.get('reference')}"
+        if "to" in t:
+            out.append(f"{where} teleported {t['from']} -> {t['to']} ({t['format']})")
+            served = t["to"]
+        else:
+            out.append(f"{where} not teleported: {t['skipped']}: {t.get('message', '')}")
+            served = (meta.get("resolved") or {}).get("digest", "")
+        out.extend(follow_ups.pop((name, served), []))
+    for (name, digest), lines in follow_ups.items():  # pulled by digest, no tag among the flows
+        out.append(f"{name}@{digest} pulled by digest: served as asked")
+        out.extend(lines)
+    return out

@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING
 from addons import __version__, catalog
 
 from addons.core.files import atomic_write
-from addons.core import mitm as tuning
+from addons.core import mitm
 from addons.core.address import Address
 from addons.runmd.compile import Compiled
+from addons.runmd.engine import EXIT_USAGE
 from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
 
 if TYPE_CHECKING:
-    from addons.runmd.engine import EngineSpec  # issue 8
+    from addons.runmd.engine import EngineSpec
 
 logger = logging.getLogger("acr")
 
@@ -38,7 +39,6 @@ DEFAULT_ARTIFACT_TYPES = (
 )
 #: containerd's `ns` never carries a scheme; reverse mode needs a target, so a closed port.
 PLACEHOLDER_TARGET = "http://127.0.0.1:9"
-EXIT_USAGE = 2
 
 
 class CliError(Exception):
@@ -186,15 +186,15 @@ def listen_address(compiled: Compiled, allow_remote: bool) -> Address:
     return address
 
 
-def check_listen(address: Address) -> None:
-    """Fail before any runtime step runs when the listen address cannot be bound."""
+def check_listen(address: Address, who: str = "") -> None:
+    """Fail before any runtime step runs when `who` (the mirror, or mitmweb) cannot bind its address."""
     family = socket.AF_INET6 if ":" in address.bind_host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((address.bind_host, address.port))
         except OSError as e:
-            raise CliError(f"cannot listen on {address}: {e.strerror}") from None
+            raise CliError(f"{who + ' ' if who else ''}cannot listen on {address}: {e.strerror}") from None
 
 
 def cmd_mirror_start(args: argparse.Namespace) -> int:
@@ -216,10 +216,10 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     except StepError as e:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
-    return tuning.run(serve(compiled, address, args))
+    return mitm.run(serve(compiled, address, args))
 
 
-# issue 8: `+ .engine`, `acr mirror serve`, `acr containerd configure`
+# `+ .engine`, `acr mirror serve`, `acr containerd configure`
 
 
 def select_engine(compiled: Compiled, name: str | None) -> "EngineSpec | None":
@@ -250,8 +250,8 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
-    if getattr(args, "web", False):  # issue 6: the proxy child runs mitmweb
-        check_web_port("127.0.0.1", args.web_port)
+    if getattr(args, "web", False):  # the proxy child runs mitmweb
+        check_listen(Address("127.0.0.1", args.web_port), "mitmweb")
         serve_argv += ["--web", "--web-port", str(args.web_port)]
     for option in args.set or ():
         serve_argv += ["--set", option]
@@ -267,7 +267,7 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
     check_listen(address)
-    return tuning.run(serve(compiled, address, args))
+    return mitm.run(serve(compiled, address, args))
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
@@ -318,19 +318,22 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         # Connection open/close lines drown the one line per request the mirror writes.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     opts = options.Options()
-    if getattr(args, "web", False):  # issue 6: mitmweb (WebMaster) with the same chain
+    if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
         master = web_master(opts, args)
     else:
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     opts.update(
         mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
+        # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
+        listen_host=address.bind_host,
+        listen_port=address.port,
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled), tuning.ReadSize())
+    master.addons.add(AcrMirror(compiled), mitm.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
-        # issue 5: `.https CERT` serves TLS with that key and certificate, for every name.
+        # `.https CERT` serves TLS with that key and certificate, for every name.
         from addons.node.https import certs_option
 
         if certs_option(compiled):
@@ -347,7 +350,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
                 logger.warning("option %s: no step of %s uses it", name, compiled.path)
     except Exception as e:  # OptionsError and friends: one line, no traceback
         raise CliError(f"bad option: {e}", EXIT_USAGE) from None
-    if getattr(args, "web", False):  # issue 6
+    if getattr(args, "web", False):
         check_web(opts, args)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -358,9 +361,10 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     return 0
 
 
-# issue 6: `--web` runs mitmweb with the chain; `acr service install|uninstall`
+# `--web` runs mitmweb with the chain; `acr service install|uninstall`
 
-#: The flow list's columns in `--web`: the comment is where the mirror says what it decided.
+#: The flow list's columns in `--web`: the URL is where the answer came from (the registry or
+#: storage), the comment leads with what the mirror decided.
 WEB_COLUMNS = ["icon", "method", "path", "status", "size", "time", "comment"]
 DEFAULT_WEB_PORT = 8081
 
@@ -371,6 +375,11 @@ def web_master(opts, args: argparse.Namespace):
 
     master = WebMaster(opts, with_termlog=True)
     opts.update(web_host="127.0.0.1", web_port=args.web_port, web_open_browser=False, web_columns=WEB_COLUMNS)
+    if not args.verbose:
+        # The page polls; one access line per poll would drown the mirror's one line per request
+        # (mitmproxy's own launcher quiets this logger the same way).
+        logging.getLogger("tornado").setLevel(logging.WARNING)
+    mitm.web_handlers(master.app)
     return master
 
 
@@ -381,18 +390,9 @@ def check_web(opts, args: argparse.Namespace) -> None:
     if not is_loopback(opts.web_host):
         raise CliError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
                        "so it only listens on this machine", EXIT_USAGE)
-    check_web_port(opts.web_host, opts.web_port)
-    logger.info("mitmweb on http://%s:%d/ (flows carry the mirror's decisions: try the filter ~comment teleport)",
-                opts.web_host, opts.web_port)
-
-
-def check_web_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise CliError(f"mitmweb cannot listen on {host}:{port}: {e.strerror}") from None
+    check_listen(Address(opts.web_host, opts.web_port), "mitmweb")
+    logger.info("mitmweb on http://%s:%d/ (each flow's comment leads with the mirror's decision: "
+                "try the filter ~marked for teleported tags)", opts.web_host, opts.web_port)
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -462,16 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     start.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
     start.add_argument("--engine-name", help="the engine to run when the file has several ('``` NAME' of its block)")
-    add_web_arguments(start)  # issue 6
+    add_web_arguments(start)
     start.set_defaults(func=cmd_mirror_start)
     serve_p = mirror_sub.add_parser("serve", help="serve the proxy only, no runtime steps (what an engine supervises)")
     serve_p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     serve_p.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
-    add_web_arguments(serve_p)  # issue 6
+    add_web_arguments(serve_p)
     serve_p.set_defaults(func=cmd_mirror_serve)
-    add_service_parser(sub)  # issue 6
+    add_service_parser(sub)
 
-    # issue 8: containerd's own config.toml
+    # containerd's own config.toml
     containerd = sub.add_parser("containerd", help="containerd's own configuration")
     containerd_sub = containerd.add_subparsers(dest="containerd_command", metavar="COMMAND", required=True)
     configure = containerd_sub.add_parser(
@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     obd_configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     obd_configure.set_defaults(func=cmd_overlaybd_configure)
 
-    # issue 5: containerd's hosts.toml files the runmd asks for
+    # containerd's hosts.toml files the runmd asks for
     hosts = sub.add_parser("hosts", help="show, install or remove the hosts.toml files for containerd")
     hosts.add_argument("hosts_command", choices=("show", "install", "remove"), metavar="{show,install,remove}")
     hosts.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
@@ -503,11 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
-    """issue 5: `acr hosts show|install|remove` (see addons.node.hostsfile)."""
+    """`acr hosts show|install|remove` (see addons.node.hostsfile)."""
     from addons.node import hostsfile
+    from addons.node.containerd_config import DEFAULT_HOSTS_DIR
 
     compiled = load(args.runmd)
-    hosts_dir = Path(args.hosts_dir) if args.hosts_dir else hostsfile.DEFAULT_HOSTS_DIR
+    hosts_dir = Path(args.hosts_dir or DEFAULT_HOSTS_DIR)
     work = compiled.home / ".work"
     try:
         if args.hosts_command == "show":

@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterator, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import requests  # noqa: E402
 
 from tests.harness.containerd import Containerd, write_hosts_toml  # noqa: E402
 from tests.harness.images import (  # noqa: E402
@@ -52,13 +51,16 @@ from tests.harness.images import (  # noqa: E402
     random_chunks,
 )
 from tests.harness.mirror import Mirror  # noqa: E402
+
+import bench_head  # noqa: E402  (scripts/ is on sys.path when run as a script)
+from bench_head import PlainMitmdump  # noqa: E402
 from tests.harness.ports import ClosedPort, free_port  # noqa: E402
 from tests.harness.registry import Registry  # noqa: E402
 from tests.harness.tokenserver import TokenServer  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
-TARGETS = {"rss_mb": 150, "containerd_ratio": 1.15, "curl_ratio": 0.5}
+TARGETS = {"rss_mb": 150, "containerd_ratio": 1.15, "curl_ratio": 0.5, "head_over_mitmdump_ms": 1.0}
 
 
 def log(msg: str) -> None:
@@ -186,28 +188,6 @@ def curl_mbps(url: str, headers: dict[str, str]) -> tuple[float, int]:
     return size / seconds / 1e6, size
 
 
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def head_latencies(url: str, headers: dict[str, str], n: int, warmup: int = 20) -> list[float]:
-    out = []
-    with requests.Session() as s:
-        s.trust_env = False
-        for i in range(warmup + n):
-            t = time.perf_counter()
-            r = s.head(url, headers=headers, timeout=30)
-            took = time.perf_counter() - t
-            if r.status_code != 200:
-                raise RuntimeError(f"HEAD {url} -> {r.status_code}")
-            if i >= warmup:
-                out.append(took * 1000)
-    return out
-
-
 def alternate(repeat: int, direct: Callable[[], Any], mirror: Callable[[], Any]) -> tuple[list[Any], list[Any]]:
     d, m = [], []
     for _ in range(repeat):
@@ -261,14 +241,17 @@ def bench(args: argparse.Namespace, stack: ExitStack) -> dict[str, Any]:
     results["mirror_peak_rss_mb"] = round(rss.peak_kb / 1024)
     results["mirror_vmhwm_mb"] = round(proc_status(pid, "VmHWM") / 1024)
 
-    # Manifest HEAD latency with warm tokens.
-    log("HEAD latency")
+    # Manifest HEAD latency with warm tokens and caches: direct, plain mitmdump, the mirror.
+    log("HEAD latency: direct, plain mitmdump (reverse mode), mirror")
     accept = {"Accept": ACCEPT_ALL_MANIFESTS}
-    hd = head_latencies(f"{reg.url}/v2/{repo}/manifests/big", {**accept, "Authorization": token}, args.heads)
-    hm = head_latencies(f"{mirror.url}/v2/{repo}/manifests/big?{ns}", accept, args.heads)
-    for name, values in (("direct", hd), ("mirror", hm)):
-        results[f"head_{name}_p50_ms"] = round(percentile(values, 50), 2)
-        results[f"head_{name}_p99_ms"] = round(percentile(values, 99), 2)
+    plain = PlainMitmdump(reg.url)
+    stack.callback(plain.stop)
+    results.update(bench_head.measure({
+        "direct": (f"{reg.url}/v2/{repo}/manifests/big", {**accept, "Authorization": token}),
+        "mitmdump": (f"{plain.url}/v2/{repo}/manifests/big", {**accept, "Authorization": token}),
+        "mirror": (f"{mirror.url}/v2/{repo}/manifests/big?{ns}", accept),
+    }, args.heads, pids={"mitmdump": plain.proc.pid, "mirror": pid}))
+    results["head_mirror_over_mitmdump_p50_ms"] = round(results["head_mirror_p50_ms"] - results["head_mitmdump_p50_ms"], 2)
 
     # containerd: credentials direct vs none through the mirror (server on a closed port).
     if os.geteuid() != 0 or args.no_containerd:
@@ -318,8 +301,12 @@ def table(r: dict[str, Any]) -> str:
          f"{r['curl_ratio']:.2f} (target >= {TARGETS['curl_ratio']})"),
         ("mirror CPU per GiB (s)", "", r["mirror_cpu_s_per_gib"], ""),
         (f"mirror peak RSS, {r['blob_mib']} MiB blob (MB)", "", r["mirror_peak_rss_mb"], f"(target < {TARGETS['rss_mb']})"),
-        ("manifest HEAD p50 (ms)", r["head_direct_p50_ms"], r["head_mirror_p50_ms"], ""),
-        ("manifest HEAD p99 (ms)", r["head_direct_p99_ms"], r["head_mirror_p99_ms"], ""),
+        ("manifest HEAD p50 (ms)", r["head_direct_p50_ms"], r["head_mirror_p50_ms"],
+         f"plain mitmdump {r['head_mitmdump_p50_ms']}: mirror adds {r['head_mirror_over_mitmdump_p50_ms']} "
+         f"(target <= {TARGETS['head_over_mitmdump_ms']})"),
+        ("manifest HEAD p99 (ms)", r["head_direct_p99_ms"], r["head_mirror_p99_ms"],
+         f"plain mitmdump {r['head_mitmdump_p99_ms']}"),
+        ("CPU per manifest HEAD (ms)", "", r["head_mirror_cpu_ms"], f"plain mitmdump {r['head_mitmdump_cpu_ms']}"),
     ]
     if "containerd_direct_s" in r:
         rows.append((f"ctr images pull, {r['image_mib']} MiB (s)", r["containerd_direct_s"], r["containerd_mirror_s"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Teleport's cost, measured on loopback against the real registry (issue 4's benchmark).
+"""Teleport's cost, measured on loopback against the real registry.
 
 1. Decision time with warm caches: p50 latency of `HEAD /v2/<name>/manifests/<tag>` through
    a mirror whose runmd teleports (the tag has a streaming.v1 referrer) against the same HEAD

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import pytest
 
 from tests.harness.containerd import Containerd, Ctr, write_hosts_toml
+from tests.harness.fakeserver import Fake, Handler
 from tests.harness.ports import ClosedPort, free_port
 from tests.harness.registry import Registry
 from tests.harness.tokenserver import TokenServer
@@ -291,3 +292,17 @@ def aad(_aad_stand_in: Any, token_server: TokenServer) -> Iterator[Any]:
     yield _aad_stand_in
     _aad_stand_in.on_issue = None
     _aad_stand_in.reset()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[..., Fake]]:
+    """Loopback HTTP servers the test controls (tests/harness/fakeserver.py), stopped after it."""
+    servers: list[Fake] = []
+
+    def make(handler: Optional[Handler] = None) -> Fake:
+        servers.append(Fake(handler))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()

@@ -25,6 +25,7 @@ from addons.registry.auth import (
     insecure_permissions,
     jwt_expiry,
 )
+from tests.harness.images import sha256_digest
 from tests.harness.ports import ClosedPort
 from tests.harness.registry import Registry
 from tests.harness.tokenserver import TokenServer
@@ -179,7 +180,7 @@ def _push_image(client: TokenClient, upstream: oci.Upstream, creds: Credentials,
     assert auth is not None
     headers = {"Authorization": auth}
     config = b"{}"
-    config_digest = oci.sha256_digest(config)
+    config_digest = sha256_digest(config)
     r = requests.post(upstream.url(f"/v2/{name}/blobs/uploads/"), headers=headers, timeout=5)
     assert r.status_code == 202, r.text
     location = r.headers["Location"]
@@ -208,7 +209,7 @@ def _push_image(client: TokenClient, upstream: oci.Upstream, creds: Credentials,
         timeout=5,
     )
     assert r.status_code == 201, r.text
-    return oci.sha256_digest(manifest)
+    return sha256_digest(manifest)
 
 
 def _token_requests(ts: TokenServer) -> list[tuple[str, str | None]]:

@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 7): one test per kind of bad input, against a running mirror.
+"""The bad-input matrix: one test per kind of bad input, against a running mirror.
 
 Every test sends its bad input to one real `acr mirror start` (shared by the module: the point
 is that it keeps serving) and checks three things: the answer is a clear error with the right
@@ -25,6 +25,7 @@ import requests
 
 from tests.harness.images import make_image, push_image, sha256_digest
 from tests.harness.mirror import ACR, Mirror
+from tests.harness.ports import direct_session
 from tests.harness.registry import Registry
 from tests.test_hardening import (
     ACCEPT,
@@ -35,7 +36,6 @@ from tests.test_hardening import (
     ns,
     oci_error,
     raw_request,
-    session,
     status_of,
 )
 
@@ -132,7 +132,7 @@ class World:
 
     def still_serving(self) -> None:
         """The good pull works: the ping, then a manifest and a blob from the real registry."""
-        with session() as s:
+        with direct_session() as s:
             assert s.get(self.m.url + "/v2/", timeout=10).status_code == 200
             r = s.head(self.url(f"/v2/{self.good_repo}/manifests/v1", "registry"), headers=ACCEPT, timeout=10)
             assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == self.good_digest
@@ -267,7 +267,7 @@ def test_very_large_headers_are_refused_and_the_mirror_goes_on(world: World) -> 
     raw, _ = raw_request(world.m.port, f"GET {path} HTTP/1.1\r\nHost: {world.m.host}\r\n{many}\r\n".encode())
     assert status_of(raw) == 431, raw[:300]
     # Up to the limit all is well: 16 KiB of junk does not change the answer.
-    with session() as s:
+    with direct_session() as s:
         r = s.head(world.m.url + path, headers={**ACCEPT, "X-Junk": "a" * 16 * 1024}, timeout=10)
         assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == world.good_digest
     world.still_serving()
@@ -286,7 +286,7 @@ def test_a_very_long_request_line_is_refused_without_holding_up_other_clients(wo
     def other() -> None:
         time.sleep(0.3)
         t = time.monotonic()
-        with session() as s:
+        with direct_session() as s:
             s.get(world.m.url + "/v2/", timeout=30)
         results["other"] = time.monotonic() - t
 
@@ -323,7 +323,7 @@ def test_unknown_ns(world: World) -> None:
     # Several upstreams: no ns at all names none of them.
     _refused_without_upstream(world, "GET", "/v2/x/manifests/v1", 404, "NAME_UNKNOWN")
     # ns is matched case-insensitively, like host names: the right upstream, not a refusal.
-    with session() as s:
+    with direct_session() as s:
         r = s.head(f"{world.m.url}/v2/{world.good_repo}/manifests/v1?ns={ns(world.registry.host.upper())}", headers=ACCEPT, timeout=10)
     assert r.status_code == 200
     world.still_serving()
@@ -339,7 +339,7 @@ def test_paths_and_methods_outside_the_pull_api(world: World) -> None:
                          ("DELETE", f"/v2/x/manifests/v1{q}"), ("DELETE", f"/v2/x/blobs/{BLOB_DIGEST}{q}"),
                          ("PATCH", f"/v2/x/blobs/{BLOB_DIGEST}{q}"), ("OPTIONS", f"/v2/x/manifests/v1{q}")):
         before = len(world.fake.requests)
-        with session() as s:
+        with direct_session() as s:
             r = s.request(method, world.m.url + path, data=b"x" if method in ("PUT", "PATCH") else None, timeout=10)
         assert r.status_code in (404, 405), (method, path, r.status_code)
         assert r.json()["errors"][0]["code"] in ("UNSUPPORTED", "NOT_FOUND")
@@ -359,7 +359,7 @@ def test_garbled_manifest_json_is_served_as_stored_and_never_breaks_teleport(wor
     for kind in ("plain", "index", "index-shape", "deep", "deep-index"):
         body, headers = _manifest_of(kind)  # type: ignore[misc]
         digest = sha256_digest(body)
-        with session() as s:
+        with direct_session() as s:
             head = s.head(world.url(f"/v2/garbage/{kind}/manifests/v1"), headers=ACCEPT, timeout=15)
             get = s.get(world.url(f"/v2/garbage/{kind}/manifests/v1"), headers=ACCEPT, timeout=15)
             pinned = s.get(world.url(f"/v2/garbage/{kind}/manifests/{digest}"), headers=ACCEPT, timeout=15)
@@ -373,7 +373,7 @@ def test_garbled_manifest_json_is_served_as_stored_and_never_breaks_teleport(wor
         mine = [line for line in lines if f"manifests garbage/{kind}:v1 -> 200" in line]
         assert len(mine) == 2 and all(f"no teleport ({reason})" in line for line in mine), (kind, mine)
     assert not any("Traceback" in line or "teleport failed" in line for line in lines), "teleport crashed"
-    with session() as s:
+    with direct_session() as s:
         r = s.get(world.url("/v2/garbage/untyped/manifests/v1"), headers=ACCEPT, timeout=15)
     oci_error(r, 502, "MANIFEST_INVALID")
     world.still_serving()
@@ -382,12 +382,12 @@ def test_garbled_manifest_json_is_served_as_stored_and_never_breaks_teleport(wor
 def test_garbled_referrers_serve_the_original_manifest(world: World) -> None:
     digest = sha256_digest(GOOD)
     for kind in ("garbage", "deep", "shape"):
-        with session() as s:
+        with direct_session() as s:
             for method in ("HEAD", "GET"):
                 r = s.request(method, world.url(f"/v2/refs/{kind}/manifests/v1"), headers=ACCEPT, timeout=15)
                 assert r.status_code == 200 and r.headers["Docker-Content-Digest"] == digest, (kind, r.status_code)
     # The tag-schema fallback (no referrers API) with a garbled `sha256-<hex>` tag: the same.
-    with session() as s:
+    with direct_session() as s:
         r = s.get(world.url("/v2/plain/manifests/v1", "tagschema"), headers=ACCEPT, timeout=15)
     assert r.status_code == 200 and r.content == GOOD
     lines = world.log_lines()
@@ -400,7 +400,7 @@ def test_garbled_referrers_serve_the_original_manifest(world: World) -> None:
 
 
 def test_a_wrong_content_length_from_upstream_is_never_served_as_good_content(world: World) -> None:
-    with session() as s:
+    with direct_session() as s:
         # Fewer bytes announced than the registry's digest covers: the digest check refuses it.
         oci_error(s.get(world.url("/v2/length/short-claimed/manifests/v1"), headers=ACCEPT, timeout=15), 502, "DIGEST_INVALID")
         # More announced than sent: cut short.
@@ -413,12 +413,12 @@ def test_a_wrong_content_length_from_upstream_is_never_served_as_good_content(wo
 
 @pytest.mark.xfail(strict=True, reason="addons/proxy/pull.py streams blob bytes unchecked: a registry that announces fewer "
                    "bytes than the blob has gives a 200 with the wrong bytes (containerd's own check then fails the pull). "
-                   "The patch in the issue 7 report checks the digest as the body streams and cuts the connection "
+                   "The fix is to check the digest as the body streams and cut the connection "
                    "before the last chunk on a mismatch")
 def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_a_success(world: World) -> None:
     url = world.url(f"/v2/length/blob/blobs/{BLOB_DIGEST}")
     for _ in range(2):  # the probe's GET, then the learned HEAD probe
-        with session() as s:
+        with direct_session() as s:
             try:
                 r = s.get(url, timeout=15)
             except requests.RequestException:
@@ -429,7 +429,7 @@ def test_a_blob_whose_bytes_do_not_match_its_digest_is_never_a_success(world: Wo
 
 
 def test_a_manifest_over_4_mib_is_a_502_manifest_invalid(world: World) -> None:
-    with session() as s:
+    with direct_session() as s:
         for method in ("HEAD", "GET"):
             oci_error(s.request(method, world.url("/v2/big/over/manifests/v1"), headers=ACCEPT, timeout=30), 502, "MANIFEST_INVALID")
         # Exactly 4 MiB is still a manifest.
@@ -491,7 +491,7 @@ def test_malformed_credential_files_are_a_clear_502_and_other_routes_go_on(world
         for what, content in bad.items():
             token.write_bytes(content)
             os.utime(token, ns=(time.time_ns(), time.time_ns()))
-            with session() as s:
+            with direct_session() as s:
                 for method in ("HEAD", "GET"):
                     r = s.request(method, path, headers=ACCEPT, timeout=10)
                     oci_error(r, 502, "UNAUTHORIZED")

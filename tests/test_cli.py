@@ -86,7 +86,7 @@ def test_init_writes_an_acr_mirror_runmd(tmp_path: Path) -> None:
     assert "+ .proxy          localhost:8578" in lines
     compiled = catalog.load(path)
     runtime = [s.plugin for r in compiled.document.roots("runtime") for s in r.steps]
-    # issue 8: the install event's node check runs first, then the start event's steps.
+    # The install event's node check runs first, then the start event's steps.
     assert runtime == ["node-check", "login-acr", "install", "mirror", "host"]
     proxy = [s.plugin for r in compiled.document.roots("proxy") for s in r.steps]
     assert proxy == ["manifests", "login", "authn", "resolve", "discover", "teleport", "blobs", "login", "authn", "pull", "tags", "login", "authn", "pull"]
@@ -222,7 +222,7 @@ def test_dump_of_the_seed_pads_ids(tmp_path: Path) -> None:
     result = run_acr(tmp_path, "dump")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    # issue 8: the seed's shape, an engine over the install and start events, ids running on.
+    # The seed's shape, an engine over the install and start events, ids running on.
     assert [line.split(" (line ")[0] for line in lines[1:7]] == [
         'block "mirror"', "   1: engine", '   2:   event "install"', '   3:   event "start"', "   4:   loop",
         'block "install mirror"',

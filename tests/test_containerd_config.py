@@ -1,4 +1,4 @@
-"""containerd's config.toml edited with tomlkit (issue 8): golden files for containerd 1.x
+"""containerd's config.toml edited with tomlkit: golden files for containerd 1.x
 (versions 1 and 2) and 2.x (version 3) configs with comments, `acr containerd configure` with
 its dry run, backup and second run, the `.containerd-config` and `.node-check` steps, and a real
 containerd 1.6 whose CRI pulls through the mirror because of the edited `config_path` alone.

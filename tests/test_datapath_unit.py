@@ -10,9 +10,7 @@ plugins run their real code paths; flows go through the hooks the way mitmproxy 
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -26,16 +24,14 @@ import requests
 import urllib3
 from mitmproxy import http
 from mitmproxy.addons.save import Save
-from mitmproxy.proxy import server as mserver
-from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
 
 from addons.registry import oci
 
-from addons.core import mitm as tuning
 from addons.chain import AcrMirror
+from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.proxy.login import Login
 from addons.registry.oci import Upstream
 from addons.proxy.front import summary
@@ -43,6 +39,7 @@ from addons.proxy.pull import Pull, TokenScrub, same_origin
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
+from tests.harness.inprocess import install
 
 UPSTREAM = Upstream.from_spec("http://127.0.0.1:5000")
 NS = UPSTREAM.ns
@@ -55,36 +52,8 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-# --- a fake upstream on the mirror's own session -------------------------------------------
+# --- tokens for the mirror's own upstream requests ----------------------------------------
 
-Answer = tuple[int, dict[str, str], bytes]
-
-
-class FakeUpstream(requests.adapters.HTTPAdapter):
-    """Answers `handler(request)` or raises what it raises; records what was asked."""
-
-    def __init__(self, handler: Callable[[requests.PreparedRequest], Answer]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.seen: list[requests.PreparedRequest] = []
-
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
-        self.seen.append(request)
-        self.timeout = timeout
-        status, headers, body = self.handler(request)
-        raw = urllib3.HTTPResponse(body=io.BytesIO(body), headers=headers, status=status,
-                                   preload_content=False, decode_content=False)
-        return self.build_response(request, raw)
-
-
-def install(state: MirrorState, handler: Callable[[requests.PreparedRequest], Answer]) -> FakeUpstream:
-    adapter = FakeUpstream(handler)
-    s = requests.Session()
-    s.trust_env = False
-    s.mount("http://", adapter)
-    state.services["session"] = s
-    return adapter
 
 
 class FakeTokens:
@@ -278,17 +247,9 @@ def blob_flow(method: str = "GET", digest: str = DIGEST) -> http.HTTPFlow:
     return tflow.tflow(req=req)
 
 
-def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:
-    fn = getattr(addon, hook, None)
-    if fn is not None:
-        result = fn(flow)
-        if inspect.isawaitable(result):
-            asyncio.run(result)
-
-
 def run_blob(mode: str, handler: Callable[[requests.PreparedRequest], Answer], *, method: str = "GET",
              follow: bool = True, tokens: Optional[FakeTokens] = None, flows: int = 1,
-             ) -> tuple[AcrMirror, FakeUpstream, list[http.HTTPFlow]]:
+             ) -> tuple[AcrMirror, AnswerAdapter, list[http.HTTPFlow]]:
     """Drive blob flows through requestheaders and request, with an authorizer in place."""
     mirror = AcrMirror(catalog.parse_text(BLOBS.replace("{mode}", mode), "mirror.runmd"))
     assert mirror.state is not None
@@ -299,11 +260,9 @@ def run_blob(mode: str, handler: Callable[[requests.PreparedRequest], Answer], *
         tctx.configure(mirror, acr_follow_redirects=follow)
         for _ in range(flows):
             flow = blob_flow(method)
-            for addon in mirror.addons:
-                _call(addon, "requestheaders", flow)
+            run_hooks_now(mirror.addons, flow, ("requestheaders",))
             mirror.state.contexts[flow].authorizer = authorizer(tokens)
-            for addon in mirror.addons:
-                _call(addon, "request", flow)
+            run_hooks_now(mirror.addons, flow, ("request",))
             out.append(flow)
     return mirror, adapter, out
 
@@ -371,9 +330,7 @@ def test_blob_head_is_answered_by_the_mirror_with_the_upstream_length() -> None:
 def streamed(mirror: AcrMirror, flow: http.HTTPFlow, status: int, headers: dict[str, str]) -> http.HTTPFlow:
     flow.response = tutils.tresp(status_code=status, headers=http.Headers(
         [(k.encode(), v.encode()) for k, v in headers.items()]), content=None)
-    for addon in mirror.addons:
-        _call(addon, "responseheaders", flow)
-    return flow
+    return run_hooks_now(mirror.addons, flow, ("responseheaders",))
 
 
 def test_responseheaders_streams_and_scrubs_the_token() -> None:
@@ -506,9 +463,7 @@ def test_each_request_writes_exactly_one_info_line(tmp_path: Path, caplog: pytes
                               host="127.0.0.1", port=9, content=b"",
                               headers=http.Headers(((b"Host", b"localhost:8578"), (b"Accept", b"*/*"))))
             flow = tflow.tflow(req=req)
-            for hook in ("requestheaders", "request", "response"):
-                for addon in mirror.addons:
-                    _call(addon, hook, flow)
+            run_hooks_now(mirror.addons, flow, ("requestheaders", "request", "response"))
             flows.append(flow)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy.front"]
     assert lines == [f"{m} manifests app:v1 -> 200 {sha(MANIFEST)} [{NS}]" for m in ("HEAD", "GET", "GET")]
@@ -556,72 +511,3 @@ def test_login_with_an_unusable_file_is_a_gateway_error_without_its_content(tmp_
     with pytest.raises(UpstreamError) as info:
         login_of(tmp_path).credentials()
     assert info.value.status == 502 and "a b c" not in info.value.message
-
-
-# --- addons.core.mitm: the mitmproxy internals it relies on --------------------------------------
-
-
-def test_mitmproxy_reads_64k_per_event_and_calls_server_connected_before_reading() -> None:
-    """If an upgrade changes these, ReadSize may stop working: revisit addons/core/mitm.py."""
-    assert "reader.read(65535)" in inspect.getsource(mserver.ConnectionHandler.handle_connection)
-    source = inspect.getsource(mserver.ConnectionHandler.open_connection)
-    assert "self.transports[command.connection] = ConnectionIO(" in source
-    assert source.index("ServerConnectedHook") < source.index("await self.handle_connection(")
-    from mitmproxy.proxy import mode_servers
-
-    assert "register_connection(handler.layer.context.client.id" in inspect.getsource(mode_servers)
-
-
-def test_enlarged_reader_returns_the_whole_buffer_up_to_the_read_size() -> None:
-    async def go() -> tuple[int, int, int]:
-        reader = asyncio.StreamReader()
-        assert tuning.enlarge(reader, size=1 << 20, limit=256 * 1024)
-        assert not tuning.enlarge(reader)  # once per reader
-        reader.feed_data(b"x" * (700 * 1024))
-        first = len(await reader.read(65535))
-        reader.feed_data(b"y" * (3 << 20))
-        second = len(await reader.read(65535))
-        return first, second, reader._limit  # type: ignore[attr-defined]
-
-    assert asyncio.run(go()) == (700 * 1024, 1 << 20, 256 * 1024)
-
-
-class _Handler:
-    def __init__(self, server: Any, reader: Any) -> None:
-        self.transports = {server: mserver.ConnectionIO(reader=reader)}
-
-
-class _ProxyServer:
-    name = "proxyserver"
-
-    def __init__(self) -> None:
-        self.connections: dict[Any, Any] = {}
-
-
-def test_read_size_addon_enlarges_the_upstream_reader_of_a_live_connection() -> None:
-    async def go() -> tuple[bool, bool]:
-        ps, addon = _ProxyServer(), tuning.ReadSize()
-        with taddons.context(ps, addon):
-            data = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
-            reader = asyncio.StreamReader()
-            ps.connections[data.client.id] = _Handler(data.server, reader)
-            addon.server_connected(data)
-            # Unknown connections (e.g. already gone) are left alone.
-            other = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
-            addon.server_connected(other)
-            return "read" in vars(reader), reader._limit == tuning.BUFFER_LIMIT  # type: ignore[attr-defined]
-
-    assert asyncio.run(go()) == (True, True)
-
-
-def test_run_uses_uvloop_when_it_is_installed() -> None:
-    async def loop_module() -> str:
-        return type(asyncio.get_running_loop()).__module__
-
-    module = tuning.run(loop_module())
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        assert module.startswith("asyncio")
-    else:
-        assert module.startswith("uvloop")

@@ -1,4 +1,4 @@
-"""The mirror's own endpoints (issue 5): `/auth` for overlaybd and `/status`.
+"""The mirror's own endpoints: `/auth` for overlaybd and `/status`.
 
 `/auth` is checked against a line-by-line port of what overlaybd does with the answer
 (`load_cred_from_http` -> `ImageAuthResponse` -> `parse_auths` in overlaybd's
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from addons.chain import AcrMirror
 from addons.observe.endpoints import REDACTED, Endpoints, loopback_peer, remote_host
 from addons.node.login_acr import write_meta
 from addons.proxy.front import Proxy
+from tests.harness.inprocess import drive
 from tests.harness.mirror import Mirror
 
 BLOB = "sha256:" + "b" * 64
@@ -113,23 +113,6 @@ def make_flow(path: str, method: str = "GET", peer: tuple[Any, ...] = ("127.0.0.
     return flow
 
 
-def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:
-    fn = getattr(addon, hook, None)
-    if fn is None:
-        return
-    result = fn(flow)
-    if inspect.isawaitable(result):
-        asyncio.run(result)
-
-
-def drive(mirror: AcrMirror, flow: http.HTTPFlow, hooks: tuple[str, ...] = ("requestheaders", "request")) -> http.HTTPFlow:
-    with taddons.context(mirror):
-        for hook in hooks:
-            for addon in mirror.addons:
-                _call(addon, hook, flow)
-    return flow
-
-
 def endpoints_of(mirror: AcrMirror) -> Endpoints:
     (e,) = [a for a in mirror.addons if isinstance(a, Endpoints)]
     return e
@@ -162,7 +145,7 @@ def auth_url(remote: str) -> str:
 
 def test_endpoints_stand_before_the_proxy_root(tmp_path: Path) -> None:
     addons = mirror_in(tmp_path).addons
-    # issue 6 added /metrics and the offline replay check to the front addons, after Endpoints.
+    # /metrics and the offline replay check stand among the front addons too, after Endpoints.
     proxy = next(i for i, a in enumerate(addons) if isinstance(a, Proxy))
     assert isinstance(addons[0], Endpoints) and proxy >= 1
 

@@ -1,4 +1,4 @@
-"""`+ .engine` (issue 8): events run blocks in order, `--id` starts inside any event, `.loop`
+"""`+ .engine`: events run blocks in order, `--id` starts inside any event, `.loop`
 restarts a crashed proxy after a back-off, SIGTERM ends everything with exit 0.
 
 The engine runs as the operator runs it, `acr mirror start` in a subprocess; the proxy is its

@@ -1,4 +1,4 @@
-"""Hardening (issue 7): faults on real components, load, and the security promises.
+"""Hardening: faults on real components, load, and the security promises.
 
 Each test breaks one thing the way it breaks in the field and checks what a pull sees: a
 registry killed while a blob streams, a slow or dead token endpoint, an upstream that throttles,
@@ -15,9 +15,7 @@ error page, a flow file, `/status`, `/metrics` or `acr dump`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -37,7 +35,7 @@ import pytest
 import requests
 from mitmproxy import http as mhttp
 from mitmproxy import io as mio
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from tests.harness.images import (
     ACCEPT_ALL_MANIFESTS,
@@ -50,10 +48,11 @@ from tests.harness.images import (
     push_random_blob,
     sha256_digest,
 )
-from tests.harness.fakeserver import Fake, Handler, Seen, _Handler
+from tests.harness.fakeserver import Fake, Seen, _Handler, relay
+from tests.harness.inprocess import drive
 from tests.harness.mirror import ACR, Mirror
 from tests.harness.procs import rss_kib
-from tests.harness.ports import LOOPBACK
+from tests.harness.ports import LOOPBACK, direct_session
 from tests.harness.registry import Registry
 from tests.harness.tokenserver import TokenServer, decode_jwt
 
@@ -62,12 +61,6 @@ MiB = 1 << 20
 
 
 # --- helpers shared with tests/test_bad_input.py ---------------------------------------------
-
-
-def session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    return s
 
 
 def ns(host: str) -> str:
@@ -191,47 +184,7 @@ def issued_tokens(ts: TokenServer) -> list[str]:
     return [ts.sign(claims) for claims in list(ts.issued)] + list(ts.refresh_tokens)
 
 
-# --- a loopback HTTP server the tests control ------------------------------------------------
-
-
-@pytest.fixture
-def fake() -> Iterator[Callable[..., Fake]]:
-    servers: list[Fake] = []
-
-    def make(handler: Optional[Handler] = None) -> Fake:
-        servers.append(Fake(handler))
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
-
-
-_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length", "accept-encoding"}
-
-
-def relay(h: _Handler, seen: Seen, upstream: str, drop_auth: bool = False) -> None:
-    """Pass a request to `upstream` and stream its answer back."""
-    headers = {k: v for k, v in seen.headers.items() if k not in _HOP and not (drop_auth and k == "authorization")}
-    with session() as s, s.request(seen.method, upstream + seen.path, headers=headers, allow_redirects=False,
-                                   stream=True, timeout=30) as r:
-        h.send_response(r.status_code)
-        for k, v in r.headers.items():
-            if k.lower() not in _HOP:
-                h.send_header(k, v)
-        body = r.raw if seen.method != "HEAD" else None
-        length = r.headers.get("Content-Length")
-        if length is None and seen.method != "HEAD":
-            data = r.content
-            h.send_header("Content-Length", str(len(data)))
-            h.end_headers()
-            h.wfile.write(data)
-            return
-        h.send_header("Content-Length", length or "0")
-        h.end_headers()
-        if body is not None:
-            for chunk in r.iter_content(256 * 1024):
-                h.wfile.write(chunk)
+# --- the mirror under test ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -288,7 +241,7 @@ def test_registry_killed_mid_blob_is_an_error_and_the_mirror_serves_the_next_pul
     url = f"{m.url}/v2/{repo_name}/blobs/{digest}?ns={ns(reg.host)}"
 
     got, error = 0, None
-    with session() as s, s.get(url, stream=True, timeout=30) as r:
+    with direct_session() as s, s.get(url, stream=True, timeout=30) as r:
         assert r.status_code == 200 and int(r.headers["Content-Length"]) == size
         chunks = r.iter_content(MiB)
         while got < 2 * MiB:
@@ -309,7 +262,7 @@ def test_registry_killed_mid_blob_is_an_error_and_the_mirror_serves_the_next_pul
     # The registry comes back on the same port with the same storage: the mirror serves at once.
     back = registry_factory(workdir=workdir, port=reg.port)
     assert back.port == reg.port
-    with session() as s:
+    with direct_session() as s:
         assert pull(s, m, reg.host, repo_name, "v1") > 0
         with s.get(url, stream=True, timeout=30) as r:
             h = hashlib.sha256()
@@ -339,7 +292,7 @@ def test_a_slow_token_server_is_a_bounded_504_and_the_mirror_recovers(
 
     def get(path: str) -> tuple[requests.Response, float]:
         t = time.monotonic()
-        with session() as s:
+        with direct_session() as s:
             r = s.get(m.url + path, headers=ACCEPT, timeout=30)
         return r, time.monotonic() - t
 
@@ -351,12 +304,12 @@ def test_a_slow_token_server_is_a_bounded_504_and_the_mirror_recovers(
     assert time.monotonic() - started < timeout + 3
 
     token_server.knobs.authorize = None
-    with session() as s:
+    with direct_session() as s:
         assert pull(s, m, token_registry.host, repo_name, "v1") > 0
 
 
 def test_upstream_throttling_and_failures_keep_status_and_retry_after(
-    fake: Callable[..., Fake], start: Callable[..., Mirror],
+    fake_server: Callable[..., Fake], start: Callable[..., Mirror],
 ) -> None:
     retry_after = {429: "7", 500: "3", 503: "11"}
     blob = secrets.token_bytes(4096)
@@ -378,10 +331,10 @@ def test_upstream_throttling_and_failures_keep_status_and_retry_after(
                           {"Retry-After": "13", "WWW-Authenticate": 'Bearer realm="http://127.0.0.1:9/token"'})
         h.json(404, {"errors": [{"code": "NOT_FOUND", "message": "no"}]})
 
-    up = fake(upstream)
+    up = fake_server(upstream)
     m = start(up.url)
     expected = {429: (503, "TOOMANYREQUESTS"), 500: (500, "UPSTREAM_UNAVAILABLE"), 503: (503, "UPSTREAM_UNAVAILABLE")}
-    with session() as s:
+    with direct_session() as s:
         for status, (mapped, code) in expected.items():
             for method, kind, ref in (("HEAD", "manifests", "v1"), ("GET", "manifests", "v1"),
                                       ("GET", "blobs", digest), ("HEAD", "blobs", digest)):
@@ -402,7 +355,7 @@ def test_upstream_throttling_and_failures_keep_status_and_retry_after(
 
 def test_a_token_expiring_mid_pull_is_renewed_and_the_pull_succeeds(
     token_registry: Registry, token_server: TokenServer, start: Callable[..., Mirror],
-    fake: Callable[..., Fake], repo_name: str,
+    fake_server: Callable[..., Fake], repo_name: str,
 ) -> None:
     """docker-registry forgives expired tokens for 60 s, so a front that is strict about `exp`
     stands before it: a pull that outlives a 3 s token only works if the mirror renews it."""
@@ -416,18 +369,18 @@ def test_a_token_expiring_mid_pull_is_renewed_and_the_pull_succeeds(
         auth = seen.headers.get("authorization", "")
         if auth.startswith("Bearer ") and decode_jwt(auth[7:])[1]["exp"] <= time.time():
             expired.append(f"{seen.method} {seen.path}")
-            with session() as s:  # the registry's own challenge for this path
+            with direct_session() as s:  # the registry's own challenge for this path
                 r = s.request(seen.method, token_registry.url + seen.path, timeout=10)
             return h.reply(401, r.content, {"WWW-Authenticate": r.headers.get("WWW-Authenticate", ""),
                                             "Content-Type": "application/json"})
         relay(h, seen, token_registry.url)
 
-    front = fake(strict)
+    front = fake_server(strict)
     m = start(front.url, credentials=token_server.issue_refresh_token())
     token_server.clear_log()
     q = f"?ns={ns(front.host)}"
     started = time.monotonic()
-    with session() as s:
+    with direct_session() as s:
         head = s.head(f"{m.url}/v2/{repo_name}/manifests/v1{q}", headers=ACCEPT, timeout=15)
         assert head.status_code == 200 and head.headers["Docker-Content-Digest"] == image.digest
         assert s.get(f"{m.url}/v2/{repo_name}/manifests/{image.digest}{q}", headers=ACCEPT, timeout=15).content == image.manifest
@@ -448,7 +401,7 @@ def test_a_token_expiring_mid_pull_is_renewed_and_the_pull_succeeds(
     assert expired == [], f"the mirror sent expired tokens: {expired}"
 
 
-def _big_blob_upstream(fake: Callable[..., Fake], size: int) -> tuple[Fake, str, str]:
+def _big_blob_upstream(fake_server: Callable[..., Fake], size: int) -> tuple[Fake, str, str]:
     """An upstream with a small blob (to learn that it serves blobs itself) and a big one of
     `size` bytes (a whole number of MiB), both with their true digests."""
     chunk = secrets.token_bytes(MiB)
@@ -468,25 +421,25 @@ def _big_blob_upstream(fake: Callable[..., Fake], size: int) -> tuple[Fake, str,
             return h.stream(size, chunk, {"Content-Type": "application/octet-stream"})
         h.json(404, {"errors": []})
 
-    return fake(upstream), small_digest, big_digest
+    return fake_server(upstream), small_digest, big_digest
 
 
 def test_a_slow_client_gets_the_whole_blob_in_bounded_memory(
-    fake: Callable[..., Fake], start: Callable[..., Mirror],
+    fake_server: Callable[..., Fake], start: Callable[..., Mirror],
 ) -> None:
     """The client pauses longer than the upstream timeout: that is the client being slow, not
     the upstream stalling, and the mirror must neither buffer the blob nor cut the client off."""
     size = 128 * MiB
-    up, small, big = _big_blob_upstream(fake, size)
+    up, small, big = _big_blob_upstream(fake_server, size)
     timeout = 2.0
     m = start(up.url, sets=[f"acr_upstream_timeout={timeout}"])
     pid = m.serving_pid()
-    with session() as s:
+    with direct_session() as s:
         assert s.get(f"{m.url}/v2/x/blobs/{small}", timeout=15).status_code == 200
     base = rss_kib(pid) / 1024
     peak = [base]
     got = 0
-    with session() as s, s.get(f"{m.url}/v2/x/blobs/{big}", stream=True, timeout=30) as r:
+    with direct_session() as s, s.get(f"{m.url}/v2/x/blobs/{big}", stream=True, timeout=30) as r:
         assert r.status_code == 200
         chunks = r.iter_content(256 * 1024)
         while got < 4 * MiB:
@@ -506,13 +459,13 @@ def test_a_slow_client_gets_the_whole_blob_in_bounded_memory(
 
 
 def test_a_client_that_disconnects_mid_blob_releases_the_upstream_connection(
-    fake: Callable[..., Fake], start: Callable[..., Mirror],
+    fake_server: Callable[..., Fake], start: Callable[..., Mirror],
 ) -> None:
     size = 256 * MiB
-    up, small, big = _big_blob_upstream(fake, size)
+    up, small, big = _big_blob_upstream(fake_server, size)
     m = start(up.url)
     pid = m.serving_pid()
-    with session() as s:
+    with direct_session() as s:
         assert s.get(f"{m.url}/v2/x/blobs/{small}", timeout=15).status_code == 200
     time.sleep(0.3)
     pooled = connections_to(pid, up.port)  # the mirror's own keep-alive session
@@ -533,7 +486,7 @@ def test_a_client_that_disconnects_mid_blob_releases_the_upstream_connection(
         assert wait_for(lambda: connections_to(pid, up.port) <= pooled, 5), \
             f"{connections_to(pid, up.port)} connections to the upstream, {pooled} before"
     assert up.sent < size, "the whole blob was read from upstream for a client that left"
-    with session() as s:
+    with direct_session() as s:
         assert s.get(f"{m.url}/v2/x/blobs/{small}", timeout=15).content == b"small"
 
 
@@ -569,7 +522,7 @@ def test_64_parallel_pulls_of_mixed_images_in_flat_memory_and_fds(
             time.sleep(0.05)
 
     def one(i: int) -> int:
-        with session() as s:
+        with direct_session() as s:
             return pull(s, m, *images[i % len(images)])
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -638,13 +591,7 @@ def test_auth_status_and_metrics_answer_loopback_clients_only(tmp_path: Path, pe
                           headers=mhttp.Headers(((b"Host", b"localhost:8578"),)), content=b"")
         flow = tflow.tflow(req=req)
         flow.client_conn.peername = who
-        with taddons.context(mirror):
-            for hook in ("requestheaders", "request"):  # hook by hook, addon by addon, as mitmproxy
-                for addon in mirror.addons:
-                    fn = getattr(addon, hook, None)
-                    result = fn(flow) if fn is not None else None
-                    if inspect.isawaitable(result):
-                        asyncio.run(result)
+        drive(mirror, flow)
         assert flow.response is not None, path
         return flow.response
 
@@ -661,7 +608,7 @@ def test_auth_status_and_metrics_answer_loopback_clients_only(tmp_path: Path, pe
 
 def test_authorization_never_crosses_hosts_on_a_redirect_chain(
     token_registry: Registry, token_server: TokenServer, start: Callable[..., Mirror],
-    fake: Callable[..., Fake], repo_name: str,
+    fake_server: Callable[..., Fake], repo_name: str,
 ) -> None:
     """registry -> (same origin, relative) -> registry -> storage on another port of the same
     address -> the bytes: the token goes to every hop on the registry's origin and never to
@@ -680,13 +627,13 @@ def test_authorization_never_crosses_hosts_on_a_redirect_chain(
         r = RegistryClient.of(token_registry).request("GET", f"/v2/{m[1]}/blobs/{m[2]}", repo=m[1])
         h.reply(r.status_code, r.content, {"Content-Type": "application/octet-stream"})
 
-    store = fake(storage)
+    store = fake_server(storage)
 
     def front(h: _Handler, seen: Seen) -> None:
         m = re.match(r"^/v2/(.+)/blobs/(sha256:[0-9a-f]{64})$", seen.path)
         hop = re.match(r"^/hop/(.+)/(sha256:[0-9a-f]{64})$", seen.path)
         if m:  # the registry checks the token, then redirects on its own origin
-            with session() as s:
+            with direct_session() as s:
                 check = s.head(token_registry.url + seen.path, timeout=10,
                                headers={k: v for k, v in seen.headers.items() if k == "authorization"})
             if check.status_code != 200:
@@ -698,10 +645,10 @@ def test_authorization_never_crosses_hosts_on_a_redirect_chain(
             return h.reply(307, b"", {"Location": f"http://{LOOPBACK}:{store.port}/store/{hop[1]}/{hop[2]}?sig={sig}"})
         relay(h, seen, token_registry.url)
 
-    fr = fake(front)
+    fr = fake_server(front)
     m = start(fr.url, credentials=token_server.issue_refresh_token())
     q = f"?ns={ns(fr.host)}"
-    with session() as s:
+    with direct_session() as s:
         for blob in image.blobs:
             head = s.head(f"{m.url}/v2/{repo_name}/blobs/{blob.digest}{q}", timeout=15)
             assert head.status_code == 200 and int(head.headers["Content-Length"]) == blob.size
@@ -729,7 +676,7 @@ def test_no_token_in_logs_flows_error_pages_status_metrics_or_dump(
     m = start(token_registry.url, credentials=refresh,
               sets=[f"save_stream_file={flows}", "termlog_verbosity=debug"])
     pages: list[bytes] = []
-    with session() as s:
+    with direct_session() as s:
         assert pull(s, m, token_registry.host, repo_name, "v1") > 0
         for method, path, status in (
             ("GET", f"/v2/{repo_name}/manifests/nope", 404),                       # upstream 404 with a token

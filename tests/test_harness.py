@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import requests
 
 from tests.conftest import HostsDir
 from tests.harness.containerd import Containerd, Ctr
@@ -23,6 +22,7 @@ from tests.harness.images import (
     host_platform,
     make_image,
     make_index,
+    other_platform,
     parse_challenge,
     platform_string,
     push_image,
@@ -32,22 +32,12 @@ from tests.harness.images import (
     random_blob_digest,
     referrers_tag,
 )
-from tests.harness.ports import port_open
+from tests.harness.ports import direct_session, port_open
 from tests.harness.registry import Registry
 from tests.harness.tokenserver import ACR_REFRESH_USER, REDACTED, TokenServer, decode_jwt
 
 STREAMING = "application/vnd.azure.artifact.streaming.v1"
 OVERLAYBD = "application/vnd.containerd.overlaybd.native.v1+json"
-
-
-def _session() -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    return s
-
-
-def _other_platform() -> str:
-    return "linux/arm64/v8" if host_platform()["architecture"] == "amd64" else "linux/amd64"
 
 
 # --- containerd against the real registries -----------------------------------------
@@ -93,7 +83,7 @@ def test_containerd_pulls_from_token_registry_only_with_credentials(
 def test_containerd_pulls_host_platform_of_multiarch_index(
     containerd: Ctr, registry: Registry, tmp_hosts_dir: HostsDir, repo_name: str, oci: bool,
 ) -> None:
-    host, other = platform_string(host_platform()), _other_platform()
+    host, other = platform_string(host_platform()), other_platform()
     index: Index = make_index(
         [(p, make_image({"platform": f"{repo_name} {p}".encode()}, platform=p, oci=oci))
          for p in (other, host)], oci=oci)
@@ -153,7 +143,7 @@ def test_referrers_are_listed_by_the_tag_schema(registry: Registry, repo_name: s
     body = get_manifest(registry, repo_name, streaming["digest"]).json()
     assert body["subject"]["digest"] == image.digest and body["artifactType"] == STREAMING
     # docker-registry 2.8 has no referrers API: clients must fall back to the tag schema
-    api = _session().get(f"{registry.url}/v2/{repo_name}/referrers/{image.digest}")
+    api = direct_session().get(f"{registry.url}/v2/{repo_name}/referrers/{image.digest}")
     assert api.status_code == 404
 
 
@@ -168,7 +158,7 @@ def test_acr_exchange_refresh_access_flow_is_accepted_by_registry(
     aad = "aad-" + secrets.token_hex(16)
     token_server.aad_tokens[aad] = "someone@tenant"
     svc = token_server.service
-    s = _session()
+    s = direct_session()
     manifest_url = f"{token_registry.url}/v2/{repo_name}/manifests/v1"
 
     challenge = s.get(manifest_url, headers={"Accept": image.media_type})
@@ -218,7 +208,7 @@ def test_docker_token_spec_get_and_oauth2_post(
     token_server: TokenServer, token_registry: Registry, repo_name: str,
 ) -> None:
     user, password = token_registry.credentials or ("", "")
-    s = _session()
+    s = direct_session()
     svc = token_server.service
     scopes = [f"repository:{repo_name}:pull,push", "repository:other/repo:pull"]
     r = s.get(token_server.realm, params={"service": svc, "scope": scopes,
@@ -251,7 +241,7 @@ def test_docker_token_spec_get_and_oauth2_post(
 
 
 def test_post_not_found_knob_forces_get(token_server: TokenServer) -> None:
-    s = _session()
+    s = direct_session()
     user, password = next(iter(token_server.users.items()))
     form = {"grant_type": "password", "service": token_server.service,
             "scope": "repository:a:pull", "username": user, "password": password}
@@ -273,7 +263,7 @@ def test_registry_verifies_token_signature_and_grants(
 ) -> None:
     image = make_image({"sig": repo_name.encode()})
     push_image(token_registry, repo_name, "v1", image)
-    s = _session()
+    s = direct_session()
     url = f"{token_registry.url}/v2/{repo_name}/manifests/v1"
     scope = f"repository:{repo_name}:pull"
 
@@ -309,7 +299,7 @@ def test_htpasswd_registry_refuses_without_credentials(
     user, password = htpasswd_registry.credentials or ("", "")
     image = make_image({"h": repo_name.encode()}, oci=False)
     push_image(htpasswd_registry, repo_name, "v1", image)
-    s = _session()
+    s = direct_session()
     url = f"{htpasswd_registry.url}/v2/{repo_name}/manifests/v1"
     headers = {"Accept": image.media_type}
     r = s.get(url, headers=headers)
@@ -333,7 +323,7 @@ def test_images_are_deterministic_and_streamed_blobs_round_trip(
     digest, sent = push_random_blob(registry, repo_name, size, seed=7)
     assert sent == size and digest == random_blob_digest(7, size)
     h = hashlib.sha256()
-    with _session().get(f"{registry.url}/v2/{repo_name}/blobs/{digest}", stream=True) as r:
+    with direct_session().get(f"{registry.url}/v2/{repo_name}/blobs/{digest}", stream=True) as r:
         assert r.status_code == 200 and int(r.headers["Content-Length"]) == size
         for chunk in r.iter_content(1 << 20):
             h.update(chunk)

@@ -1,4 +1,4 @@
-"""containerd's hosts.toml (issue 5): `.mirror`, `.host` and its attribute lines, `.server`,
+"""containerd's hosts.toml: `.mirror`, `.host` and its attribute lines, `.server`,
 `.https` and `.default`, rendered exactly (golden files under tests/golden/hosts), installed
 without ever losing a person's file, removed with that file put back, and used by a real
 containerd to pull through a running `acr mirror start`.

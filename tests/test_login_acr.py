@@ -1,4 +1,4 @@
-"""`.login-acr` and `.install` (issue 5): every way to an AAD token, the ACR exchange, the files
+"""`.login-acr` and `.install`: every way to an AAD token, the ACR exchange, the files
 it writes, the refresh while the mirror runs, and one clear line for each missing piece.
 
 MSAL itself does the talking, pointed at a loopback stand-in for AAD and IMDS
@@ -541,3 +541,18 @@ def test_install_of_a_missing_file_names_it(tmp_path: Path) -> None:
 def test_install_refuses_paths_outside_the_folder(bad: str) -> None:
     with pytest.raises(ValueError):
         Install.parse(bad)
+
+
+@pytest.mark.parametrize("failure, expected", [
+    (aadmod.requests.ConnectionError("refused"), "device code sign-in: cannot reach https://login.example (ConnectionError)"),
+    (ValueError("Unable to get authority configuration for https://login.example/t"),
+     "wrong tenant: https://login.example does not know tenant 't' (device code sign-in)"),
+    (ValueError("bad\nsecond line"), "device code sign-in: bad"),
+    ({"error": "invalid_request", "error_codes": [90002], "error_description": "AADSTS90002: no tenant\nTrace"},
+     "wrong tenant: device code sign-in is not in tenant 't': invalid_request: AADSTS90002: no tenant"),
+    ({"error": "authorization_declined", "error_description": "AADSTS70000: declined"},
+     "device code sign-in: AAD refused: authorization_declined: AADSTS70000: declined"),
+])
+def test_msal_failures_are_one_line_naming_the_identity(failure: Any, expected: str) -> None:
+    """Service principal and device code sign-ins share this mapping of what MSAL raised or answered."""
+    assert str(aadmod._msal_failure(failure, "device code sign-in", "https://login.example", "t")) == expected

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
@@ -137,56 +136,15 @@ def test_is_digest_tells_reference_kinds_apart() -> None:
     assert not oci.is_digest("latest")
 
 
-def test_sha256_digest() -> None:
-    assert oci.sha256_digest(b"") == "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-
-
-def test_digest_verifier_streams() -> None:
-    data = b"x" * 100_000
-    v = oci.DigestVerifier(oci.sha256_digest(data))
-    for i in range(0, len(data), 4096):
-        assert not v.verify()
-        v.update(data[i : i + 4096])
-    assert v.verify()
-    assert v.size == len(data)
-    assert v.verify()  # asking twice does not disturb it
-    v.update(b"more")
-    assert not v.verify()
-
-
-def test_digest_verifier_sha512() -> None:
-    v = oci.DigestVerifier("sha512:" + hashlib.sha512(b"abc").hexdigest())
-    v.update(b"ab")
-    v.update(b"c")
-    assert v.verify()
-
-
-@pytest.mark.parametrize("digest", ["sha256:xyz", "md5:" + "a" * 32, ""])
-def test_digest_verifier_rejects_what_it_cannot_check(digest: str) -> None:
-    with pytest.raises(ValueError):
-        oci.DigestVerifier(digest)
-
-
 # --- errors ------------------------------------------------------------------
 
 
 def test_error_body_shape() -> None:
     body = json.loads(oci.error_body("MANIFEST_UNKNOWN", "no such tag", {"tag": "x"}))
     assert body == {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "no such tag", "detail": {"tag": "x"}}]}
-    assert json.loads(oci.error_body(oci.ErrorCode.DENIED, "no")) == {
+    assert json.loads(oci.error_body("DENIED", "no")) == {
         "errors": [{"code": "DENIED", "message": "no"}]
     }
-
-
-def test_error_table_has_spec_codes() -> None:
-    spec = {
-        "BLOB_UNKNOWN", "BLOB_UPLOAD_INVALID", "BLOB_UPLOAD_UNKNOWN", "DIGEST_INVALID",
-        "MANIFEST_BLOB_UNKNOWN", "MANIFEST_INVALID", "MANIFEST_UNKNOWN", "NAME_INVALID",
-        "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED", "TOOMANYREQUESTS",
-    }  # fmt: skip
-    assert spec <= set(oci.ERROR_CODES)
-    assert oci.ERROR_CODES["MANIFEST_UNKNOWN"].status == 404
-    assert oci.ERROR_CODES[oci.ErrorCode.UPSTREAM_UNAVAILABLE].status >= 500
 
 
 def test_error_response_get() -> None:
@@ -207,6 +165,16 @@ def test_error_response_head_has_no_body_but_get_length() -> None:
     assert int(head.headers["Content-Length"]) > 0
     assert head.headers["Content-Type"] == "application/json"
     assert oci.error_response(404, "X", "y", method="head").content == b""
+
+
+def test_make_response_answers_head_and_get_alike_but_for_the_body() -> None:
+    headers = {"Content-Type": "text/plain", "X-Kept": "1"}
+    get = oci.make_response(200, b"hello", headers, "GET")
+    head = oci.make_response(200, b"hello", headers, "HEAD")
+    assert get.raw_content == b"hello" and head.raw_content == b""
+    assert head.headers.get_all("content-length") == get.headers.get_all("content-length") == ["5"]
+    assert head.headers["X-Kept"] == get.headers["X-Kept"] == "1"
+    assert headers == {"Content-Type": "text/plain", "X-Kept": "1"}  # the caller's dict is not touched
 
 
 def test_error_response_extra_headers() -> None:
@@ -388,13 +356,14 @@ def test_descriptor_round_trip() -> None:
     assert d.media_type == oci.OCI_MANIFEST
     assert d.platform is not None and d.platform.architecture == "arm64"
     assert d.annotations == {"streaming.format": "overlaybd"}
-    assert d.to_json() == data
-    assert oci.Descriptor.from_json(d.to_json()) == d
+    assert (d.digest, d.size, d.artifact_type) == (SHA, 1234, "application/vnd.azure.artifact.streaming.v1")
+    assert d.platform == oci.Platform(architecture="arm64", os="linux", variant="v8")
+    assert oci.Descriptor.from_json(dict(data)) == d
 
 
 def test_descriptor_minimal() -> None:
     d = oci.Descriptor.from_json({"mediaType": oci.OCI_EMPTY, "digest": SHA, "size": 2})
-    assert d.to_json() == {"mediaType": oci.OCI_EMPTY, "digest": SHA, "size": 2}
+    assert (d.media_type, d.digest, d.size) == (oci.OCI_EMPTY, SHA, 2)
     assert d.annotations is None and d.artifact_type is None and d.platform is None
 
 

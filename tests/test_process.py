@@ -1,4 +1,4 @@
-"""`.process CMD` (issue 8): a program run as a runtime step, no shell, its output streamed line
+"""`.process CMD`: a program run as a runtime step, no shell, its output streamed line
 by line into the mirror's log, a non-zero exit one line naming the step."""
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ driven through mitmproxy's test utilities over the chain that `AcrMirror` builds
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 from typing import Any
 
@@ -15,8 +13,10 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
 from addons.chain import AcrMirror
+from addons.core.offline import run_hooks_now
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.front import Proxy, ProxyTail, RouteError, Target, parse_target
+from tests.harness.inprocess import drive
 
 SHA = "sha256:" + "a" * 64
 
@@ -137,24 +137,6 @@ def make_flow(path: str, method: str = "GET", authority: str = "") -> http.HTTPF
     return tflow.tflow(req=req)
 
 
-def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:
-    fn = getattr(addon, hook, None)
-    if fn is None:
-        return
-    result = fn(flow)
-    if inspect.isawaitable(result):
-        asyncio.run(result)
-
-
-def drive(mirror: AcrMirror, flow: http.HTTPFlow, hooks: tuple[str, ...] = ("requestheaders", "request")) -> http.HTTPFlow:
-    """Run the hooks over the chain the way mitmproxy does: hook by hook, addon by addon."""
-    with taddons.context(mirror):
-        for hook in hooks:
-            for addon in mirror.addons:
-                _call(addon, hook, flow)
-    return flow
-
-
 def error_of(flow: http.HTTPFlow) -> dict[str, Any]:
     assert flow.response is not None
     assert flow.response.headers["Content-Type"] == "application/json"
@@ -220,7 +202,7 @@ def test_no_ns_with_one_upstream_is_routed() -> None:
     mirror = make_mirror(ONE_UPSTREAM)
     flow = make_flow("/v2/library/alpine/manifests/latest")
     with taddons.context(mirror):
-        _call(mirror.addons[_proxy_index(mirror)], "requestheaders", flow)
+        run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
     assert flow.response is None
     meta = flow.metadata["acr"]
     assert meta["route"] == "manifests"
@@ -237,7 +219,7 @@ def test_ns_naming_the_upstream_is_routed(ns: str) -> None:
     flow = make_flow(f"/v2/library/alpine/blobs/{SHA}?ns={ns}")
     mirror = make_mirror(ONE_UPSTREAM)
     with taddons.context(mirror):
-        _call(mirror.addons[_proxy_index(mirror)], "requestheaders", flow)
+        run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
     assert flow.response is None
     assert flow.metadata["acr"]["route"] == "blobs"
     assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
@@ -263,7 +245,7 @@ def test_ns_picks_one_of_two_upstreams() -> None:
     mirror = make_mirror(TWO_UPSTREAMS)
     flow = make_flow("/v2/library/alpine/manifests/latest?ns=example.azurecr.io")
     with taddons.context(mirror):
-        _call(mirror.addons[_proxy_index(mirror)], "requestheaders", flow)
+        run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
     assert flow.response is None
     assert flow.metadata["acr"]["upstream"] == "https://example.azurecr.io"
 

@@ -119,7 +119,7 @@ def test_rendered_template_for_acr_parses() -> None:
         artifact_types=DEFAULT_ARTIFACT_TYPES,
     )
     compiled = catalog.parse_text(text, PATH)
-    # issue 8: the install event's node check runs first, then the start event's steps.
+    # The install event's node check runs first, then the start event's steps.
     assert plugin_names(compiled, "runtime") == ["node-check", "login-acr", "install", "mirror", "host"]
     assert plugin_names(compiled, "engine") == ["event", "event", "loop"]
     assert plugin_names(compiled, "proxy") == [

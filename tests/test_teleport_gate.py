@@ -101,7 +101,8 @@ def test_auto_on_a_node_without_overlaybd_serves_the_original_and_says_why(
     (head,) = [f for f in flows_of(tmp_path / "flows.mitm")
                if f.request.method == "HEAD" and f.metadata.get("acr", {}).get("reference") == "v1"]
     assert head.metadata["acr"]["teleport"]["skipped"] == "snapshotter"
-    assert "no teleport: snapshotter (CRI's snapshotter is" in head.comment and not head.marked
+    assert head.comment.split("\n")[0] == "no teleport: snapshotter" and not head.marked
+    assert "teleport: not teleported: snapshotter: CRI's snapshotter is " in head.comment
     (told,) = AcrMirror().teleports([head])
     assert told.startswith(f"{repo_name}:v1 not teleported: snapshotter: CRI's snapshotter is ")
     assert any(w.strip().startswith("teleport: not teleported: snapshotter: ") for w in AcrMirror().why([head]))

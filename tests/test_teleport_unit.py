@@ -8,19 +8,15 @@ the plugins run their real code paths (send, read_manifest, parse_referrers) end
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import inspect
-import io
 import json
 import re
 from urllib.parse import urlsplit
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 import requests
-import urllib3
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -30,9 +26,11 @@ from addons.teleport import discover
 
 from addons.registry import oci
 from addons.chain import AcrMirror
+from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.teleport.discover import DiscoverError, ReferrersClient, filter_types, parse_referrers
 from addons.registry.oci import Descriptor, Platform, Upstream
 from addons.proxy.state import MirrorState
+from tests.harness.inprocess import calls, install
 from addons.teleport.teleport import (DADI, OVERLAYBD_NATIVE, STREAMING, STREAMING_LINK, NoTeleport,
                              annotated_platform_matches, choose, parse_platform,
                              platform_child, target_of)
@@ -320,38 +318,6 @@ def test_platform_child_bad_index_is_bad_json(body: bytes) -> None:
     assert e.value.reason == "bad-json"
 
 
-# --- a fake upstream on the mirror's own session ---------------------------------------
-
-
-Answer = tuple[int, dict[str, str], bytes]
-
-
-class FakeUpstream(requests.adapters.HTTPAdapter):
-    """Serves `handler(request) -> (status, headers, body)` or raises what it raises."""
-
-    def __init__(self, handler: Callable[[requests.PreparedRequest], Answer]) -> None:
-        super().__init__()
-        self.handler = handler
-        self.calls: list[str] = []
-
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
-        self.calls.append(f"{request.method} {request.path_url}")
-        status, headers, body = self.handler(request)
-        raw = urllib3.HTTPResponse(body=io.BytesIO(body), headers=headers, status=status,
-                                   preload_content=False, decode_content=False)
-        return self.build_response(request, raw)
-
-
-def install(state: MirrorState, handler: Callable[[requests.PreparedRequest], Answer]) -> FakeUpstream:
-    adapter = FakeUpstream(handler)
-    s = requests.Session()
-    s.trust_env = False
-    s.mount("http://", adapter)
-    state.services["session"] = s
-    return adapter
-
-
 class Registry:
     """A tiny in-memory registry: manifests by tag or digest, referrers per digest, and which
     referrers APIs it speaks (`oci`, `oras`, tag schema always)."""
@@ -373,7 +339,15 @@ class Registry:
         return d
 
     def refer(self, subject: str, descriptor: Descriptor) -> None:
-        self.referrers.setdefault(subject, []).append(descriptor.to_json())
+        """List `descriptor` (as a referrers index holds it) among the referrers of `subject`."""
+        entry: dict[str, Any] = {"mediaType": descriptor.media_type, "digest": descriptor.digest,
+                                 "size": descriptor.size}
+        if descriptor.annotations is not None:
+            entry["annotations"] = dict(descriptor.annotations)
+        if descriptor.artifact_type is not None:
+            entry["artifactType"] = descriptor.artifact_type
+        assert descriptor.platform is None and descriptor.urls is None and descriptor.data is None
+        self.referrers.setdefault(subject, []).append(entry)
 
     def __call__(self, req: requests.PreparedRequest) -> Answer:
         path, _, query = req.path_url.partition("?")
@@ -435,8 +409,8 @@ class Clock:
         return self.now
 
 
-def referrer_calls(adapter: FakeUpstream) -> list[str]:
-    return [c for c in adapter.calls if "/referrers" in c or "/manifests/sha256-" in c]
+def referrer_calls(adapter: AnswerAdapter) -> list[str]:
+    return [c for c in calls(adapter) if "/referrers" in c or "/manifests/sha256-" in c]
 
 
 # --- ReferrersClient: APIs, caching, failures -------------------------------------------
@@ -462,15 +436,15 @@ def test_client_learns_the_api_then_costs_one_call_cold_and_none_warm(
     assert len(referrer_calls(adapter)) == first_calls == client.calls
     assert client.apis == {NS: learned}
 
-    adapter.calls.clear()
+    adapter.seen.clear()
     found, api, cached = client.referrers(UPSTREAM, "app", dg(2), (STREAMING,), None)  # cold, API known
     assert [d.digest for d in found] == [dg(12)] and api == learned and not cached
     assert len(referrer_calls(adapter)) == 1
 
-    adapter.calls.clear()
+    adapter.seen.clear()
     found, _, cached = client.referrers(UPSTREAM, "app", dg(2), (STREAMING,), None)  # warm
     assert cached and [d.digest for d in found] == [dg(12)]
-    assert adapter.calls == []
+    assert adapter.seen == []
 
 
 def test_client_sends_the_filter_only_for_one_type_and_filters_itself(tmp_path: Path) -> None:
@@ -483,10 +457,10 @@ def test_client_sends_the_filter_only_for_one_type_and_filters_itself(tmp_path: 
     client = ReferrersClient(state)
     found, _, _ = client.referrers(UPSTREAM, "app", dg(1), (STREAMING,), None)
     assert [d.digest for d in found] == [dg(21)]
-    assert "artifactType=application%2Fvnd.azure.artifact.streaming.v1" in adapter.calls[-1]
+    assert "artifactType=application%2Fvnd.azure.artifact.streaming.v1" in calls(adapter)[-1]
     found, _, _ = client.referrers(UPSTREAM, "app", dg(1), (OVERLAYBD_NATIVE, STREAMING), None)
     assert [d.digest for d in found] == [dg(22), dg(21)]
-    assert "artifactType" not in adapter.calls[-1]
+    assert "artifactType" not in calls(adapter)[-1]
 
 
 def test_client_follows_link_pages(tmp_path: Path) -> None:
@@ -519,10 +493,10 @@ def test_negative_results_expire_quickly_positive_ones_do_not(tmp_path: Path,
     found, _, cached = client.referrers(UPSTREAM, "app", dg(1), (STREAMING,), None)
     assert [d.digest for d in found] == [dg(40)] and not cached
     # found referrers stay for hours
-    calls = len(adapter.calls)
+    before = len(adapter.seen)
     clock.now += 3600.0
     assert client.referrers(UPSTREAM, "app", dg(1), (STREAMING,), None)[2] is True
-    assert len(adapter.calls) == calls
+    assert len(adapter.seen) == before
 
 
 def test_default_ttls() -> None:
@@ -570,7 +544,7 @@ def test_client_uses_the_discover_timeout(tmp_path: Path) -> None:
     state.settings.discover_timeout = 0.25
     seen: list[Any] = []
 
-    class Spy(FakeUpstream):
+    class Spy(AnswerAdapter):
         def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
                  **kw: Any) -> requests.Response:
             seen.append(timeout)
@@ -638,23 +612,12 @@ def make_flow(path: str, method: str = "GET") -> http.HTTPFlow:
     return tflow.tflow(req=req)
 
 
-def _call(addon: Any, hook: str, flow: http.HTTPFlow) -> None:
-    fn = getattr(addon, hook, None)
-    if fn is None:
-        return
-    result = fn(flow)
-    if inspect.isawaitable(result):
-        asyncio.run(result)
-
-
 def drive(mirror: AcrMirror, *flows: http.HTTPFlow) -> None:
     with taddons.context(mirror) as tctx:
         if "acr_platform" in tctx.options:  # declared by the .teleport step, when there is one
             tctx.configure(mirror, acr_platform=mirror.platform)  # type: ignore[attr-defined]
         for flow in flows:
-            for hook in ("requestheaders", "request", "response"):
-                for addon in mirror.addons:
-                    _call(addon, hook, flow)
+            run_hooks_now(mirror.addons, flow, ("requestheaders", "request", "response"))
 
 
 def pull(mirror: AcrMirror, ref: str, method: str = "HEAD", name: str = "app") -> http.HTTPFlow:
@@ -664,7 +627,7 @@ def pull(mirror: AcrMirror, ref: str, method: str = "HEAD", name: str = "app") -
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> tuple[Registry, AcrMirror, FakeUpstream]:
+def world(tmp_path: Path) -> tuple[Registry, AcrMirror, AnswerAdapter]:
     reg = Registry(("oci",))
     mirror = mirror_of()
     mirror.state.home = tmp_path  # type: ignore[union-attr]
@@ -672,7 +635,7 @@ def world(tmp_path: Path) -> tuple[Registry, AcrMirror, FakeUpstream]:
     return reg, mirror, adapter
 
 
-def test_tag_is_teleported_and_head_get_agree(world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+def test_tag_is_teleported_and_head_get_agree(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, adapter = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     body = streamable_manifest("streamable", artifactType=STREAMING)
@@ -689,7 +652,7 @@ def test_tag_is_teleported_and_head_get_agree(world: tuple[Registry, AcrMirror, 
         t = f.metadata["acr"]["teleport"]
         assert (t["from"], t["to"], t["format"], t["artifact_type"]) == (original, target, "overlaybd", STREAMING)
         assert f.marked
-        assert f.comment == f"teleport {original[:19]}… → {target[:19]}… (overlaybd)"
+        assert f.comment.split("\n")[0] == f"🚀 → {target[7:15]} overlaybd"
         json.dumps(f.metadata)  # plain data: saved to flow files
     assert head.response.content == b""
     assert get.response.content == body and sha(get.response.content) == target
@@ -698,7 +661,7 @@ def test_tag_is_teleported_and_head_get_agree(world: tuple[Registry, AcrMirror, 
     assert mirror.state.counters["teleport:teleported"] == 2  # type: ignore[union-attr]
 
 
-def test_link_referrer_teleports_to_the_linked_manifest(world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+def test_link_referrer_teleports_to_the_linked_manifest(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     body = streamable_manifest("streamable")
@@ -711,7 +674,7 @@ def test_link_referrer_teleports_to_the_linked_manifest(world: tuple[Registry, A
     assert f.metadata["acr"]["teleport"]["artifact_type"] == STREAMING_LINK
 
 
-def test_digest_pinned_is_served_as_asked(world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+def test_digest_pinned_is_served_as_asked(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, adapter = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     target = reg.put(streamable_manifest("streamable"), oci.OCI_MANIFEST)
@@ -724,13 +687,13 @@ def test_digest_pinned_is_served_as_asked(world: tuple[Registry, AcrMirror, Fake
     assert referrer_calls(adapter) == []
 
 
-def test_no_referrer_serves_the_original_and_says_why(world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+def test_no_referrer_serves_the_original_and_says_why(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     f = pull(mirror, "v1", "GET")
     assert f.response.headers["Docker-Content-Digest"] == original
     assert f.metadata["acr"]["teleport"]["skipped"] == "no-referrer"
-    assert f.comment.endswith("· no teleport: no-referrer")
+    assert f.comment.split("\n")[0] == "no teleport: no-referrer"
     assert not f.marked
 
 
@@ -739,7 +702,7 @@ def test_no_referrer_serves_the_original_and_says_why(world: tuple[Registry, Acr
     ({"streaming.format": "overlaybd", "streaming.platform.os": "linux", "streaming.platform.arch": "arm64"},
      "platform"),
 ])
-def test_format_and_platform_reasons(world: tuple[Registry, AcrMirror, FakeUpstream],
+def test_format_and_platform_reasons(world: tuple[Registry, AcrMirror, AnswerAdapter],
                                      annotations: dict[str, str], reason: str) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
@@ -751,7 +714,7 @@ def test_format_and_platform_reasons(world: tuple[Registry, AcrMirror, FakeUpstr
 
 
 def test_a_streamable_target_that_is_not_an_image_manifest_is_format(
-        world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+        world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     idx = _index({"mediaType": oci.OCI_MANIFEST, "digest": original, "size": 1,
@@ -765,7 +728,7 @@ def test_a_streamable_target_that_is_not_an_image_manifest_is_format(
 
 @pytest.mark.parametrize("lie, reason", [("size", "size"), ("missing", "fetch")])
 def test_a_referrer_that_lies_about_its_target_is_refused(
-        world: tuple[Registry, AcrMirror, FakeUpstream], lie: str, reason: str) -> None:
+        world: tuple[Registry, AcrMirror, AnswerAdapter], lie: str, reason: str) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     body = streamable_manifest("streamable")
@@ -782,7 +745,7 @@ def test_a_referrer_that_lies_about_its_target_is_refused(
     ((200, {"Content-Type": oci.OCI_INDEX}, b"{"), "bad-json"),
     ((403, {}, b""), "auth"),
 ])
-def test_discover_failures_never_break_the_pull(world: tuple[Registry, AcrMirror, FakeUpstream],
+def test_discover_failures_never_break_the_pull(world: tuple[Registry, AcrMirror, AnswerAdapter],
                                                 fail: Answer, reason: str) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
@@ -794,7 +757,7 @@ def test_discover_failures_never_break_the_pull(world: tuple[Registry, AcrMirror
     assert f.metadata["acr"]["teleport"]["skipped"] == reason
 
 
-def test_discover_timeout_never_breaks_the_pull(world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+def test_discover_timeout_never_breaks_the_pull(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     reg.raise_ = requests.ReadTimeout("slow")
@@ -833,7 +796,7 @@ def test_index_level_referrers_pick_the_platform(tmp_path: Path, platform: str, 
     assert f.response.headers["Content-Type"] == oci.OCI_MANIFEST
 
 
-def test_child_manifest_referrer_of_the_platform(world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+def test_child_manifest_referrer_of_the_platform(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, adapter = world
     index, children, streams = _multiarch(reg)
     arm = reg.put(streams["arm64"], oci.OCI_MANIFEST)
@@ -843,9 +806,9 @@ def test_child_manifest_referrer_of_the_platform(world: tuple[Registry, AcrMirro
     f = pull(mirror, "v1", "GET")
     assert f.response.headers["Docker-Content-Digest"] == amd
     assert f.metadata["acr"]["teleport"]["from"] == index
-    calls = referrer_calls(adapter)
-    assert any(index in c for c in calls) and any(children["amd64"] in c for c in calls)
-    assert not any(children["arm64"] in c for c in calls)
+    asked = referrer_calls(adapter)
+    assert any(index in c for c in asked) and any(children["amd64"] in c for c in asked)
+    assert not any(children["arm64"] in c for c in asked)
 
 
 def test_index_without_the_host_platform_is_the_platform_reason(tmp_path: Path) -> None:
@@ -871,7 +834,7 @@ def test_without_teleport_step_tags_are_not_teleported(tmp_path: Path) -> None:
     assert f.metadata["acr"]["discover"]["referrers"] == [{"digest": target, "artifact_type": STREAMING}]
 
 
-def test_acr_teleports_lists_the_decisions(world: tuple[Registry, AcrMirror, FakeUpstream]) -> None:
+def test_acr_teleports_lists_the_decisions(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     reg.put(manifest("plain"), oci.OCI_MANIFEST, tag="plain")
@@ -945,7 +908,7 @@ def test_dadi_referrer_of_the_seed(tmp_path: Path, shape: str) -> None:
 
 
 def test_a_tag_pull_costs_one_thread_hop_and_a_cached_digest_pull_none(
-    world: tuple[Registry, AcrMirror, FakeUpstream],
+    world: tuple[Registry, AcrMirror, AnswerAdapter],
 ) -> None:
     reg, mirror, _ = world
     assert mirror.state is not None
@@ -986,7 +949,7 @@ def test_the_public_copy_holds_the_decisions_and_no_secret(tmp_path: Path) -> No
     assert meta == ctx.public()
     assert set(meta) <= {"route", "route_id", "name", "reference", "ns", "upstream", "auth", "resolved",
                          "discover", "teleport", "forward", "redirected", "stalled", "upstream_status",
-                         "refused", "steps"}
+                         "refused", "steps", "answered", "streamed", "teleport_target_of"}
     assert [s.split(":")[0] for s in meta["steps"]] == ["proxy", "login", "authn", "resolve", "discover", "teleport"]
     assert meta["auth"] == "basic" and ctx.credentials is not None
     assert "s3cret-password" not in repr(flow.metadata) and "cHVsbGVy" not in repr(flow.metadata)

@@ -1,11 +1,29 @@
-"""Runtime tuning that lets mitmproxy 11.0 stream blobs at a useful fraction of the network's speed.
+"""Everything the mirror does that leans on mitmproxy 11.0's internals, in one module.
 
-Where the time goes (py-spy over `acr mirror start` streaming a 1 GiB blob, scripts/bench): the
-mirror's own addons do no per-chunk work (a streamed response is `stream = True`, no callable),
-and logging is one line per request. What costs is mitmproxy's per-chunk path: every
-`reader.read(65535)` of an upstream connection becomes one `DataReceived` event that walks the
-layer stack, h11's receive buffer and the client writer. About 4 s of CPU per GiB on plain
-asyncio with 64 KiB chunks; 2 s with both adjustments below (each alone gives ~3 s).
+Each function here relies on something mitmproxy does not promise as API; tests/test_mitm_internals.py
+pins every such assumption against the installed mitmproxy, so that an upgrade that changes one
+fails a test instead of silently losing speed, a scrubbed flow file, or a stall cut.
+
+* The addon chain: `put_first_in_chain` puts an addon ahead of the built-in ones (hooks run in
+  `AddonManager.chain` order, and `add` only appends), so that the credential scrubbers run before
+  `save` writes and mitmweb shows a flow; `swap_addon_class` gives a built-in addon (the flow
+  writer `save`) a subclass of its own class in place, keeping its place, open file and options.
+* The flow writer: `SaveCopies` is mitmproxy's `Save` writing a copy of each flow that a
+  subclass makes (`-w`, mitmweb's and the console's save); it re-implements Save's writing
+  methods over Save's own state, and `flows_the_writer_holds` reads that state too.
+* The connection table: `client_has_unsent_bytes` and `abort_server_connection` look a flow's
+  connections up in the `proxyserver` addon's `connections` (the table mitmproxy's own `inject`
+  commands use) and its handler's `transports`, to tell a stalled upstream from a slow client and
+  to cut the upstream of a stalled blob.
+* Streaming speed, below.
+
+Where the time goes when blobs stream (py-spy over `acr mirror start` streaming a 1 GiB blob,
+scripts/bench): the mirror's own addons do no per-chunk work (a streamed response is
+`stream = True`, no callable), and logging is one line per request. What costs is mitmproxy's
+per-chunk path: every `reader.read(65535)` of an upstream connection becomes one `DataReceived`
+event that walks the layer stack, h11's receive buffer and the client writer. About 4 s of CPU
+per GiB on plain asyncio with 64 KiB chunks; 2 s with both adjustments below (each alone gives
+~3 s).
 
 1. `run(main)`: run the mirror's event loop on uvloop when it is installed (plain asyncio
    otherwise). Faster transports and loop; nothing in mitmproxy's reverse mode needs the
@@ -32,18 +50,20 @@ chunk, the transport paused above 2 × limit); memory is bounded per connection 
 buffered plus the chunk in flight, so RSS stays flat in blob size); and when mitmproxy's
 internals are not what this expects (no `proxyserver`, no transport entry, a reader that is
 not an `asyncio.StreamReader`, e.g. mitmproxy_rs streams) it does nothing, which is just the
-stock behaviour. tests/test_datapath_unit.py pins the assumptions against the installed
-mitmproxy, so an upgrade that changes them fails a test instead of silently losing speed.
+stock behaviour.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
-from mitmproxy import ctx
+import mitmproxy.types
+from mitmproxy import command, ctx, flow, http
+from mitmproxy.addons.save import Save
+from mitmproxy.connection import Client, Connection
 from mitmproxy.proxy import server_hooks
 
 logger = logging.getLogger(__name__)
@@ -71,7 +91,7 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def enlarge(reader: asyncio.StreamReader, size: int = READ_SIZE, limit: int = BUFFER_LIMIT) -> bool:
+def enlarge_reads(reader: asyncio.StreamReader, size: int = READ_SIZE, limit: int = BUFFER_LIMIT) -> bool:
     """Make `reader.read(n)` return up to `size` bytes; False if it was already done."""
     if "read" in vars(reader):
         return False
@@ -97,12 +117,221 @@ class ReadSize:
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         reader = upstream_reader(data)
         if isinstance(reader, asyncio.StreamReader):
-            enlarge(reader, self.size, self.limit)
+            enlarge_reads(reader, self.size, self.limit)
 
 
 def upstream_reader(data: server_hooks.ServerConnectionHookData) -> object | None:
     """The reader mitmproxy's connection handler uses for `data.server`, if it can be found."""
+    return getattr(_connection_io(data.client, data.server), "reader", None)
+
+
+# --- the connection table ---------------------------------------------------------------------
+
+
+def _connection_io(client: Client, conn: Connection) -> Any:
+    """The `ConnectionIO` (reader, writer) of `conn` in the handler of `client`'s connection, or None."""
     proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(data.client.id)
-    io = getattr(handler, "transports", {}).get(data.server)
-    return getattr(io, "reader", None)
+    handler = getattr(proxyserver, "connections", {}).get(client.id)
+    return getattr(handler, "transports", {}).get(conn)
+
+
+def client_has_unsent_bytes(flow: http.HTTPFlow) -> bool:
+    """Whether bytes for the client are still queued: mitmproxy then waits for the *client*
+    (it reads upstream only once its writers drained), so a quiet upstream is not stalled."""
+    io = _connection_io(flow.client_conn, flow.client_conn)
+    transport = getattr(getattr(io, "writer", None), "transport", None)
+    try:
+        return transport is not None and transport.get_write_buffer_size() > 0
+    except Exception:  # another transport type: assume the upstream is the one to watch
+        return False
+
+
+def abort_server_connection(flow: http.HTTPFlow) -> bool:
+    """Cut the flow's upstream connection at once (the client then sees its transfer end short);
+    False when mitmproxy has no such connection open."""
+    writer = getattr(_connection_io(flow.client_conn, flow.server_conn), "writer", None)
+    if writer is None:
+        return False
+    writer.transport.abort()
+    return True
+
+
+# --- the addon chain --------------------------------------------------------------------------
+
+
+def put_first_in_chain(master: Any, addon: Any, after: str = "") -> bool:
+    """
+    Put `addon` first in the master's addon chain, or second when the addon named `after` is
+    first: hooks run in chain order, so it then sees every flow before the built-in addons that
+    save or show it. Idempotent by name; no `load` is run (the addon must need none).
+    """
+    manager = master.addons
+    if manager.get(addon.name) is not None:
+        return False
+    manager.lookup[addon.name] = addon
+    at = 1 if after and manager.chain and getattr(manager.chain[0], "name", "") == after else 0
+    manager.chain.insert(at, addon)
+    return True
+
+
+def swap_addon_class(master: Any, name: str, cls: type) -> bool:
+    """
+    Make the addon `name` an instance of `cls`, a subclass of its own class, in place: its place
+    in the chain, its open files and its option state stay; only the methods `cls` overrides
+    change. Its commands are bound methods, so they are collected again. False when there is no
+    such addon, it already is a `cls`, or `cls` does not extend its class.
+    """
+    addon = master.addons.get(name)
+    if addon is None or isinstance(addon, cls) or not issubclass(cls, type(addon)):
+        return False
+    addon.__class__ = cls
+    master.commands.collect_commands(addon)
+    return True
+
+
+def flows_the_writer_holds(master: Any) -> list[http.HTTPFlow]:
+    """The flows the built-in flow writer (`save`) has not written yet: it writes them in its
+    own `done`, so a scrubber's `done` that runs first must reach them there."""
+    save = master.addons.get("save")
+    return [f for f in list(getattr(save, "active_flows", ())) if isinstance(f, http.HTTPFlow)]
+
+
+class SaveCopies(Save):
+    """
+    mitmproxy's flow writer (the built-in `save` addon: `-w`, mitmweb's and the console's
+    save), writing `copy_for_file(flow)` instead of each flow, so that the flow itself, which
+    mitmproxy may still send, is never changed for the file's sake. Install it with
+    `swap_addon_class(master, "save", Subclass)`.
+    """
+
+    def copy_for_file(self, f: flow.Flow) -> flow.Flow:
+        """What the file gets for `f`; subclasses make their copy here."""
+        return f
+
+    def save_flow(self, flow: flow.Flow) -> None:  # type: ignore[override]
+        if not self.stream:
+            return
+        copy = self.copy_for_file(flow)
+        try:
+            self.maybe_rotate_to_new_file()
+            self.stream.add(copy)
+        except OSError as e:
+            # As Save: crash visibly rather than let traffic through unrecorded.
+            import sys
+
+            sys.stderr.write(f"Error while writing to {self.current_path}: {e}")
+            sys.exit(1)
+        else:
+            self.active_flows.discard(flow)
+
+    def done(self) -> None:
+        if self.stream:
+            for f in self.active_flows:
+                self.stream.add(self.copy_for_file(f))
+            self.active_flows.clear()
+            self.current_path = None
+            self.stream.fo.close()
+            self.stream = None
+
+    @command.command("save.file")
+    def save(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> None:
+        """Save flows to a file, as the flow writer writes them. A leading + appends."""
+        super().save([self.copy_for_file(f) for f in flows], path)
+
+
+# --- mitmweb -------------------------------------------------------------------------------------
+
+#: Served by the web UI and loaded by its page: tells the server which flow the UI shows when a
+#: command runs, so `@focus` means the selected flow (mitmweb 11's page never tells it otherwise;
+#: its URL fragment `#/flows/<id>/<tab>` is the selection, and fragments are never sent).
+FOCUS_SCRIPT = """(function () {
+  var send = window.fetch;
+  window.fetch = function (input, init) {
+    var url = typeof input === "string" ? input : (input && input.url) || "";
+    var m = /^#\\/flows\\/([0-9a-f-]+)\\//.exec(window.location.hash);
+    if (m && init && init.method === "POST" && /\\/commands\\/[a-z.]+$/.test(url)) {
+      init.headers = Object.assign({}, init.headers, {"X-Acr-Focus": m[1]});
+    }
+    return send.call(this, input, init);
+  };
+})();
+"""
+FOCUS_SCRIPT_PATH = "/acr-focus.js"
+FOCUS_HEADER = "X-Acr-Focus"
+
+
+def streamed_note(flow: Any) -> str:
+    """What Download answers for a body that was streamed (mitmproxy keeps no copy of it)."""
+    streamed = ((getattr(flow, "metadata", {}) or {}).get("acr") or {}).get("streamed") or {}
+    detail = ""
+    if streamed:
+        detail = f" ({streamed.get('bytes')} bytes in {streamed.get('seconds')} s from {streamed.get('source')})"
+    return (f"This body was streamed to the client{detail} and was not kept: mitmproxy stores no copy of a "
+            "streamed body, so there is nothing to download.\n")
+
+
+def web_handlers(app: Any) -> int:
+    """Adjust mitmweb 11's tornado routes for the mirror; returns how many routes were changed.
+
+    - Download of a streamed body (no content kept) answers a plain note instead of a 500.
+    - The page loads FOCUS_SCRIPT, and `POST /commands/<name>` moves the view's focus to the flow
+      the page shows before the command runs, so `acr.why @focus` explains the selected flow.
+    """
+    import tornado.routing
+    import tornado.web
+    from mitmproxy.tools.web import app as webapp
+
+    class StreamedContent(webapp.FlowContent):
+        def get(self, flow_id: str, message: str) -> None:
+            part = getattr(self.flow, message, None)
+            if part is not None and getattr(part, "raw_content", b"") is None:
+                name = self.flow.request.path.split("?")[0].split("/")[-1] or "body"
+                self.set_header("Content-Disposition", f"attachment; filename={re_name(name)}.streamed.txt")
+                self.set_header("Content-Type", "text/plain; charset=utf-8")
+                self.set_header("X-Content-Type-Options", "nosniff")
+                self.write(streamed_note(self.flow))
+                return
+            super().get(flow_id, message)
+
+    class FocusedCommand(webapp.ExecuteCommand):
+        def post(self, cmd: str) -> None:
+            flow_id = self.request.headers.get(FOCUS_HEADER)
+            found = self.view.get_by_id(flow_id) if flow_id else None
+            if found is not None:
+                self.view.focus.flow = found
+            super().post(cmd)
+
+    class Index(webapp.IndexHandler):
+        def get(self) -> None:
+            assert self.xsrf_token  # sets the XSRF cookie, as mitmweb's own index does
+            page = self.render_string("index.html").decode()
+            tag = '<script src="static/app.js"></script>'
+            self.write(page.replace(tag, f'<script src=".{FOCUS_SCRIPT_PATH}"></script>{tag}', 1))
+
+    class FocusScript(webapp.RequestHandler):
+        def get(self) -> None:
+            self.set_header("Content-Type", "application/javascript")
+            self.write(FOCUS_SCRIPT)
+
+    replace = {webapp.FlowContent: StreamedContent, webapp.ExecuteCommand: FocusedCommand,
+               webapp.IndexHandler: Index}
+    changed = 0
+    for host_rule in app.default_router.rules:
+        router = host_rule.target
+        if not isinstance(router, tornado.routing.RuleRouter):
+            continue
+        if any(rule.target is webapp.IndexHandler for rule in router.rules):
+            router.add_rules([(FOCUS_SCRIPT_PATH, FocusScript)])
+            changed += 1
+        for rule in router.rules:
+            if rule.target in replace:
+                rule.target = replace[rule.target]
+                changed += 1
+    return changed
+
+
+def re_name(name: str) -> str:
+    """A file name safe in a Content-Disposition header."""
+    import re
+
+    return re.sub(r"[^-\w.]", "_", name)[:120]

@@ -37,6 +37,7 @@ from addons.runmd.runtime import Runtime, StepError
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("/etc/containerd/config.toml")
+#: containerd's hosts folder (its CRI `config_path`) when nothing else is said; a str, as config.toml holds it.
 DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
 OVERLAYBD = "overlaybd"
 OVERLAYBD_SOCKET = "/run/overlaybd-snapshotter/overlaybd.sock"
@@ -396,6 +397,13 @@ def report(path: Path, edit: Edit, backup: Path | None, dry_run: bool) -> list[s
     return lines
 
 
+def parse_config_path(text: str) -> Path:
+    """The config.toml a step names (default: containerd's own); one path, no spaces."""
+    if len(text.split()) > 1:
+        raise ValueError(f"expected one config.toml path, got '{text}'")
+    return Path(text) if text else DEFAULT_CONFIG
+
+
 class ContainerdConfig(RuntimePlugin):
     """`.containerd-config [PATH]` with `: .snapshotter overlaybd`: the same edit as
     `acr containerd configure`, pointing config_path at the mirror's `--hosts-dir`."""
@@ -406,9 +414,7 @@ class ContainerdConfig(RuntimePlugin):
 
     @classmethod
     def parse(cls, text: str) -> Path:
-        if len(text.split()) > 1:
-            raise ValueError(f"expected one config.toml path, got '{text}'")
-        return Path(text) if text else DEFAULT_CONFIG
+        return parse_config_path(text)
 
     @classmethod
     def parse_attribute(cls, name: str, text: str) -> str:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from addons.node import hostsfile
+from addons.node.containerd_config import DEFAULT_HOSTS_DIR
 from addons.core.address import Address, parse_address
 from addons.runmd.plugin import split_list
 from addons.runmd.runtime import RuntimePlugin
@@ -64,7 +66,7 @@ class Host(RuntimePlugin):
         if last.id != self.step.id:
             logger.info("step %d: hosts.toml is written by the last .host step (%d)", self.step.id, last.id)
             return
-        hosts_dir = runtime.hosts_dir or hostsfile.DEFAULT_HOSTS_DIR
+        hosts_dir = runtime.hosts_dir or Path(DEFAULT_HOSTS_DIR)
         try:
             for line in hostsfile.install_all(runtime.compiled, runtime.work, hosts_dir):
                 logger.info("%s", line)

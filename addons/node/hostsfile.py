@@ -27,7 +27,6 @@ from addons.registry.oci import Upstream
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HOSTS_DIR = Path("/etc/containerd/certs.d")
 #: containerd's catch-all folder: registries without a folder of their own use it.
 DEFAULT_FOLDER = "_default"
 FILE_NAME = "hosts.toml"

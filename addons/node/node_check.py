@@ -17,8 +17,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from addons.node.containerd_config import DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS, Schema
 from addons.node import overlaybd_config
+from addons.node.containerd_config import (DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS,
+                                           Schema, parse_config_path)
 from addons.runmd.runtime import RuntimePlugin
 from addons.runmd.runtime import Runtime
 
@@ -213,9 +214,7 @@ class NodeCheck(RuntimePlugin):
 
     @classmethod
     def parse(cls, text: str) -> Path:
-        if len(text.split()) > 1:
-            raise ValueError(f"expected one config.toml path, got '{text}'")
-        return Path(text) if text else DEFAULT_CONFIG
+        return parse_config_path(text)
 
     def run(self, runtime: Runtime) -> None:
         path = self.config if self.config.is_absolute() else runtime.home / self.config

@@ -27,12 +27,14 @@ import time
 import uuid
 import weakref
 from pathlib import Path
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
 from mitmproxy import http
 
 from addons import __version__
+from addons.registry import oci
 from addons.registry.auth import Credentials, jwt_expiry
 from addons.runmd.compile import Compiled
 from addons.node.login_acr import read_meta
@@ -82,11 +84,7 @@ def remote_host(remote_url: str) -> tuple[str, str] | None:
 def _json(status: int, body: dict[str, Any], method: str = "GET") -> http.Response:
     data = json.dumps(body, indent=1, sort_keys=False).encode() + b"\n"
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store"}
-    if method == "HEAD":
-        response = http.Response.make(status, b"", headers)
-        response.headers["Content-Length"] = str(len(data))
-        return response
-    return http.Response.make(status, data, headers)
+    return oci.make_response(status, data, headers, method)
 
 
 class Endpoints:
@@ -110,15 +108,20 @@ class Endpoints:
 
     # -- hooks ----------------------------------------------------------------------
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """Only `/auth` and `/status` are answered here (a plain call for every other request)."""
         if flow.response or flow.error or not flow.live:
-            return
+            return None
         req = flow.request
         if req.first_line_format != "relative":
-            return  # the proxy root refuses forward-proxy requests
+            return None  # the proxy root refuses forward-proxy requests
         path = req.path.partition("?")[0]
         if path not in self.PATHS:
-            return
+            return None
+        return self._answer(flow, path)
+
+    async def _answer(self, flow: http.HTTPFlow, path: str) -> None:
+        req = flow.request
         endpoint = path[1:]
         info(flow)["endpoint"] = endpoint
         self.state.counters[f"{endpoint}_requests"] += 1

@@ -27,6 +27,7 @@ from mitmproxy import http
 
 from addons.observe.endpoints import loopback_peer
 from addons.proxy.context import info
+from addons.registry import oci
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import session
 
@@ -182,11 +183,7 @@ class Metrics:
             return
         body = self.render().encode()
         headers = {"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"}
-        if req.method == "HEAD":
-            flow.response = http.Response.make(200, b"", headers)
-            flow.response.headers["Content-Length"] = str(len(body))
-        else:
-            flow.response = http.Response.make(200, body, headers)
+        flow.response = oci.make_response(200, body, headers, req.method)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live:

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import mitmproxy.types
-from mitmproxy import command, flow, http
-from mitmproxy.addons.save import Save
+from mitmproxy import flow, http
+
+from addons.core import mitm
 
 logger = logging.getLogger(__name__)
 
@@ -234,38 +233,11 @@ def scrubbed_copy(f: flow.Flow) -> flow.Flow:
 # --- addons --------------------------------------------------------------------------------
 
 
-class ScrubbingSave(Save):
+class ScrubbingSave(mitm.SaveCopies):
     """The built-in `save` addon, writing scrubbed copies (see the module docstring)."""
 
-    def save_flow(self, flow: flow.Flow) -> None:  # type: ignore[override]
-        if not self.stream:
-            return
-        copy = scrubbed_copy(flow)
-        try:
-            self.maybe_rotate_to_new_file()
-            self.stream.add(copy)
-        except OSError as e:
-            # As Save: crash visibly rather than let traffic through unrecorded.
-            import sys
-
-            sys.stderr.write(f"Error while writing to {self.current_path}: {e}")
-            sys.exit(1)
-        else:
-            self.active_flows.discard(flow)
-
-    def done(self) -> None:
-        if self.stream:
-            for f in self.active_flows:
-                self.stream.add(scrubbed_copy(f))
-            self.active_flows.clear()
-            self.current_path = None
-            self.stream.fo.close()
-            self.stream = None
-
-    @command.command("save.file")
-    def save(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> None:
-        """Save flows to a file, scrubbed of credentials. A leading + appends."""
-        super().save([scrubbed_copy(f) for f in flows], path)
+    def copy_for_file(self, f: flow.Flow) -> flow.Flow:
+        return scrubbed_copy(f)
 
 
 class RecordScrub:
@@ -297,19 +269,11 @@ class RecordScrub:
 def install(master: Any, client_requests: bool = True) -> None:
     """Put the scrubbers in place in `master`: idempotent, for every master (dump, web, tests).
     `client_requests`: keep each client request line in `flow.metadata["acr_client"]` (the mirror)."""
-    manager = master.addons
-    if manager.get(RecordScrub.name) is None:
-        scrubber = RecordScrub(client_requests)
-        manager.lookup[RecordScrub.name] = scrubber
-        # Ahead of every built-in addon; after the mirror's token scrubber when it is first.
-        at = 1 if manager.chain and getattr(manager.chain[0], "name", "") == "acr-token-scrub" else 0
-        manager.chain.insert(at, scrubber)
-    save = manager.get("save")
-    if isinstance(save, Save) and not isinstance(save, ScrubbingSave):
-        # The same object, so its place in the chain, its open file and its option state stay;
-        # only its writing methods change. Commands are bound methods: collect them again.
-        save.__class__ = ScrubbingSave
-        master.commands.collect_commands(save)
+    # Ahead of every built-in addon; after the mirror's token scrubber when it is first.
+    if master.addons.get(RecordScrub.name) is None:
+        mitm.put_first_in_chain(master, RecordScrub(client_requests), after="acr-token-scrub")
+    # The flow writer (`-w`, mitmweb's save) keeps its file and options; only its writing changes.
+    if mitm.swap_addon_class(master, "save", ScrubbingSave):
         logger.debug("flow files are written scrubbed of credentials")
 
 

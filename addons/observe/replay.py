@@ -24,8 +24,6 @@ Three tools, each for one job:
 from __future__ import annotations
 
 import asyncio
-import inspect
-import io
 import json
 import logging
 import re
@@ -36,10 +34,10 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import requests
-import urllib3
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import io as mio
 
+from addons.core.offline import REQUEST_HOOKS, Answer, answering_session, run_hooks
 from addons.runmd.compile import Compiled
 from addons.observe.record import SECRET_FIELDS, SECRET_PARAMS
 from addons.proxy.state import MirrorState, Settings
@@ -237,6 +235,8 @@ class RecordedUpstream:
     def __init__(self, flows: Iterable[http.HTTPFlow]) -> None:
         self.answers: dict[tuple[Any, ...], http.HTTPFlow] = {}
         self.tokens: list[http.HTTPFlow] = []
+        #: Requests the chain sent that the recording has no answer for ("METHOD /path").
+        self.misses: list[str] = []
         for f in flows:
             if not isinstance(f, http.HTTPFlow) or f.response is None:
                 continue
@@ -267,45 +267,16 @@ class RecordedUpstream:
             hit = self.tokens[0] if self.tokens else None
         return hit
 
-
-class ReplayAdapter(requests.adapters.BaseAdapter):
-    """A `requests` transport that answers from a recording and never opens a socket."""
-
-    def __init__(self, upstream: RecordedUpstream | None) -> None:
-        super().__init__()
-        self.upstream = upstream
-        self.misses: list[str] = []
-
-    def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-             verify: Any = True, cert: Any = None, proxies: Any = None) -> requests.Response:
+    def answer(self, request: requests.PreparedRequest) -> Answer:
+        """The recorded answer to `request` (an `AnswerAdapter`'s answer); a request not recorded
+        is a connection error, and is kept in `misses`."""
         method, url = request.method or "GET", request.url or ""
-        recorded = self.upstream.find(method, url) if self.upstream else None
+        recorded = self.find(method, url)
         if recorded is None or recorded.response is None:
             self.misses.append(f"{method} {urlsplit(url).path}")
             raise requests.ConnectionError(f"not in the recording: {method} {urlsplit(url).path}")
         resp = recorded.response
-        raw = urllib3.HTTPResponse(
-            body=io.BytesIO(b"" if method == "HEAD" else (resp.raw_content or b"")),
-            headers=list(resp.headers.items(multi=True)),
-            status=resp.status_code,
-            reason=resp.reason,
-            preload_content=False,
-            decode_content=False,
-            request_method=method,
-        )
-        return requests.adapters.HTTPAdapter().build_response(request, raw)
-
-    def close(self) -> None:
-        pass
-
-
-def offline_session(upstream: RecordedUpstream | None) -> tuple[requests.Session, ReplayAdapter]:
-    adapter = ReplayAdapter(upstream)
-    s = requests.Session()
-    s.trust_env = False
-    s.mount("http://", adapter)
-    s.mount("https://", adapter)
-    return s, adapter
+        return resp.status_code, list(resp.headers.items(multi=True)), b"" if method == "HEAD" else (resp.raw_content or b"")
 
 
 # --- re-running the chain ----------------------------------------------------------------
@@ -372,7 +343,7 @@ class ReplayCheck:
         self.build = build
         self.results: list[Result] = []
         self._chain: list[Any] | None = None
-        self._adapter: ReplayAdapter | None = None
+        self._upstream: RecordedUpstream | None = None
         self._upstream_path: str | None = None
         self._lock = asyncio.Lock()
         #: The options below, as last configured.
@@ -400,10 +371,11 @@ class ReplayCheck:
     def chain(self) -> tuple[list[Any], bool]:
         path = self.upstream_recording
         if self._chain is None or path != self._upstream_path:
-            upstream = RecordedUpstream.from_file(path) if path else None
+            # Without a recording every upstream request is a miss.
+            self._upstream = RecordedUpstream.from_file(path) if path else RecordedUpstream(())
             settings = Settings(**vars(self.live_state.settings))
-            session, self._adapter = offline_session(upstream)
-            chain = self.build(self.compiled, settings, session, upstream is not None)
+            session, _ = answering_session(self._upstream.answer)
+            chain = self.build(self.compiled, settings, session, path is not None)
             self._chain, self._upstream_path = chain, path
         return self._chain, self._upstream_path is not None
 
@@ -429,17 +401,10 @@ class ReplayCheck:
     async def rerun(self, f: http.HTTPFlow) -> tuple[http.HTTPFlow, list[str]]:
         chain, full = self.chain()
         fresh = self.fresh_request(f)
-        assert self._adapter is not None
-        before = len(self._adapter.misses)
-        for hook in ("requestheaders", "request") if full else ("requestheaders",):
-            for addon in chain:
-                fn = getattr(addon, hook, None)
-                if fn is None:
-                    continue
-                result = fn(fresh)
-                if inspect.isawaitable(result):
-                    await result
-        return fresh, self._adapter.misses[before:]
+        assert self._upstream is not None
+        before = len(self._upstream.misses)
+        await run_hooks(chain, fresh, REQUEST_HOOKS if full else ("requestheaders",))
+        return fresh, self._upstream.misses[before:]
 
     def response(self, f: http.HTTPFlow) -> Any:
         """Live flows: nothing (and no coroutine). Read flows: the check, which mitmproxy awaits."""
@@ -515,5 +480,5 @@ def write_flows(path: str, flows: Iterable[http.HTTPFlow]) -> None:
 
 __all__ = [
     "Origin", "parse_rehost", "replace_origins", "rehost_flow", "Rehost", "RecordedUpstream",
-    "ReplayAdapter", "ReplayCheck", "read_flows", "write_flows", "SECRET_FIELDS",
+    "ReplayCheck", "read_flows", "write_flows", "SECRET_FIELDS",
 ]

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
-from mitmproxy import http
+from mitmproxy import connection, http
 
 from addons.proxy.upstream import Authorizer, UpstreamError
 from addons.registry.auth import Credentials
@@ -29,6 +30,12 @@ META = "acr"
 
 class NeedsIO(Exception):
     """A step's non-blocking attempt (`ready`) found that it must wait for the network."""
+
+
+#: The second line of a comment whose answer the mirror made itself (a filter finds them).
+ANSWERED = "answered by the mirror"
+#: The mark of a teleported tag (mitmweb shows it as 🚀).
+ROCKET = ":rocket:"
 
 
 def info(flow: http.HTTPFlow) -> dict[str, Any]:
@@ -100,6 +107,96 @@ class Forward:
 
 
 @dataclass
+class Streamed:
+    """A streamed body as it passed: counted chunk by chunk, never stored."""
+
+    bytes: int = 0
+    started: float = 0.0
+    ended: float = 0.0
+    source: str = "registry"
+    cut: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return max(self.ended - self.started, 0.0)
+
+    @property
+    def mb_per_s(self) -> float | None:
+        """Throughput in MB/s (10^6 bytes), or None when too quick to tell."""
+        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else None
+
+    def public(self) -> dict[str, Any]:
+        rate = self.mb_per_s
+        return {"bytes": self.bytes, "seconds": round(self.seconds, 6),
+                "mb_per_s": None if rate is None else round(rate, 1), "source": self.source, "cut": self.cut}
+
+    def text(self) -> str:
+        return f"{size_text(self.bytes)} {rate_text(self.bytes, self.seconds)} {self.source}"
+
+
+def size_text(n: int) -> str:
+    """A byte count the way a person reads it in a narrow column: `538 B`, `12 KiB`, `256 MiB`."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" or value >= 10 else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def rate_text(n: int, seconds: float) -> str:
+    """Throughput in decimal units, as network speeds are quoted: `610 MB/s`, `36 kB/s`."""
+    if seconds <= 0:
+        return "- MB/s"
+    rate = n / seconds
+    for unit, scale in (("GB/s", 1e9), ("MB/s", 1e6), ("kB/s", 1e3)):
+        if rate >= scale:
+            return f"{rate / scale:.0f} {unit}" if rate >= 10 * scale else f"{rate / scale:.1f} {unit}"
+    return f"{rate:.0f} B/s"
+
+
+def short(digest: str) -> str:
+    """The first 8 hex digits of a digest: what a person compares at a glance."""
+    return digest.partition(":")[2][:8] or digest[:8]
+
+
+def show_served_from(flow: http.HTTPFlow, url: str) -> None:
+    """Show `url` as where an *answered* flow came from: only once its response is set.
+
+    mitmproxy opens a server connection only for a flow without a response (reverse mode with
+    the lazy connection strategy): rewriting an answered flow's URL and server address changes
+    what mitmweb shows, and sends nothing anywhere. A URL that cannot be shown leaves the flow
+    as it came (a display detail never breaks an answer).
+    """
+    assert flow.response is not None, "an unanswered flow would be sent to this URL"
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    req = flow.request
+    try:
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        req.scheme, req.host, req.port = parts.scheme, parts.hostname or req.host, port
+        if parts.path and path != req.path:  # an origin alone keeps the client's path
+            req.path = path
+    except (ValueError, UnicodeError):
+        return
+    if flow.server_conn.timestamp_start is None:
+        # Never opened: show the upstream, as a fresh unconnected record (the placeholder one
+        # may be shared with the client connection's other flows).
+        flow.server_conn = connection.Server(address=(parts.hostname or "", port))
+
+
+def listen_origin(flow: http.HTTPFlow) -> str | None:
+    """The mirror's own origin as the client reached it (where a refusal was served from), or
+    None when the flow did not come in through a socket (made offline)."""
+    sockname = flow.client_conn.sockname
+    if not sockname or not sockname[0]:
+        return None
+    host, port = sockname[0], sockname[1]
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if flow.client_conn.tls else 'http'}://{host}:{port}"
+
+
+@dataclass
 class RequestContext:
     """Everything one routed request carries from step to step."""
 
@@ -131,6 +228,7 @@ class RequestContext:
     # -- pull -------------------------------------------------------------------------
     forward: Forward | None = None
     stalled: bool = False
+    streamed: Streamed | None = None
     # -- the answer ---------------------------------------------------------------------
     #: The response the steps decided on; the route puts it on the flow (on the event loop).
     answer: http.Response | None = None
@@ -138,9 +236,10 @@ class RequestContext:
     upstream_status: int | None = None
     refused: str | None = None
     steps: list[str] = field(default_factory=list)
-    #: mitmweb's comment and mark for the flow, set on the flow with the answer.
-    comment: str = ""
+    #: mitmweb's mark for the flow, set on the flow with the answer.
     marked: str = ""
+    #: The tag this digest was served for by a teleport (`name:tag`), for its follow-up GET.
+    teleport_target_of: str | None = None
 
     @property
     def by_digest(self) -> bool:
@@ -150,6 +249,57 @@ class RequestContext:
     def failed(self) -> bool:
         """A step answered with an error: later steps have nothing to do."""
         return self.error is not None
+
+    def upstream_url(self) -> str:
+        """The registry URL this request stands for (without containerd's `ns`)."""
+        if self.route == "tags":
+            path = f"/v2/{self.name}/tags/list"
+        else:
+            path = f"/v2/{self.name}/{self.route}/{self.reference}"
+        url = self.upstream.url(path)
+        if self.query:
+            url += "?" + "&".join(f"{k}={v}" for k, v in self.query)
+        return url
+
+    def headline(self) -> str:
+        """The decision in a few characters, for mitmweb's narrow comment column."""
+        if self.error is not None:
+            return f"failed {self.answer.status_code if self.answer else self.error.status} {self.error.code}"
+        if self.route == "manifests":
+            t = self.teleport
+            if t is not None and t.target is not None:
+                return f"🚀 → {short(t.target.digest)} {t.format}"
+            if t is not None and t.skipped != "digest-pinned":
+                return f"no teleport: {t.skipped}"
+            digest = self.manifest.digest if self.manifest else self.reference
+            if self.by_digest:
+                return f"by digest {short(digest)}" + (f" (🚀 {self.teleport_target_of})" if self.teleport_target_of else "")
+            return f"manifest {short(digest)}"
+        if self.route == "blobs":
+            if self.method == "HEAD":
+                length = self.answer.headers.get("Content-Length", "") if self.answer else ""
+                return f"blob HEAD {size_text(int(length))}" if length.isdigit() else "blob HEAD"
+            if self.streamed is not None and self.streamed.cut:
+                return f"blob cut at {size_text(self.streamed.bytes)} {self.streamed.source}"
+            if self.streamed is not None and self.streamed.ended:
+                return f"blob {self.streamed.text()}"
+            if self.stalled:
+                return "blob stalled"
+            if self.forward is not None:
+                return f"blob streaming from {'storage' if self.forward.redirected else 'registry'}"
+            return "blob"
+        if self.route == "tags":
+            return "tag list"
+        return self.route
+
+    def story(self) -> str:
+        """The flow's comment: the headline, who answered, then every step's decision."""
+        if self.forward is not None:
+            host = urlsplit(self.forward.url).netloc
+            where = f"streamed from {'storage ' + host if self.forward.redirected else 'the registry ' + host}"
+        else:
+            where = f"{ANSWERED} (from {self.upstream.ns})"
+        return "\n".join([self.headline(), where, *self.steps])
 
     def note(self, step: str, decision: str) -> None:
         """Record one step's decision, in order, for mitmweb, flow files and `acr.why`."""
@@ -189,6 +339,11 @@ class RequestContext:
             out["redirected"] = self.forward.redirected
         if self.stalled:
             out["stalled"] = True
+        if self.streamed is not None:
+            out["streamed"] = self.streamed.public()
+        if self.teleport_target_of:
+            out["teleport_target_of"] = self.teleport_target_of
+        out["answered"] = "upstream" if self.forward is not None else "mirror"
         if self.upstream_status is not None:
             out["upstream_status"] = self.upstream_status
         if self.refused:
@@ -199,8 +354,7 @@ class RequestContext:
     def publish(self, flow: http.HTTPFlow) -> None:
         """Refresh flow.metadata's public copy, comment and mark (on the event loop)."""
         info(flow).update(self.public())
-        if self.comment:
-            flow.comment = self.comment
+        flow.comment = self.story()
         if self.marked:
             flow.marked = self.marked
 

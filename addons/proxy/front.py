@@ -22,13 +22,14 @@ from addons.registry import oci
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.context import RequestContext, info, note
+from addons.proxy.context import ANSWERED, RequestContext, info, listen_origin, note, show_served_from
 from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
 
 _PATH_RE = re.compile(r"^/v2/(?P<name>.+?)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|(?P<tags>tags)/list)$")
-#: The digest algorithms the mirror can check content against (resolve, oci.DigestVerifier).
+#: The digest algorithms a reference may use: resolve checks manifests against them; blob bytes
+#: are streamed as they come (the client checks them against the digest it asked for).
 DIGEST_ALGORITHMS = ("sha256", "sha512")
 #: Request line and headers together; containerd sends about 1 KiB. mitmproxy itself has no
 #: limit, and a client's `Accept` is passed upstream, so a larger request is refused here.
@@ -89,9 +90,15 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     flow.response = oci.error_response(status, code, message, method=flow.request.method)
     for k, v in (headers or {}).items():
         flow.response.headers[k] = v
-    info(flow)["refused"] = f"{status} {code}"
-    flow.comment = f"refused: {status} {code}: {message}"
+    meta = info(flow)
+    meta["refused"] = f"{status} {code}"
+    meta["answered"] = "mirror"
     note(flow, "proxy", f"refused {status} {code}: {message}")
+    flow.comment = "\n".join([f"refused {status} {code}", f"{ANSWERED}: {message}", *meta["steps"]])
+    own = listen_origin(flow)
+    if own is not None and flow.request.first_line_format == "relative":
+        # Served by the mirror itself: show its own address, not reverse mode's placeholder.
+        show_served_from(flow, own)
 
 
 def head_size(req: http.Request) -> int:
@@ -151,15 +158,13 @@ class Proxy(ProxyPlugin):
         if target.kind == "ping":
             if req.method not in ("GET", "HEAD"):
                 return refuse(flow, 405, "UNSUPPORTED", "method not allowed", {"Allow": "GET, HEAD"})
-            body = b"{}"
-            flow.response = http.Response.make(
-                200,
-                b"" if req.method == "HEAD" else body,
-                {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION},
+            flow.response = oci.make_response(
+                200, b"{}", {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION}, req.method
             )
-            # Set after make(), which would reset it to the empty HEAD body's length.
-            flow.response.headers["Content-Length"] = str(len(body))
-            info(flow)["route"] = "ping"
+            info(flow).update(route="ping", answered="mirror")
+            flow.comment = f"ping\n{ANSWERED}"
+            if (own := listen_origin(flow)) is not None:
+                show_served_from(flow, own)
             return
         ns = req.query.get("ns")
         upstream = self.state.upstream_for(ns)
@@ -187,7 +192,6 @@ class Proxy(ProxyPlugin):
             pass_headers={k: v for k, v in req.headers.items() if k.lower() in PASSED_HEADERS},
         )
         ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
-        ctx.comment = f"{target.kind} {target.name}{':' if target.reference else ''}{target.reference} ← {upstream.ns}"
         self.state.contexts[flow] = ctx
         ctx.publish(flow)
 
@@ -235,6 +239,8 @@ class ProxyTail:
         self.state = state
 
     def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response and flow.live and "answered" not in (flow.metadata.get("acr") or {}):
+            return self.own_answer(flow)
         if flow.response or flow.error or not flow.live:
             return
         meta = flow.metadata.get("acr") or {}
@@ -244,6 +250,15 @@ class ProxyTail:
             refuse(flow, 500, "UNSUPPORTED", f"no step of the .{meta['route']} route answered: check mirror.runmd")
         else:
             refuse(flow, 404, "NOT_FOUND", "not served")
+
+    @staticmethod
+    def own_answer(flow: http.HTTPFlow) -> None:
+        """An endpoint of the mirror's own (/status, /auth, /metrics) answered: show the mirror's
+        address rather than reverse mode's placeholder."""
+        own = listen_origin(flow)
+        if own is not None and flow.request.first_line_format == "relative":
+            info(flow)["answered"] = "mirror"
+            show_served_from(flow, own)
 
     def response(self, flow: http.HTTPFlow) -> None:
         if "acr" in flow.metadata:

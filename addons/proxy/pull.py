@@ -17,15 +17,17 @@ import logging
 import re
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from mitmproxy import ctx, http
 
+from addons.core import mitm
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
-from addons.proxy.context import Forward, RequestContext
+from addons.proxy.context import Forward, RequestContext, Streamed, size_text
 from addons.proxy.upstream import Authorizer, UpstreamError, send
 
 logger = logging.getLogger(__name__)
@@ -51,42 +53,25 @@ def same_origin(a: str, b: str) -> bool:
 
 
 class Activity:
-    """A pass-through stream function that remembers when data last moved."""
+    """A pass-through stream function that counts the bytes and remembers when data last moved."""
 
-    def __init__(self) -> None:
+    def __init__(self, streamed: Streamed | None = None, done: Callable[[], None] | None = None) -> None:
         self.last = time.monotonic()
         self.done = False
+        self.streamed = streamed
+        self._on_done = done
 
     def __call__(self, chunk: bytes) -> bytes:
         self.last = time.monotonic()
-        if not chunk:
+        if self.streamed is not None:
+            self.streamed.bytes += len(chunk)
+        if not chunk and not self.done:
             self.done = True  # mitmproxy calls it with b"" at the end of the body
+            if self.streamed is not None:
+                self.streamed.ended = self.last
+            if self._on_done is not None:
+                self._on_done()
         return chunk
-
-
-def client_backlogged(flow: http.HTTPFlow) -> bool:
-    """Whether bytes for the client are still queued: mitmproxy then waits for the *client*
-    (it reads upstream only once its writers drained), so a quiet upstream is not stalled."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
-    io = getattr(handler, "transports", {}).get(flow.client_conn)
-    transport = getattr(getattr(io, "writer", None), "transport", None)
-    try:
-        return transport is not None and transport.get_write_buffer_size() > 0
-    except Exception:  # another transport type: assume the upstream is the one to watch
-        return False
-
-
-def close_upstream(flow: http.HTTPFlow) -> bool:
-    """Close the server side of a flow's connection (found the way addons.core.mitm finds readers)."""
-    proxyserver = ctx.master.addons.get("proxyserver")
-    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
-    io = getattr(handler, "transports", {}).get(flow.server_conn)
-    writer = getattr(io, "writer", None)
-    if writer is None:
-        return False
-    writer.transport.abort()
-    return True
 
 
 def link_with_ns(link: str, ns: str) -> str:
@@ -257,9 +242,22 @@ class Pull(ProxyPlugin):
         host = urlsplit(target).netloc
         ctx.note("pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
 
-    def watch(self, flow: http.HTTPFlow) -> "Activity":
-        """Stream the body, noting when each chunk passes so a stalled upstream can be cut off."""
-        activity = Activity()
+    def watch(self, flow: http.HTTPFlow, ctx: RequestContext | None = None) -> "Activity":
+        """Stream the body, counting it and noting when each chunk passes, so a stalled upstream
+        can be cut off and the flow tells how many bytes passed, how fast and from where."""
+        if ctx is not None and ctx.forward is not None:
+            ctx.streamed = Streamed(started=time.monotonic(),
+                                    source="storage" if ctx.forward.redirected else "registry")
+
+            def done() -> None:
+                assert ctx.streamed is not None
+                ctx.note("pull", f"streamed {ctx.streamed.bytes} B ({size_text(ctx.streamed.bytes)}) in "
+                                 f"{ctx.streamed.seconds:.3f} s from {ctx.streamed.source}")
+                ctx.publish(flow)
+
+            activity = Activity(ctx.streamed, done)
+        else:
+            activity = Activity()
         self._watched[flow] = activity
         if self._watchdog is None or self._watchdog.done():
             try:
@@ -282,7 +280,7 @@ class Pull(ProxyPlugin):
             for flow, activity in list(self._watched.items()):
                 if activity.done or not flow.live:
                     self._watched.pop(flow, None)
-                elif now - activity.last > limit and client_backlogged(flow):
+                elif now - activity.last > limit and mitm.client_has_unsent_bytes(flow):
                     activity.last = now  # the client is slow, not the upstream (backpressure)
                 elif now - activity.last > limit:
                     self._watched.pop(flow, None)
@@ -291,7 +289,7 @@ class Pull(ProxyPlugin):
                         ctx.stalled = True
                         ctx.note("pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
                         ctx.publish(flow)
-                    close_upstream(flow)
+                    mitm.abort_server_connection(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = self.context(flow)
@@ -300,7 +298,7 @@ class Pull(ProxyPlugin):
         scrub(flow)
         resp = flow.response
         self.state.counters["blobs_streamed"] += 1
-        resp.stream = self.watch(flow)
+        resp.stream = self.watch(flow, ctx)
         ctx.upstream_status = resp.status_code
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.
@@ -321,6 +319,16 @@ class Pull(ProxyPlugin):
         ctx = self.context(flow)
         if ctx is not None and ctx.forward is not None:
             logger.debug("GET %s -> %d streamed", ctx.reference, flow.response.status_code if flow.response else 0)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        """A stream cut short: the flow says how far it got."""
+        ctx = self.context(flow)
+        if ctx is None or ctx.streamed is None or ctx.streamed.ended:
+            return
+        ctx.streamed.ended = time.monotonic()
+        ctx.streamed.cut = True
+        ctx.note("pull", f"stream cut after {ctx.streamed.bytes} B: {flow.error.msg if flow.error else 'error'}")
+        ctx.publish(flow)
 
 
 class TokenScrub:
@@ -344,9 +352,5 @@ class TokenScrub:
         self.responseheaders(flow)
 
     def done(self) -> None:
-        from mitmproxy import ctx
-
-        save = ctx.master.addons.get("save")
-        for flow in list(getattr(save, "active_flows", ())):
-            if isinstance(flow, http.HTTPFlow):
-                self.responseheaders(flow)
+        for flow in mitm.flows_the_writer_holds(ctx.master):
+            self.responseheaders(flow)

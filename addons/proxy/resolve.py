@@ -55,11 +55,7 @@ def manifest_response(method: str, manifest: Manifest) -> http.Response:
         oci.CONTENT_DIGEST_HEADER: manifest.digest,
         oci.API_VERSION_HEADER: oci.API_VERSION,
     }
-    if method == "HEAD":
-        resp = http.Response.make(200, b"", headers)
-        resp.headers["Content-Length"] = str(manifest.size)
-        return resp
-    return http.Response.make(200, manifest.body, headers)
+    return oci.make_response(200, manifest.body, headers, method)
 
 
 def read_manifest(resp: requests.Response, reference: str, what: str) -> Manifest:

@@ -7,11 +7,12 @@ answer what no route serves; the route steps carry which methods they accept.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from typing import Any, ClassVar
 
 from mitmproxy import http
 
-from addons.proxy.context import RequestContext
+from addons.proxy.context import RequestContext, show_served_from
 from addons.proxy.plugin import ProxyPlugin, run_steps
 from addons.proxy.state import MirrorState
 from addons.runmd.plugin import split_list
@@ -27,6 +28,7 @@ def deliver(flow: http.HTTPFlow, ctx: RequestContext) -> None:
             flow.request.headers["Authorization"] = ctx.forward.authorization
     elif ctx.answer is not None:
         flow.response = ctx.answer
+        show_served_from(flow, ctx.upstream_url())
     ctx.publish(flow)
 
 
@@ -39,10 +41,15 @@ class Route(ProxyPlugin):
         #: The steps indented under this route, in runmd order (set by addons.chain).
         self.steps: list[ProxyPlugin] = []
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """The route's steps, for its own flows only (a plain call for the others: every
+        route sees every request, and mitmproxy awaits only what is awaitable)."""
         ctx = self.claims(flow)
         if ctx is None:
-            return
+            return None
+        return self._serve(flow, ctx)
+
+    async def _serve(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:
         try:
             await run_steps(ctx, self.steps, self.state)
         finally:

@@ -148,6 +148,23 @@ def _wrong_tenant(result: Mapping[str, Any]) -> bool:
     return any(c in _WRONG_TENANT_CODES for c in codes if isinstance(c, int)) or result.get("error") == "invalid_tenant"
 
 
+def _msal_failure(failure: Exception | Mapping[str, Any], who: str, host: str, tenant: str) -> LoginError:
+    """
+    One line for what an MSAL sign-in raised (a network or authority error) or answered instead
+    of a token; `who` names the identity that signed in. Never carries a secret: AAD's own
+    `error_description` names codes, not credentials.
+    """
+    if isinstance(failure, requests.RequestException):
+        return LoginError(f"{who}: cannot reach {host} ({type(failure).__name__})")
+    if isinstance(failure, Exception):
+        if "authority" in str(failure).lower() or "tenant" in str(failure).lower():
+            return LoginError(f"wrong tenant: {host} does not know tenant '{tenant}' ({who})")
+        return LoginError(f"{who}: {_first_line(failure)}")
+    if _wrong_tenant(failure):
+        return LoginError(f"wrong tenant: {who} is not in tenant '{tenant}': {_aad_error(failure)}")
+    return LoginError(f"{who}: AAD refused: {_aad_error(failure)}")
+
+
 class _Session(requests.Session):
     """MSAL's HTTP client with a timeout on every request (MSAL sets none of its own)."""
 
@@ -399,18 +416,10 @@ class AadClient:
                 )
                 self._apps[key] = app
             result = app.acquire_token_for_client(scopes=[self.scope])
-        except LoginError:
-            raise
-        except requests.RequestException as e:
-            raise LoginError(f"{who}: cannot reach {host} ({type(e).__name__})") from None
-        except ValueError as e:
-            if "authority" in str(e).lower() or "tenant" in str(e).lower():
-                raise LoginError(f"wrong tenant: {host} does not know tenant '{sp.tenant}' ({who})") from None
-            raise LoginError(f"{who}: {_first_line(e)}") from None
+        except (requests.RequestException, ValueError) as e:
+            raise _msal_failure(e, who, host, sp.tenant) from None
         if "access_token" not in result:
-            if _wrong_tenant(result):
-                raise LoginError(f"wrong tenant: {who} is not in tenant '{sp.tenant}': {_aad_error(result)}")
-            raise LoginError(f"{who}: AAD refused: {_aad_error(result)}")
+            raise _msal_failure(result, who, host, sp.tenant)
         return self._token(result, f"service principal {sp.client_id}", sp.tenant)
 
     # -- AKS ------------------------------------------------------------------------
@@ -537,18 +546,10 @@ class AadClient:
                 raise LoginError(f"device code: AAD refused to start a sign-in: {_aad_error(flow)}")
             self.prompt(flow.get("message") or f"open {flow.get('verification_uri')} and enter {flow['user_code']}")
             result = app.acquire_token_by_device_flow(flow)
-        except LoginError:
-            raise
-        except requests.RequestException as e:
-            raise LoginError(f"device code: cannot reach {host} ({type(e).__name__})") from None
-        except ValueError as e:
-            if "authority" in str(e).lower() or "tenant" in str(e).lower():
-                raise LoginError(f"wrong tenant: {host} does not know tenant '{tenant}'") from None
-            raise LoginError(f"device code: {_first_line(e)}") from None
+        except (requests.RequestException, ValueError) as e:
+            raise _msal_failure(e, "device code sign-in", host, tenant) from None
         if "access_token" not in result:
-            if _wrong_tenant(result):
-                raise LoginError(f"wrong tenant: {_aad_error(result)}")
-            raise LoginError(f"device code sign-in failed: {_aad_error(result)}")
+            raise _msal_failure(result, "device code sign-in", host, tenant)
         who = (result.get("id_token_claims") or {}).get("preferred_username") or "a person"
         return self._token(result, f"device code sign-in ({who})", tenant if tenant not in ("organizations", "common") else None)
 

@@ -9,8 +9,6 @@ so that the plugins agree on them and each can be tested without a proxy.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import hashlib
 import ipaddress
 import json
 import logging
@@ -113,86 +111,23 @@ def is_digest(reference: str) -> bool:
     return ":" in reference
 
 
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+# --- responses ---------------------------------------------------------------
 
 
-class DigestVerifier:
+def make_response(status: int, body: bytes, headers: Mapping[str, str], method: str = "GET") -> http.Response:
     """
-    Hashes a body chunk by chunk, so that a streamed blob can be checked
-    against the digest it was asked for without holding it in memory.
+    `http.Response.make`, right for HEAD too: mitmproxy 11.0.2 writes a made response's
+    body to the socket even for HEAD, so a HEAD answer gets an empty body and the
+    Content-Length of the body a GET would get (set after `make`, which counts the body).
     """
-
-    def __init__(self, digest: str) -> None:
-        if not valid_digest(digest):
-            raise ValueError("invalid digest")
-        algorithm = digest.split(":", 1)[0]
-        if algorithm not in _ENCODED_RE:
-            raise ValueError(f"unsupported digest algorithm: {algorithm}")
-        self.digest = digest
-        self.size = 0
-        self._hash = hashlib.new(algorithm)
-
-    def update(self, chunk: bytes) -> None:
-        self._hash.update(chunk)
-        self.size += len(chunk)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-    def verify(self) -> bool:
-        """True when everything fed so far hashes to the expected digest."""
-        return self.digest == f"{self._hash.name}:{self._hash.hexdigest()}"
+    if method.upper() != "HEAD":
+        return http.Response.make(status, body, dict(headers))
+    response = http.Response.make(status, b"", dict(headers))
+    response.headers["Content-Length"] = str(len(body))
+    return response
 
 
 # --- OCI error bodies --------------------------------------------------------
-
-
-class ErrorCode(enum.StrEnum):
-    BLOB_UNKNOWN = "BLOB_UNKNOWN"
-    BLOB_UPLOAD_INVALID = "BLOB_UPLOAD_INVALID"
-    BLOB_UPLOAD_UNKNOWN = "BLOB_UPLOAD_UNKNOWN"
-    DIGEST_INVALID = "DIGEST_INVALID"
-    MANIFEST_BLOB_UNKNOWN = "MANIFEST_BLOB_UNKNOWN"
-    MANIFEST_INVALID = "MANIFEST_INVALID"
-    MANIFEST_UNKNOWN = "MANIFEST_UNKNOWN"
-    NAME_INVALID = "NAME_INVALID"
-    NAME_UNKNOWN = "NAME_UNKNOWN"
-    SIZE_INVALID = "SIZE_INVALID"
-    UNAUTHORIZED = "UNAUTHORIZED"
-    DENIED = "DENIED"
-    UNSUPPORTED = "UNSUPPORTED"
-    TOOMANYREQUESTS = "TOOMANYREQUESTS"
-    # Ours: the mirror could not get an answer from upstream (or its token endpoint).
-    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
-    UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
-
-
-@dataclasses.dataclass(frozen=True)
-class ErrorInfo:
-    status: int
-    message: str
-
-
-# The spec's codes with the status a registry usually answers them with.
-ERROR_CODES: Mapping[str, ErrorInfo] = {
-    ErrorCode.BLOB_UNKNOWN: ErrorInfo(404, "blob unknown to registry"),
-    ErrorCode.BLOB_UPLOAD_INVALID: ErrorInfo(400, "blob upload invalid"),
-    ErrorCode.BLOB_UPLOAD_UNKNOWN: ErrorInfo(404, "blob upload unknown to registry"),
-    ErrorCode.DIGEST_INVALID: ErrorInfo(400, "provided digest did not match uploaded content"),
-    ErrorCode.MANIFEST_BLOB_UNKNOWN: ErrorInfo(404, "manifest references a manifest or blob unknown to registry"),
-    ErrorCode.MANIFEST_INVALID: ErrorInfo(400, "manifest invalid"),
-    ErrorCode.MANIFEST_UNKNOWN: ErrorInfo(404, "manifest unknown to registry"),
-    ErrorCode.NAME_INVALID: ErrorInfo(400, "invalid repository name"),
-    ErrorCode.NAME_UNKNOWN: ErrorInfo(404, "repository name not known to registry"),
-    ErrorCode.SIZE_INVALID: ErrorInfo(400, "provided length did not match content length"),
-    ErrorCode.UNAUTHORIZED: ErrorInfo(401, "authentication required"),
-    ErrorCode.DENIED: ErrorInfo(403, "requested access to the resource is denied"),
-    ErrorCode.UNSUPPORTED: ErrorInfo(405, "the operation is unsupported"),
-    ErrorCode.TOOMANYREQUESTS: ErrorInfo(429, "too many requests"),
-    ErrorCode.UPSTREAM_UNAVAILABLE: ErrorInfo(502, "upstream registry unavailable"),
-    ErrorCode.UPSTREAM_TIMEOUT: ErrorInfo(504, "upstream registry timed out"),
-}
 
 
 def error_body(code: str, message: str, detail: Any = None) -> bytes:
@@ -212,21 +147,13 @@ def error_response(
     *,
     headers: Mapping[str, str] | None = None,
 ) -> http.Response:
-    """
-    An OCI error response. For HEAD the body is left out but Content-Length still
-    tells its length, because mitmproxy 11.0.2 would write a body even for HEAD.
-    """
-    body = error_body(code, message, detail)
+    """An OCI error response (for HEAD without its body, see `make_response`)."""
     all_headers = {
         "Content-Type": "application/json",
         API_VERSION_HEADER: API_VERSION,
         **(headers or {}),
     }
-    if method.upper() != "HEAD":
-        return http.Response.make(status, body, all_headers)
-    response = http.Response.make(status, b"", all_headers)
-    response.headers["Content-Length"] = str(len(body))
-    return response
+    return make_response(status, error_body(code, message, detail), all_headers, method)
 
 
 # --- upstream registries -----------------------------------------------------
@@ -462,6 +389,12 @@ def _str_map(value: Any, field: str) -> dict[str, str]:
     return dict(value)
 
 
+def _str_list(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{field}: expected a list of strings")
+    return value
+
+
 def _opt_str(data: Mapping[str, Any], key: str, field: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
@@ -486,10 +419,8 @@ class Platform:
         if not isinstance(architecture, str) or not isinstance(os_, str):
             raise ValueError("platform: architecture and os must be strings")
         features = data.get("os.features")
-        if features is not None and not (
-            isinstance(features, list) and all(isinstance(f, str) for f in features)
-        ):
-            raise ValueError("platform.os.features: expected a list of strings")
+        if features is not None:
+            features = _str_list(features, "platform.os.features")
         return cls(
             architecture=architecture,
             os=os_,
@@ -497,16 +428,6 @@ class Platform:
             os_version=_opt_str(data, "os.version", "platform.os.version"),
             os_features=tuple(features) if features is not None else None,
         )
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"architecture": self.architecture, "os": self.os}
-        if self.os_version is not None:
-            out["os.version"] = self.os_version
-        if self.os_features is not None:
-            out["os.features"] = list(self.os_features)
-        if self.variant is not None:
-            out["variant"] = self.variant
-        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,10 +462,8 @@ class Descriptor:
             annotations = _str_map(annotations, "descriptor.annotations")
         platform = data.get("platform")
         urls = data.get("urls")
-        if urls is not None and not (
-            isinstance(urls, list) and all(isinstance(u, str) for u in urls)
-        ):
-            raise ValueError("descriptor.urls: expected a list of strings")
+        if urls is not None:
+            urls = _str_list(urls, "descriptor.urls")
         return cls(
             media_type=media_type,
             digest=digest,
@@ -555,24 +474,6 @@ class Descriptor:
             urls=tuple(urls) if urls is not None else None,
             data=_opt_str(data, "data", "descriptor.data"),
         )
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mediaType": self.media_type,
-            "digest": self.digest,
-            "size": self.size,
-        }
-        if self.urls is not None:
-            out["urls"] = list(self.urls)
-        if self.annotations is not None:
-            out["annotations"] = dict(self.annotations)
-        if self.data is not None:
-            out["data"] = self.data
-        if self.platform is not None:
-            out["platform"] = self.platform.to_json()
-        if self.artifact_type is not None:
-            out["artifactType"] = self.artifact_type
-        return out
 
 
 # --- scopes ------------------------------------------------------------------

@@ -30,7 +30,7 @@ from addons.registry import oci
 from addons.teleport.discover import DiscoverError
 from addons.registry.oci import Descriptor, Manifest, Platform
 from addons.proxy.plugin import ProxyPlugin
-from addons.proxy.context import NeedsIO, RequestContext, TeleportDecision
+from addons.proxy.context import ROCKET, NeedsIO, RequestContext, TeleportDecision
 from addons.proxy.resolve import fetch_manifest, manifest_response
 from addons.proxy.upstream import UpstreamError
 from addons.runmd.plugin import split_list
@@ -43,6 +43,8 @@ STREAMING = "application/vnd.azure.artifact.streaming.v1"
 STREAMING_LINK = "application/vnd.azure.artifact.streaming.link.v1"
 OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
 DADI = "dadi.image.v1"
+#: Streamable digests remembered with the tag they were served for (their follow-up GET names it).
+MAX_TARGETS_KEPT = 1024
 #: Seed-era artifact manifests (ORAS, then the OCI 1.1 release candidates): a `dadi.image.v1`
 #: referrer of this kind lists the converted image manifest among its `blobs`.
 ARTIFACT_MANIFESTS = ("application/vnd.cncf.oras.artifact.manifest.v1+json", "application/vnd.oci.artifact.manifest.v1+json")
@@ -356,6 +358,8 @@ class Teleport(ProxyPlugin):
         assert ctx.manifest is not None
         original = ctx.manifest.digest
         if oci.is_digest(ctx.reference):
+            # A teleport's follow-up GET: the client fetches the streamable manifest it was served.
+            ctx.teleport_target_of = self.state.service("teleport_targets", dict).get(ctx.reference)
             self._record(ctx, "digest-pinned", "pulled by digest: served as asked")
             return True
         mode = self.mode
@@ -386,8 +390,12 @@ class Teleport(ProxyPlugin):
         ctx.teleport = TeleportDecision(original, streamable, fmt, choice.referrer.artifact_type)
         self.state.counters["teleports"] += 1
         self.state.counters["teleport:teleported"] += 1
-        ctx.marked = ":rocket:"
-        ctx.comment = f"teleport {original[:19]}… → {streamable.digest[:19]}… ({fmt})"
+        ctx.marked = ROCKET
+        targets = self.state.service("teleport_targets", dict)
+        targets.pop(streamable.digest, None)
+        targets[streamable.digest] = f"{ctx.name}:{ctx.reference}"
+        while len(targets) > MAX_TARGETS_KEPT:
+            targets.pop(next(iter(targets)))
         ctx.note("teleport", f"{original} -> {streamable.digest} ({fmt}, {choice.referrer.artifact_type})")
         logger.debug("teleport %s:%s %s -> %s (%s)", ctx.name, ctx.reference, original, streamable.digest, fmt)
         return True
@@ -396,7 +404,4 @@ class Teleport(ProxyPlugin):
         assert ctx.manifest is not None
         ctx.teleport = TeleportDecision(ctx.manifest.digest, skipped=reason, message=message)
         self.state.counters[f"teleport:{reason}"] += 1
-        if ctx.comment and reason != "digest-pinned":
-            # What the node lacks is the one thing an operator must act on: say it where they look.
-            ctx.comment += f" · no teleport: {reason}" + (f" ({message})" if reason == "snapshotter" else "")
         ctx.note("teleport", f"not teleported: {reason}: {message}")

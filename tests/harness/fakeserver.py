@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
-from tests.harness.ports import LOOPBACK
+from tests.harness.ports import LOOPBACK, direct_session
 
 
 @dataclass
@@ -149,3 +149,30 @@ class Fake:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+#: Hop-by-hop headers and those a relay sets itself.
+_HOP = {"host", "connection", "keep-alive", "transfer-encoding", "content-length", "accept-encoding"}
+
+
+def relay(h: _Handler, seen: Seen, upstream: str, drop_auth: bool = False) -> None:
+    """Pass a request to `upstream` and stream its answer back (a fake server that fronts a real one)."""
+    headers = {k: v for k, v in seen.headers.items() if k not in _HOP and not (drop_auth and k == "authorization")}
+    with direct_session() as s, s.request(seen.method, upstream + seen.path, headers=headers, allow_redirects=False,
+                                          stream=True, timeout=30) as r:
+        h.send_response(r.status_code)
+        for k, v in r.headers.items():
+            if k.lower() not in _HOP:
+                h.send_header(k, v)
+        length = r.headers.get("Content-Length")
+        if length is None and seen.method != "HEAD":
+            data = r.content
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data)
+            return
+        h.send_header("Content-Length", length or "0")
+        h.end_headers()
+        if seen.method != "HEAD":
+            for chunk in r.iter_content(256 * 1024):
+                h.wfile.write(chunk)

@@ -92,6 +92,11 @@ def host_platform() -> Platform:
     return out
 
 
+def other_platform() -> str:
+    """A platform that is not this machine's, as `os/arch[/variant]`."""
+    return "linux/arm64/v8" if host_platform()["architecture"] == "amd64" else "linux/amd64"
+
+
 def referrers_tag(digest: str) -> str:
     """The OCI 1.1 referrers tag schema: ``sha256:abc`` -> ``sha256-abc``."""
     algo, _, hexpart = digest.partition(":")

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import requests
 
-from tests.harness.ports import free_port, wait_port
+from tests.harness.ports import direct_session, free_port, wait_port
 from tests.harness.procs import descendants, kill_group
 
 ACR = str(Path(sys.executable).with_name("acr"))
@@ -127,14 +127,10 @@ class Mirror:
             return ""
 
     def get(self, path: str, **kwargs) -> requests.Response:
-        s = requests.Session()
-        s.trust_env = False
-        return s.get(self.url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
+        return direct_session().get(self.url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
 
     def head(self, path: str, **kwargs) -> requests.Response:
-        s = requests.Session()
-        s.trust_env = False
-        return s.head(self.url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
+        return direct_session().head(self.url + path, timeout=kwargs.pop("timeout", 30), **kwargs)
 
     def __enter__(self) -> "Mirror":
         return self

@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import time
 
+import requests
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -56,3 +58,10 @@ class ClosedPort:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def direct_session() -> requests.Session:
+    """A requests session that ignores proxy settings from the environment: tests talk to loopback."""
+    s = requests.Session()
+    s.trust_env = False
+    return s

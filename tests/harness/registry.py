@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 import requests
 
-from .ports import LOOPBACK, free_port
+from .ports import LOOPBACK, direct_session, free_port
 from .procs import kill_group
 from .tokenserver import TokenServer
 
@@ -131,8 +131,7 @@ class Registry:
     def _wait_ready(self, timeout: float) -> None:
         """Return once ``/v2/`` answers (200, or 401 when auth is on), or fail with the log."""
         deadline = time.monotonic() + timeout
-        with requests.Session() as s:
-            s.trust_env = False
+        with direct_session() as s:
             while time.monotonic() < deadline:
                 assert self.proc is not None
                 if self.proc.poll() is not None:

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import requests
 
-from .ports import free_port, wait_port
+from .ports import direct_session, free_port, wait_port
 from .procs import kill_group
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,8 +65,7 @@ def http_pull(mirror_url: str, ns: Optional[str], repo: str, ref: str, platform:
               timeout: float = 30.0) -> PullResult:
     """containerd's requests for a pull, against a mirror (see the module docstring)."""
     out = PullResult()
-    s = requests.Session()
-    s.trust_env = False
+    s = direct_session()
     query = {"ns": ns} if ns else {}
 
     def get(method: str, path: str, accept: Optional[str] = None) -> requests.Response:
