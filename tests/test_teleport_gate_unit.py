@@ -34,8 +34,10 @@ from addons.teleport.gate import Gate, node_missing
 from addons.teleport.teleport import STREAMING, TeleportConfig, Teleport, overlaybd_layers_missing
 from tests.harness.mirror import ACR
 from tests.harness.overlaybd import StreamingNode
-from tests.test_teleport_unit import (RUNMD, FakeUpstream, Registry, _call, install, make_flow, manifest,
-                                      mirror_of, overlaybd_layer, streamable_manifest)
+from addons.core.offline import AnswerAdapter, run_hooks_now
+from tests.harness.inprocess import install
+from tests.test_teleport_unit import (RUNMD, Registry, make_flow, manifest, mirror_of, overlaybd_layer,
+                                      streamable_manifest)
 
 AUTO = RUNMD.replace(".teleport   overlaybd, always", ".teleport   overlaybd")
 OVERLAYFS_CONFIG = """\
@@ -154,7 +156,7 @@ def test_the_gate_checks_at_most_every_30_seconds_off_the_loop_and_logs_a_change
 # --- through the chain ---------------------------------------------------------------------------
 
 
-def teleport_world(text: str, tmp_path: Path) -> tuple[Registry, AcrMirror, FakeUpstream, str, str]:
+def teleport_world(text: str, tmp_path: Path) -> tuple[Registry, AcrMirror, AnswerAdapter, str, str]:
     reg = Registry(("oci",))
     mirror = mirror_of(text)
     mirror.state.home = tmp_path  # type: ignore[union-attr]
@@ -170,9 +172,7 @@ def pull_with(mirror: AcrMirror, ref: str = "v1", method: str = "HEAD", **option
     flow = make_flow(f"/v2/app/manifests/{ref}?ns=127.0.0.1%3A5000", method)
     with taddons.context(mirror) as tctx:
         tctx.configure(mirror, acr_platform="linux/amd64", **options)
-        for hook in ("requestheaders", "request", "response"):
-            for addon in mirror.addons:
-                _call(addon, hook, flow)
+        run_hooks_now(mirror.addons, flow, ("requestheaders", "request", "response"))
     return flow
 
 
