@@ -320,6 +320,23 @@ def cmd_containerd_configure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_overlaybd_configure(args: argparse.Namespace) -> int:
+    """Point overlaybd's credential lookup at this mirror's `/auth` (the runmd's `+ .proxy`)."""
+    from addons.node import containerd_config, overlaybd_config
+
+    url = overlaybd_config.auth_url(load(args.runmd))
+    if url is None:
+        raise CliError(f"{args.runmd}: no '+ .proxy ADDR' block: no /auth for overlaybd to ask", EXIT_USAGE)
+    path = Path(args.config)
+    try:
+        edit, backup = overlaybd_config.configure(path, url, dry_run=args.dry_run)
+    except containerd_config.ConfigError as e:
+        raise CliError(str(e)) from None
+    for line in overlaybd_config.report(path, edit, backup, args.dry_run):
+        print(line)
+    return 0
+
+
 async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
     """Run mitmproxy in-process with the runmd's chain until SIGINT or SIGTERM."""
     from mitmproxy import options
@@ -512,6 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     configure.add_argument("--snapshotter", choices=("overlaybd",), help="also declare this snapshotter and make it CRI's")
     configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     configure.set_defaults(func=cmd_containerd_configure)
+
+    overlaybd = sub.add_parser("overlaybd", help="overlaybd's own configuration (what streams teleported images)")
+    overlaybd_sub = overlaybd.add_subparsers(dest="overlaybd_command", metavar="COMMAND", required=True)
+    obd_configure = overlaybd_sub.add_parser(
+        "configure", help="make overlaybd ask this mirror's /auth for registry credentials (edits overlaybd.json, keeps a backup)"
+    )
+    obd_configure.add_argument("--config", default="/etc/overlaybd/overlaybd.json", help="default: /etc/overlaybd/overlaybd.json")
+    obd_configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    obd_configure.set_defaults(func=cmd_overlaybd_configure)
 
     # containerd's hosts.toml files the runmd asks for
     hosts = sub.add_parser("hosts", help="show, install or remove the hosts.toml files for containerd")

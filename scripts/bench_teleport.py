@@ -30,6 +30,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.harness.overlaybd import StreamingNode  # noqa: E402
 from tests.harness.images import (OCI_MANIFEST, make_image, push_image,  # noqa: E402
                                   push_referrer)
 from tests.harness.mirror import Mirror  # noqa: E402
@@ -55,7 +56,7 @@ RUNMD = """\
 ```
 """
 TELEPORT = f""":   .discover     {STREAMING}
-:   .teleport     overlaybd
+:   .teleport     overlaybd, always
 """
 
 
@@ -100,11 +101,14 @@ def main() -> int:
     parser.add_argument("--api", choices=("oci", "none"), default="oci",
                         help="the registry's referrers API: oci (1.1 API) or none (tag schema)")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument("--mode", choices=("always", "auto"), default="always",
+                        help="teleport's mode; auto checks a node that streams (a config.toml declaring "
+                             "overlaybd and a listening socket standing in for its snapshotter)")
     args = parser.parse_args()
 
     s = requests.Session()
     s.trust_env = False
-    with tempfile.TemporaryDirectory(prefix="bench-teleport-") as tmp, \
+    with tempfile.TemporaryDirectory(prefix="bench-teleport-") as tmp, StreamingNode() as node, \
             Registry("anonymous", workdir=Path(tmp) / "registry") as reg, \
             ReferrersFront(reg.url, mode=args.api) as front:
         name = "bench/teleport"
@@ -113,17 +117,18 @@ def main() -> int:
             image = make_image({"f": f"original {tag}".encode()})
             push_image(reg, name, tag, image)
             if tag != "plain":
-                fast = make_image({"f": f"streamable {tag}".encode()})
+                fast = make_image({"f": f"streamable {tag}".encode()}, overlaybd=True)
                 push_referrer(reg, name, image, STREAMING, {"streaming.format": "overlaybd"},
                               config=fast.config, layers=list(fast.layers))
             tags[tag] = image.digest
 
         mirrors = {}
-        for label, teleport in (("teleport", TELEPORT), ("plain", "")):
+        for label, teleport in (("teleport", TELEPORT.replace("always", args.mode)), ("plain", "")):
             home = Path(tmp) / label
             mirrors[label] = Mirror(home, [front.url],
                                     runmd=RUNMD.replace("{upstream}", front.url).replace("{teleport}", teleport),
-                                    args=["--hosts-dir", str(home / "certs.d")])
+                                    args=["--hosts-dir", str(home / "certs.d")],
+                                    sets=[f"acr_containerd_config={node.config}"] if teleport else [])
         try:
             m = mirrors["teleport"]
             # --- upstream calls per tag pull ---

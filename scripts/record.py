@@ -56,7 +56,6 @@ TAG = "v1"
 PLATFORM = "linux/amd64"
 STREAMING = "application/vnd.azure.artifact.streaming.v1"
 STREAMING_LINK = "application/vnd.azure.artifact.streaming.link.v1"
-BLOB_DIGEST = "containerd.io/snapshot/overlaybd/blob-digest"
 #: Known secrets of the fixture run: the replay tests check that none of them is in a flow file.
 PASSWORD = "lifec-record-password-4f7d1c"
 STORAGE_KEY = b"lifec-record-storage-account-key-9b2e"
@@ -78,7 +77,7 @@ class Recorder:
 
     def start(self) -> "Recorder":
         cmd = [MITMDUMP, "-q", "--set", "connection_strategy=lazy", "-w", str(self.out),
-               "--set", "stream_large_bodies=256k", "-s", str(ROOT / "addons" / "record.py")]
+               "--set", "stream_large_bodies=256k", "-s", str(ROOT / "addons" / "observe" / "record.py")]
         for port, target in self.targets.items():
             cmd += ["--mode", f"reverse:{target}@127.0.0.1:{port}"]
         if self.rehost:
@@ -115,14 +114,9 @@ def leftovers(path: Path, needles: list[str]) -> list[str]:
 
 
 def streamable(text: str, platform: str) -> images.Image:
-    """An ordinary image standing for an overlaybd one (tests/test_teleport.py does the same)."""
-    import dataclasses
-
-    img = images.make_image({"streamable.txt": text.encode()}, platform=platform)
-    layers = tuple(dataclasses.replace(layer, annotations={BLOB_DIGEST: layer.digest}) for layer in img.layers)
-    obj = json.loads(img.manifest)
-    obj["layers"] = [layer.descriptor() for layer in layers]
-    return dataclasses.replace(img, layers=layers, manifest=images.canonical_json(obj))
+    """A streamable copy whose layers are overlaybd blobs, as the converter writes them
+    (tests/harness/images.make_overlaybd_layer)."""
+    return images.make_image({"streamable.txt": text.encode()}, platform=platform, overlaybd=True)
 
 
 def push_fixture(reg: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from addons.teleport.teleport import TeleportConfig
 from addons import catalog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,8 +142,8 @@ def test_init_options_take_effect(tmp_path: Path) -> None:
     assert steps["host"].input == "127.0.0.1:9000, resolve, pull"
     assert [r.input for r in compiled.document.roots("proxy")] == ["127.0.0.1:9000"]
     assert steps["discover"].input == "application/vnd.azure.artifact.streaming.v1, dadi.image.v1"
-    assert steps["teleport"].input == "OverlayBD"
-    assert compiled.config(steps["teleport"]) == "overlaybd"
+    assert steps["teleport"].input == "OverlayBD, auto"
+    assert compiled.config(steps["teleport"]) == TeleportConfig("overlaybd", "auto")
 
 
 def test_init_with_a_teleport_format_the_mirror_rejects_writes_nothing(tmp_path: Path) -> None:

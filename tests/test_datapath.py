@@ -58,7 +58,7 @@ from tests.harness.tokenserver import TokenServer
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}  # docker-registry hides OCI manifests from clients that do not accept them
 UNBUFFERED = {"PYTHONUNBUFFERED": "1"}  # the mirror's log lines reach the file at once
 #: Lines of the mirror's log that are not about one request.
-_STARTUP = re.compile(r"^(INFO|WARNING) |listening at|loaded an ACR refresh token|loaded user |^\s*$")
+_STARTUP = re.compile(r"^(INFO|WARNING) |listening at|loaded an ACR refresh token|loaded user |teleport \((auto|always|never)\): |^\s*$")
 _SUMMARY = re.compile(r"^\[[\d:.]+\] (GET|HEAD) ")
 
 

@@ -130,7 +130,7 @@ def test_rendered_template_for_acr_parses() -> None:
     assert steps["mirror"].input == "example.azurecr.io"
     assert steps["host"].input == "localhost:8578, resolve, pull"
     assert steps["discover"].input == ", ".join(DEFAULT_ARTIFACT_TYPES)
-    assert steps["teleport"].input == "overlaybd"
+    assert steps["teleport"].input == "overlaybd, auto"
     (proxy,) = compiled.document.roots("proxy")
     assert proxy.input == "localhost:8578"
     _check_lines_point_at_their_text(text, compiled)

@@ -2,9 +2,13 @@
 registry, with the OCI 1.1 referrers API (or its absence, or the legacy ORAS endpoint, or a
 broken one) provided by `tests.harness.referrers.ReferrersFront` in front of the registry.
 
-The streamable images are ordinary images (tar layers, an image config), pushed as referrers
-the way each format does it, so containerd's default snapshotter unpacks them: a test proves a
-teleport by the digest containerd's image points at and by the content it fetched.
+The streamable images have the layers overlaybd's converter writes (a plain tar holding
+`overlaybd.commit`, annotated with its digest, size and file system), pushed as referrers the
+way each format does it; containerd's default snapshotter unpacks them (into one blob file): a
+test proves a teleport by the digest containerd's image points at and by the content it fetched.
+The mirror runs `acr init`'s `auto` mode, pointed at a node that streams (`StreamingNode`: a
+config.toml that declares the overlaybd snapshotter, and a listening socket at its address);
+tests/test_teleport_gate.py is about the other nodes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from tests.harness.images import (OCI_INDEX, OCI_MANIFEST, Image, Index, canonic
                                   make_image, make_index, platform_string, push_image, push_index,
                                   push_referrer, referrers_tag, sha256_digest)
 from tests.harness.mirror import ACR, Mirror
+from tests.harness.overlaybd import StreamingNode
 from tests.harness.ports import direct_session
 from tests.harness.referrers import FILTERS_HEADER, ReferrersFront
 from tests.harness.registry import Registry
@@ -37,7 +42,6 @@ OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
 DADI = "dadi.image.v1"
 ORAS_ARTIFACT = "application/vnd.cncf.oras.artifact.manifest.v1+json"
 SBOM = "application/spdx+json"
-BLOB_DIGEST = "containerd.io/snapshot/overlaybd/blob-digest"
 ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, "application/vnd.docker.distribution.manifest.v2+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json", "*/*"))
 
@@ -91,18 +95,9 @@ def runmd(upstream: str, types: str, teleport: bool = True) -> str:
 
 
 def streamable(text: str, platform: str = HOST, oci: bool = True) -> Image:
-    """An ordinary image standing for an overlaybd one: tar layers (so containerd unpacks them)
-    annotated, as overlaybd layers are, with their own digest."""
-    img = make_image({"streamable.txt": text.encode()}, platform=platform, oci=oci)
-    layers = tuple(dataclasses.replace(layer, annotations={BLOB_DIGEST: layer.digest}) for layer in img.layers)
-    return make_image_from(img, layers)
-
-
-def make_image_from(img: Image, layers: tuple[Any, ...]) -> Image:
-    obj = json.loads(img.manifest)
-    obj["layers"] = [layer.descriptor() for layer in layers]
-    body = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
-    return dataclasses.replace(img, layers=layers, manifest=body)
+    """A streamable image as overlaybd's converter writes one: each layer an overlaybd blob
+    (a plain tar holding `overlaybd.commit`) annotated with its digest, size and file system."""
+    return make_image({"streamable.txt": text.encode()}, platform=platform, oci=oci, overlaybd=True)
 
 
 def annotations_for(platform: Optional[str]) -> dict[str, str]:
@@ -140,6 +135,17 @@ PLACEHOLDER_ADDRESS = "127.0.0.1:65535"
 
 
 @pytest.fixture(scope="module")
+def streaming_node() -> Iterator[StreamingNode]:
+    """This module's node streams overlaybd images, as far as the mirror can tell."""
+    with StreamingNode() as node:
+        yield node
+
+
+def node_sets(node: StreamingNode) -> list[str]:
+    return [f"acr_containerd_config={node.config}"]
+
+
+@pytest.fixture(scope="module")
 def init_runmd(tmp_path_factory: pytest.TempPathFactory) -> str:
     """What `acr init` writes (its default artifact types, `.teleport overlaybd`), rendered once
     per module: each mirror then starts from it without another `acr init` process."""
@@ -148,19 +154,19 @@ def init_runmd(tmp_path_factory: pytest.TempPathFactory) -> str:
                     "--mirror-address", PLACEHOLDER_ADDRESS, "--force"], check=True, capture_output=True)
     text = path.read_text()
     assert re.search(rf"^:\s+\.discover\s+{re.escape(f'{STREAMING}, {STREAMING_LINK}, {OVERLAYBD_NATIVE}')}$", text, re.M)
-    assert re.search(r"^:\s+\.teleport\s+overlaybd$", text, re.M)
+    assert re.search(r"^:\s+\.teleport\s+overlaybd, auto$", text, re.M)
     return text.replace(PLACEHOLDER_ADDRESS, "127.0.0.1:{port}")
 
 
 @pytest.fixture
 def start(mirror_factory: Callable[..., Mirror], tmp_hosts_dir: HostsDir, tmp_path: Path,
-          referrers_front: ReferrersFront, init_runmd: str) -> Callable[..., Mirror]:
+          referrers_front: ReferrersFront, init_runmd: str, streaming_node: StreamingNode) -> Callable[..., Mirror]:
     """A mirror of the front, with containerd's hosts.toml for the front pointing at it."""
 
     def make(*, text: Optional[str] = None, sets: tuple[str, ...] = ()) -> Mirror:
         m = mirror_factory(
             referrers_front.url, runmd=text or init_runmd.replace(PLACEHOLDER_UPSTREAM, referrers_front.url),
-            sets=list(sets),
+            sets=[*node_sets(streaming_node), *sets],
             # Keep `.host` away from /etc/containerd/certs.d; unbuffered so the log is current.
             args=["--hosts-dir", str(tmp_path / "runtime-certs.d")],
             env={"PYTHONUNBUFFERED": "1"},
@@ -180,11 +186,13 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def _shared_site(registry: Registry, init_runmd: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def _shared_site(registry: Registry, init_runmd: str, tmp_path_factory: pytest.TempPathFactory,
+                 streaming_node: StreamingNode) -> Iterator[Site]:
     home = tmp_path_factory.mktemp("shared-mirror")
     with ReferrersFront(registry.url) as front:
         m = Mirror(home, [front.url], runmd=init_runmd.replace(PLACEHOLDER_UPSTREAM, front.url),
-                   args=["--hosts-dir", str(home / "runtime-certs.d")], env={"PYTHONUNBUFFERED": "1"})
+                   args=["--hosts-dir", str(home / "runtime-certs.d")], env={"PYTHONUNBUFFERED": "1"},
+                   sets=node_sets(streaming_node))
         try:
             yield Site(front, m)
         finally:
@@ -573,7 +581,7 @@ def test_one_referrers_call_cold_none_warm(
 @pytest.mark.e2e
 def test_teleport_through_a_token_registry(
     containerd: Ctr, token_registry: Registry, token_server: Any, tmp_hosts_dir: HostsDir, repo_name: str,
-    mirror_factory: Callable[..., Mirror], init_runmd: str, tmp_path: Path,
+    mirror_factory: Callable[..., Mirror], init_runmd: str, tmp_path: Path, streaming_node: StreamingNode,
 ) -> None:
     """The referrers lookup and the streamable manifest go upstream with the flow's token."""
     user, password = token_registry.credentials or ("", "")
@@ -584,7 +592,7 @@ def test_teleport_through_a_token_registry(
     with ReferrersFront(token_registry.url, credentials=(user, password)) as front:
         m = mirror_factory(front.url, runmd=init_runmd.replace(PLACEHOLDER_UPSTREAM, front.url),
                            credentials=f"{user}:{password}", args=["--hosts-dir", str(tmp_path / "rt")],
-                           env={"PYTHONUNBUFFERED": "1"})
+                           env={"PYTHONUNBUFFERED": "1"}, sets=node_sets(streaming_node))
         tmp_hosts_dir.write(front.host, m.url)
         assert pull(containerd, tmp_hosts_dir, f"{front.host}/{repo_name}:v1") == target
         (call,) = front.seen("oci")

@@ -568,10 +568,10 @@ RUNMD = """\
 : .manifests    head, get
 :   .resolve    application/vnd.oci.image.index.v1+json
 :   .discover   {types}
-:   .teleport   overlaybd
+:   .teleport   overlaybd, always
 ```
 """
-NO_TELEPORT = RUNMD.replace(":   .teleport   overlaybd\n", "")
+NO_TELEPORT = RUNMD.replace(":   .teleport   overlaybd, always\n", "")
 ALL_TYPES = f"{STREAMING}, {STREAMING_LINK}, {OVERLAYBD_NATIVE}, {DADI}"
 
 
@@ -579,8 +579,23 @@ def manifest(files: str, arch: str = "amd64", **extra: Any) -> bytes:
     config = json.dumps({"architecture": arch, "os": "linux", "files": files}).encode()
     obj = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
            "config": {"mediaType": oci.OCI_CONFIG, "digest": sha(config), "size": len(config)},
-           "layers": [], **extra}
+           **{"layers": [], **extra}}
     return json.dumps(obj, sort_keys=True).encode()
+
+
+def overlaybd_layer(seed: str) -> dict[str, Any]:
+    """A layer descriptor as overlaybd's converter writes it: a plain tar holding the blob,
+    annotated with its own digest and size (and the file system inside)."""
+    data = f"overlaybd.commit {seed}".encode()
+    return {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(data), "size": len(data),
+            "annotations": {"containerd.io/snapshot/overlaybd/blob-digest": sha(data),
+                            "containerd.io/snapshot/overlaybd/blob-size": str(len(data)),
+                            "containerd.io/snapshot/overlaybd/blob-fs-type": "ext4"}}
+
+
+def streamable_manifest(files: str, arch: str = "amd64", **extra: Any) -> bytes:
+    """An image manifest whose layers are overlaybd blobs."""
+    return manifest(files, arch, **{"layers": [overlaybd_layer(files)], **extra})
 
 
 def mirror_of(text: str = RUNMD, types: str = ALL_TYPES, platform: str = "linux/amd64") -> AcrMirror:
@@ -623,7 +638,7 @@ def world(tmp_path: Path) -> tuple[Registry, AcrMirror, AnswerAdapter]:
 def test_tag_is_teleported_and_head_get_agree(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, adapter = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    body = manifest("streamable", artifactType=STREAMING)
+    body = streamable_manifest("streamable", artifactType=STREAMING)
     target = reg.put(body, oci.OCI_MANIFEST)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(body),
                                    {"streaming.format": "overlaybd"}, STREAMING))
@@ -649,7 +664,7 @@ def test_tag_is_teleported_and_head_get_agree(world: tuple[Registry, AcrMirror, 
 def test_link_referrer_teleports_to_the_linked_manifest(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    body = manifest("streamable")
+    body = streamable_manifest("streamable")
     target = reg.put(body, oci.OCI_MANIFEST)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, dg(99), 10, {
         "streaming.mediaType": oci.OCI_MANIFEST, "streaming.digest": target,
@@ -662,7 +677,7 @@ def test_link_referrer_teleports_to_the_linked_manifest(world: tuple[Registry, A
 def test_digest_pinned_is_served_as_asked(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
     reg, mirror, adapter = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    target = reg.put(manifest("streamable"), oci.OCI_MANIFEST)
+    target = reg.put(streamable_manifest("streamable"), oci.OCI_MANIFEST)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(reg.manifests[target][1]), None, STREAMING))
     f = pull(mirror, original, "GET")
     assert f.response.headers["Docker-Content-Digest"] == original
@@ -691,7 +706,7 @@ def test_format_and_platform_reasons(world: tuple[Registry, AcrMirror, AnswerAda
                                      annotations: dict[str, str], reason: str) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    target = reg.put(manifest("streamable"), oci.OCI_MANIFEST)
+    target = reg.put(streamable_manifest("streamable"), oci.OCI_MANIFEST)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(reg.manifests[target][1]), annotations, STREAMING))
     f = pull(mirror, "v1", "HEAD")
     assert f.response.headers["Docker-Content-Digest"] == original
@@ -716,7 +731,7 @@ def test_a_referrer_that_lies_about_its_target_is_refused(
         world: tuple[Registry, AcrMirror, AnswerAdapter], lie: str, reason: str) -> None:
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    body = manifest("streamable")
+    body = streamable_manifest("streamable")
     target = reg.put(body, oci.OCI_MANIFEST) if lie == "size" else dg(12345)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(body) + 1, None, STREAMING))
     f = pull(mirror, "v1", "GET")
@@ -760,7 +775,7 @@ def _multiarch(reg: Registry) -> tuple[str, dict[str, str], dict[str, bytes]]:
         entries.append({"mediaType": oci.OCI_MANIFEST, "digest": children[arch], "size": len(body),
                         "platform": {"os": "linux", "architecture": arch}})
     index = reg.put(_index(*entries), oci.OCI_INDEX, tag="v1")
-    streams = {arch: manifest(f"streamable {arch}", arch) for arch in ("arm64", "amd64")}
+    streams = {arch: streamable_manifest(f"streamable {arch}", arch) for arch in ("arm64", "amd64")}
     return index, children, streams
 
 
@@ -811,7 +826,7 @@ def test_without_teleport_step_tags_are_not_teleported(tmp_path: Path) -> None:
     mirror = mirror_of(NO_TELEPORT)
     install(mirror.state, reg)  # type: ignore[arg-type]
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    target = reg.put(manifest("s"), oci.OCI_MANIFEST)
+    target = reg.put(streamable_manifest("s"), oci.OCI_MANIFEST)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(reg.manifests[target][1]), None, STREAMING))
     f = pull(mirror, "v1", "GET")
     assert f.response.headers["Docker-Content-Digest"] == original
@@ -823,7 +838,7 @@ def test_acr_teleports_lists_the_decisions(world: tuple[Registry, AcrMirror, Ans
     reg, mirror, _ = world
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     reg.put(manifest("plain"), oci.OCI_MANIFEST, tag="plain")
-    body = manifest("streamable")
+    body = streamable_manifest("streamable")
     target = reg.put(body, oci.OCI_MANIFEST)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(body), None, STREAMING))
     teleported, plain = pull(mirror, "v1"), pull(mirror, "plain")
@@ -868,7 +883,7 @@ def test_dadi_referrer_of_the_seed(tmp_path: Path, shape: str) -> None:
     mirror = mirror_of(types=DADI)
     install(mirror.state, reg)  # type: ignore[arg-type]
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    body = manifest("streamable")
+    body = streamable_manifest("streamable")
     target = reg.put(body, oci.DOCKER_MANIFEST)
     if shape == "image-manifest":
         reg.refer(original, Descriptor(oci.DOCKER_MANIFEST, target, len(body), None, DADI))
@@ -898,7 +913,7 @@ def test_a_tag_pull_costs_one_thread_hop_and_a_cached_digest_pull_none(
     reg, mirror, _ = world
     assert mirror.state is not None
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
-    body = manifest("streamable")
+    body = streamable_manifest("streamable")
     target = reg.put(body, oci.OCI_MANIFEST)
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(body), None, STREAMING))
     hops = mirror.state.counters

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import tomlkit
 from tomlkit.container import OutOfOrderTableProxy
@@ -100,14 +100,26 @@ class Edit:
         return self.old != self.new
 
     def diff(self, path: str) -> str:
-        return "".join(
-            difflib.unified_diff(
-                (self.old or "").splitlines(keepends=True),
-                self.new.splitlines(keepends=True),
-                fromfile=path if self.old is not None else "/dev/null",
-                tofile=path,
-            )
+        return unified_diff(self.old, self.new, path)
+
+
+class TextEdit(Protocol):
+    """A file's text before (None: no file yet) and after an edit: what `write` needs."""
+
+    old: str | None
+    new: str
+
+
+def unified_diff(old: str | None, new: str, path: str) -> str:
+    """The edit as `diff -u` shows it (a missing file is /dev/null), for `--dry-run`."""
+    return "".join(
+        difflib.unified_diff(
+            (old or "").splitlines(keepends=True),
+            new.splitlines(keepends=True),
+            fromfile=path if old is not None else "/dev/null",
+            tofile=path,
         )
+    )
 
 
 def schema_for(doc: tomlkit.TOMLDocument) -> Schema:
@@ -307,7 +319,7 @@ def backup_path(path: Path) -> Path:
     return path.with_name(path.name + BACKUP_SUFFIX)
 
 
-def write(path: Path, edit: Edit) -> Path | None:
+def write(path: Path, edit: TextEdit) -> Path | None:
     """Keep a backup of the first original (never overwritten), then replace the file
     atomically with the same mode and owner. Returns the backup, if there is one."""
     backup: Path | None = None

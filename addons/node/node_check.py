@@ -17,8 +17,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from addons.node.containerd_config import (DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD_SOCKET, SCHEMAS,
-                                           parse_config_path)
+from addons.node import overlaybd_config
+from addons.node.containerd_config import (DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS,
+                                           Schema, parse_config_path)
 from addons.runmd.runtime import RuntimePlugin
 from addons.runmd.runtime import Runtime
 
@@ -65,25 +66,72 @@ def check_containerd(binary: str = "containerd") -> tuple[Finding, tuple[int, ..
     return Finding(True, f"containerd {text}"), version
 
 
+class Unreadable(Exception):
+    """config.toml exists but cannot be read as containerd would; one line."""
+
+
+def load_config(config: Path) -> dict:
+    """containerd's config.toml as data (FileNotFoundError when there is none)."""
+    try:
+        return tomllib.loads(config.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise Unreadable(f"cannot read {config}: {e}") from None
+
+
+def schema_of(data: dict) -> Schema | None:
+    """The schema of the file's `version` (None for one containerd does not know)."""
+    version = data.get("version", 1)
+    return SCHEMAS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def table(data: dict, path: tuple[str, ...]) -> dict:
+    """The table at `path`, or an empty one."""
+    node: object = data
+    for key in path:
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node if isinstance(node, dict) else {}
+
+
+def streaming_missing(data: dict, schema: Schema) -> tuple[list[str], str | None]:
+    """What this config.toml lacks for CRI to run overlaybd images, and the snapshotter's socket
+    as declared (`[proxy_plugins.overlaybd] address`)."""
+    missing: list[str] = []
+    cri = table(data, schema.snapshotter)
+    where = schema.dotted(schema.snapshotter)
+    snapshotter = cri.get("snapshotter")
+    if snapshotter != OVERLAYBD:
+        missing.append(f"CRI's snapshotter is {snapshotter or 'overlayfs'!r}, not 'overlaybd' ({where})")
+    # containerd 1.x leaves the layer annotations out by default; 2.x passes them.
+    annotations_off = cri.get("disable_snapshot_annotations", schema.version < 3)
+    if annotations_off is not False:
+        missing.append(f"{where}.disable_snapshot_annotations is not false (overlaybd needs the layer annotations)")
+    plugin = table(data, ("proxy_plugins", OVERLAYBD))
+    address = plugin.get("address") if isinstance(plugin.get("address"), str) else None
+    if not plugin:
+        missing.append("no [proxy_plugins.overlaybd] declares the overlaybd snapshotter")
+    elif plugin.get("type") != "snapshot" or not address:
+        missing.append("[proxy_plugins.overlaybd] is not a snapshot plugin with an address")
+        address = None
+    return missing, address
+
+
 def check_config(config: Path, hosts_dir: str, containerd: tuple[int, ...] | None) -> tuple[list[Finding], dict]:
     """Whether CRI's config_path (as this config.toml sets it) includes the mirror's hosts folder."""
     fix = f"run 'acr containerd configure --config {config} --hosts-dir {hosts_dir}'"
     try:
-        data = tomllib.loads(config.read_text(encoding="utf-8"))
+        data = load_config(config)
     except FileNotFoundError:
         if containerd and containerd[0] >= 2 and hosts_dir in DEFAULT_CONFIG_PATH_2X.split(":"):
             return [Finding(True, f"no {config}: containerd 2.x's default config_path includes {hosts_dir}")], {}
         return [Finding(False, f"no {config}: containerd's CRI does not read hosts.toml files: {fix}")], {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        return [Finding(False, f"cannot read {config}: {e}")], {}
-    version = data.get("version", 1)
-    schema = SCHEMAS.get(version) if isinstance(version, int) else None
+    except Unreadable as e:
+        return [Finding(False, str(e))], {}
+    schema = schema_of(data)
     if schema is None:
-        return [Finding(False, f"{config}: unknown config version {version!r}")], data
-    node = data
-    for key in schema.registry:
-        node = node.get(key, {}) if isinstance(node, dict) else {}
-    config_path = node.get("config_path", "") if isinstance(node, dict) else ""
+        return [Finding(False, f"{config}: unknown config version {data.get('version')!r}")], data
+    config_path = table(data, schema.registry).get("config_path", "")
     if not config_path and schema.version >= 3:
         config_path = DEFAULT_CONFIG_PATH_2X
     if not config_path:
@@ -133,18 +181,36 @@ def check_node(
     containerd: str = "containerd",
     overlaybd_socket: Path = Path(OVERLAYBD_SOCKET),
     overlaybd_binaries: tuple[str, ...] = OVERLAYBD_BINARIES,
+    overlaybd_json: Path = overlaybd_config.DEFAULT_CONFIG,
+    auth_url: str | None = None,
 ) -> list[Finding]:
     found, version = check_containerd(containerd)
     findings = [found]
     config_findings, data = check_config(config, hosts_dir, version)
     findings += config_findings
     findings += check_overlaybd(data, overlaybd_socket, overlaybd_binaries)
+    if auth_url is not None:
+        credentials = overlaybd_config.check_credentials(overlaybd_json, auth_url)
+        if credentials is not None:
+            findings.append(Finding(*credentials))
     return findings
 
 
 class NodeCheck(RuntimePlugin):
+    """`.node-check [CONFIG]`, with `: .overlaybd PATH` naming overlaybd's config (default
+    /etc/overlaybd/overlaybd.json), whose credentials must come from this mirror's `/auth`."""
+
     plugin = "node-check"
+    attributes = ("overlaybd",)
     summary = "check containerd, its config_path and overlaybd on this node; warn about what is missing, never fail"
+
+    @classmethod
+    def parse_attribute(cls, name: str, text: str) -> Path:
+        if name == "overlaybd":
+            if not text or len(text.split()) > 1:
+                raise ValueError(f"expected the path of overlaybd's config, e.g. '.overlaybd {overlaybd_config.DEFAULT_CONFIG}'")
+            return Path(text)
+        raise ValueError(f"'.{cls.plugin}' has no attribute '.{name}'")
 
     @classmethod
     def parse(cls, text: str) -> Path:
@@ -153,7 +219,11 @@ class NodeCheck(RuntimePlugin):
     def run(self, runtime: Runtime) -> None:
         path = self.config if self.config.is_absolute() else runtime.home / self.config
         hosts_dir = str(runtime.hosts_dir) if runtime.hosts_dir else DEFAULT_HOSTS_DIR
-        findings = check_node(path, hosts_dir)
+        obd = overlaybd_config.DEFAULT_CONFIG
+        for attr in self.step.attributes:
+            obd = self.parse_attribute(attr.name, attr.input)
+        obd = obd if obd.is_absolute() else runtime.home / obd
+        findings = check_node(path, hosts_dir, overlaybd_json=obd, auth_url=overlaybd_config.auth_url(runtime.compiled))
         for f in findings:
             (logger.info if f.ok else logger.warning)("step %d: %s", self.step.id, f.message)
         missing = sum(not f.ok for f in findings)

@@ -7,7 +7,8 @@
   matches keys against `host`, `host/ns`, ... of the URL). Only registries this mirror serves
   get an answer, and only clients on loopback: the answer is the node's registry credential.
 * `GET /status`: health as JSON: upstreams, the credentials files and the ACR login with their
-  expiry, cached upstream tokens by scope and expiry, and the mirror's counters. No secret, but
+  expiry, cached upstream tokens by scope and expiry, the mirror's counters, and teleport's mode
+  with whether (and why not) this node streams overlaybd images. No secret, but
   it maps what this node may pull: loopback clients only, like `/auth` and `/metrics`.
 
 The credential in an `/auth` answer is put into the response only in this addon's `response`
@@ -237,6 +238,7 @@ class Endpoints:
             login["expires_in"] = round(login["expires_at"] - now, 1)
         tokens = self.state.services.get("tokens")
         hosts = self.state.services.get("hosts_routing")
+        gate = self.state.services.get("teleport_gate")
         return {
             "status": "ok",
             "version": __version__,
@@ -248,4 +250,5 @@ class Endpoints:
             # Per hosts.toml the runmd asks for: does containerd go through the mirror (first)?
             "hosts_toml": hosts() if hosts is not None else [],
             "counters": dict(sorted(self.state.counters.items())),
+            **({"teleport": gate.public()} if gate is not None else {}),
         }

@@ -258,6 +258,8 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(answered)
     if "to" in teleport:
         parts.append(f"teleported to {teleport['to']}")
+    elif teleport.get("skipped") == "snapshotter":
+        parts.append(f"no teleport (snapshotter: {teleport.get('message', '')})")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
         parts.append(f"no teleport ({teleport['skipped']})")
     if meta.get("redirected"):

@@ -34,6 +34,10 @@ class Settings:
     discover_timeout: float = 5.0
     #: The platform teleport chooses for, as os/arch[/variant].
     platform: str = ""
+    #: Teleport's mode from the `acr_teleport` option; empty: as mirror.runmd says.
+    teleport_mode: str = ""
+    #: containerd's config.toml that teleport's `auto` mode reads (`acr_containerd_config`).
+    containerd_config: str = ""
 
 
 @dataclass

@@ -5,14 +5,22 @@ against the digest it asked for, so only tag resolution is teleported: a request
 gets exactly that content. The streamable manifest is fetched and hashed before it is served,
 HEAD and GET of a tag take the same decision from the same caches, and any failure serves the
 original manifest with the reason recorded. Teleport never breaks a pull.
+
+A streamable image only runs where containerd unpacks with the overlaybd snapshotter: the
+gate (addons.teleport.gate) says whether this node does, and `.teleport FORMAT, MODE` says
+whether to ask it (`auto`, the default), to teleport regardless (`always`) or never to.
+The target is checked too: its layers must be overlaybd blobs, as the converter annotates them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import platform as platform_module
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx as mitmctx
@@ -25,6 +33,8 @@ from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import ROCKET, NeedsIO, RequestContext, TeleportDecision
 from addons.proxy.resolve import accepts, fetch_manifest, manifest_response
 from addons.proxy.upstream import UpstreamError
+from addons.runmd.plugin import split_list
+from addons.teleport.gate import MODES, Gate, parse_mode
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +48,11 @@ MAX_TARGETS_KEPT = 1024
 #: Seed-era artifact manifests (ORAS, then the OCI 1.1 release candidates): a `dadi.image.v1`
 #: referrer of this kind lists the converted image manifest among its `blobs`.
 ARTIFACT_MANIFESTS = ("application/vnd.cncf.oras.artifact.manifest.v1+json", "application/vnd.oci.artifact.manifest.v1+json")
+#: The layer annotations overlaybd's converter writes (accelerated-container-image): the
+#: blob's digest and size; without them the snapshotter would not know the layer is overlaybd.
+OVERLAYBD_BLOB_DIGEST = "containerd.io/snapshot/overlaybd/blob-digest"
+OVERLAYBD_BLOB_SIZE = "containerd.io/snapshot/overlaybd/blob-size"
+_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
@@ -67,6 +82,41 @@ def annotated_platform_matches(d: Descriptor, want: Platform) -> bool | None:
     if "streaming.platform.os" not in a and "streaming.platform.arch" not in a:
         return None
     return platform_matches(want, a.get("streaming.platform.os"), a.get("streaming.platform.arch"), a.get("streaming.platform.variant"))
+
+
+@dataclass(frozen=True)
+class TeleportConfig:
+    """`.teleport FORMAT[, MODE]`."""
+
+    format: str
+    mode: str = "auto"
+
+
+def overlaybd_layers_missing(body: bytes) -> str | None:
+    """None when every layer of this image manifest is an overlaybd blob (annotated with its
+    blob digest and size, as overlaybd's converter writes them); else what is wrong."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return "not JSON"
+    layers = doc.get("layers") if isinstance(doc, dict) else None
+    if not isinstance(layers, list) or not layers:
+        return "it has no layers"
+    for i, layer in enumerate(layers):
+        a = layer.get("annotations") if isinstance(layer, dict) else None
+        a = a if isinstance(a, dict) else {}
+        digest, size = a.get(OVERLAYBD_BLOB_DIGEST), a.get(OVERLAYBD_BLOB_SIZE)
+        if digest is None or size is None:
+            return f"layer {i} is not an overlaybd blob (no {OVERLAYBD_BLOB_DIGEST} and blob-size annotations)"
+        if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
+            return f"layer {i}: {OVERLAYBD_BLOB_DIGEST} is not a digest"
+        if not isinstance(size, str) or not size.isdigit():
+            return f"layer {i}: {OVERLAYBD_BLOB_SIZE} is not a size in bytes"
+    return None
+
+
+#: How to tell a streamable manifest of each format.
+FORMAT_CHECKS = {"overlaybd": overlaybd_layers_missing}
 
 
 class NoTeleport(Exception):
@@ -172,17 +222,38 @@ class Teleport(ProxyPlugin):
     summary = "answer tag resolution with the streamable (overlaybd) manifest"
 
     @classmethod
-    def parse(cls, text: str) -> str:
-        fmt = (text or "overlaybd").lower()
+    def parse(cls, text: str) -> TeleportConfig:
+        items = split_list(text) or ["overlaybd"]
+        fmt = items[0].lower()
         if fmt not in FORMATS:
-            raise ValueError(f"unknown format '{text}' (expected: {', '.join(FORMATS)})")
-        return fmt
+            raise ValueError(f"unknown format '{items[0]}' (expected: {', '.join(FORMATS)})")
+        if len(items) > 2:
+            raise ValueError(f"expected '.teleport FORMAT[, MODE]', e.g. 'overlaybd, auto', got '{text}'")
+        return TeleportConfig(fmt, parse_mode(items[1]) if len(items) == 2 else "auto")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The node's verdict, shared by every teleport step of this mirror.
+        self.gate: Gate = self.state.service("teleport_gate", Gate)
+        self.gate.mode = self.mode
+        if self.state.settings.containerd_config:  # a state made from another's settings (offline replay)
+            self.gate.configure(Path(self.state.settings.containerd_config))
 
     def load(self, loader: Any) -> None:
         loader.add_option(
             "acr_platform", str, "",
             "The platform teleport picks streamable images for, as os/arch[/variant] "
             "(default: this machine's).",
+        )
+        loader.add_option(
+            "acr_teleport", str, "",
+            f"Teleport mode, overriding '.teleport FORMAT, MODE' in mirror.runmd: {', '.join(MODES)} "
+            "(auto: only while this node's containerd streams overlaybd images).",
+        )
+        loader.add_option(
+            "acr_containerd_config", str, str(self.gate.config),
+            "containerd's config.toml, read to tell whether this node streams overlaybd images "
+            "(teleport's auto mode).",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -193,6 +264,28 @@ class Teleport(ProxyPlugin):
             except ValueError as e:
                 raise exceptions.OptionsError(f"acr_platform: {e}") from None
             self.state.settings.platform = text
+        if "acr_teleport" in updated:
+            text = mitmctx.options.acr_teleport
+            try:
+                self.state.settings.teleport_mode = parse_mode(text) if text else ""
+            except ValueError as e:
+                raise exceptions.OptionsError(f"acr_teleport: {e}") from None
+            self.gate.mode = self.mode
+        if "acr_containerd_config" in updated:
+            text = mitmctx.options.acr_containerd_config
+            if not text:
+                raise exceptions.OptionsError("acr_containerd_config: expected the path of containerd's config.toml")
+            self.state.settings.containerd_config = text
+            self.gate.configure(Path(text))
+
+    async def running(self) -> None:
+        """Check the node once at start (in a worker thread), so that the first pull needs no check."""
+        if self.mode == "auto":
+            await asyncio.to_thread(self.gate.check)
+
+    @property
+    def mode(self) -> str:
+        return self.state.settings.teleport_mode or self.config.mode
 
     @property
     def platform(self) -> Platform:
@@ -223,7 +316,7 @@ class Teleport(ProxyPlugin):
         want = self.platform
         if oci.is_index(original.media_type):
             try:
-                choice = choose(found.found, self.config, want, index_level=True)
+                choice = choose(found.found, self.config.format, want, index_level=True)
             except NoTeleport:
                 child = platform_child(original.body, want)
                 assert found.lookup is not None
@@ -231,9 +324,9 @@ class Teleport(ProxyPlugin):
                     child_referrers = found.lookup(child.digest, io)
                 except DiscoverError as e:
                     raise NoTeleport(e.reason, e.message) from None
-                choice = choose(child_referrers, self.config, want, index_level=False)
+                choice = choose(child_referrers, self.config.format, want, index_level=False)
         else:
-            choice = choose(found.found, self.config, want, index_level=False)
+            choice = choose(found.found, self.config.format, want, index_level=False)
         accept = ctx.lookup_accept or oci.DEFAULT_ACCEPT
         if choice.referrer.artifact_type == DADI:
             artifact = self._fetch(ctx, choice.referrer.digest, "dadi artifact",
@@ -248,6 +341,9 @@ class Teleport(ProxyPlugin):
             raise NoTeleport("size", f"streamable manifest is {streamable.size} B, the referrer says {choice.target.size}")
         if oci.is_index(streamable.media_type) or not oci.is_manifest_type(streamable.media_type):
             raise NoTeleport("format", f"streamable target is a {streamable.media_type}, not an image manifest")
+        wrong = FORMAT_CHECKS[self.config.format](streamable.body)
+        if wrong:
+            raise NoTeleport("format", f"streamable manifest {streamable.digest} is not {self.config.format}: {wrong}")
         if not accepts(ctx.accept, streamable.media_type):
             raise NoTeleport("accept", f"the client does not accept {streamable.media_type}")
         return choice, streamable
@@ -269,6 +365,18 @@ class Teleport(ProxyPlugin):
             ctx.teleport_target_of = self.state.service("teleport_targets", dict).get(ctx.reference)
             self._record(ctx, "digest-pinned", "pulled by digest: served as asked")
             return True
+        mode = self.mode
+        if mode == "never":
+            self._record(ctx, "never", "teleport is set to never")
+            return True
+        if mode == "auto":
+            try:
+                verdict = self.gate.verdict(io)
+            except NeedsIO:
+                return False
+            if not verdict.streams:
+                self._record(ctx, "snapshotter", verdict.missing or "")
+                return True
         try:
             choice, streamable = self.decide(ctx, io)
         except NeedsIO:
@@ -281,8 +389,9 @@ class Teleport(ProxyPlugin):
             self._record(ctx, "error", e.__class__.__name__)
             return True
         ctx.answer = manifest_response(ctx.method, streamable)
+        fmt = self.config.format
         ctx.served = streamable
-        ctx.teleport = TeleportDecision(original, streamable, self.config, choice.referrer.artifact_type)
+        ctx.teleport = TeleportDecision(original, streamable, fmt, choice.referrer.artifact_type)
         self.state.counters["teleports"] += 1
         self.state.counters["teleport:teleported"] += 1
         ctx.marked = ROCKET
@@ -291,8 +400,8 @@ class Teleport(ProxyPlugin):
         targets[streamable.digest] = f"{ctx.name}:{ctx.reference}"
         while len(targets) > MAX_TARGETS_KEPT:
             targets.pop(next(iter(targets)))
-        ctx.note("teleport", f"{original} -> {streamable.digest} ({self.config}, {choice.referrer.artifact_type})")
-        logger.debug("teleport %s:%s %s -> %s (%s)", ctx.name, ctx.reference, original, streamable.digest, self.config)
+        ctx.note("teleport", f"{original} -> {streamable.digest} ({fmt}, {choice.referrer.artifact_type})")
+        logger.debug("teleport %s:%s %s -> %s (%s)", ctx.name, ctx.reference, original, streamable.digest, fmt)
         return True
 
     def _record(self, ctx: RequestContext, reason: str, message: str) -> None:

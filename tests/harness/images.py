@@ -32,6 +32,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -39,6 +40,11 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST)
 ACCEPT_ALL_MANIFESTS = ", ".join(MANIFEST_TYPES)
+
+#: The layer annotations overlaybd's converter (containerd/accelerated-container-image) writes.
+OVERLAYBD_BLOB_DIGEST = "containerd.io/snapshot/overlaybd/blob-digest"
+OVERLAYBD_BLOB_SIZE = "containerd.io/snapshot/overlaybd/blob-size"
+OVERLAYBD_BLOB_FS_TYPE = "containerd.io/snapshot/overlaybd/blob-fs-type"
 
 EMPTY_JSON = b"{}"
 EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_JSON).hexdigest()
@@ -156,6 +162,25 @@ def make_layer(files: Mapping[str, bytes], *, media_type: str = OCI_LAYER_GZIP) 
                  diff_id=sha256_digest(raw))
 
 
+def make_overlaybd_layer(files: Mapping[str, bytes], fs_type: str = "ext4") -> Layer:
+    """A layer shaped as overlaybd's converter writes one: an uncompressed tar (media type
+    `...layer.v1.tar`) holding the single read-only file `overlaybd.commit`, annotated with the
+    blob's own digest, its size and the file system inside. The commit file here holds a tar of
+    `files` (a real one is overlaybd's block format, which only overlaybd's tools write): what
+    matters to the mirror and to containerd is the descriptor, and containerd's overlayfs
+    snapshotter unpacks it, as it would a real one, into a directory with one blob file."""
+    commit = layer_tar(files)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("overlaybd.commit")
+        info.size, info.mode, info.mtime = len(commit), 0o444, 0
+        tar.addfile(info, io.BytesIO(commit))
+    raw = buf.getvalue()
+    digest = sha256_digest(raw)
+    return Layer(data=raw, media_type=OCI_LAYER, diff_id=digest, annotations={
+        OVERLAYBD_BLOB_DIGEST: digest, OVERLAYBD_BLOB_SIZE: str(len(raw)), OVERLAYBD_BLOB_FS_TYPE: fs_type})
+
+
 @dataclass(frozen=True)
 class Image:
     """A single-platform image: config blob, layers and the manifest bytes that name them."""
@@ -193,16 +218,22 @@ def make_image(
     platform: Union[str, Mapping[str, str], None] = None,
     annotations: Optional[Mapping[str, str]] = None,
     labels: Optional[Mapping[str, str]] = None,
+    overlaybd: bool = False,
 ) -> Image:
     """An image with one layer of ``files`` (or several ``layers``) for ``platform``.
 
     ``oci=False`` gives Docker schema 2 media types, which many registries still serve.
+    ``overlaybd=True`` makes a streamable image: its layers are overlaybd blobs
+    (``make_overlaybd_layer``), as the converter and ACR Artifact Streaming push them.
     """
     plat = parse_platform(platform) if platform is not None else host_platform()
     if layers is None:
         layers = [files if files is not None else {"hello.txt": b"hello from lifec\n"}]
     layer_type = OCI_LAYER_GZIP if oci else DOCKER_LAYER_GZIP
-    built = tuple(make_layer(f, media_type=layer_type) for f in layers)
+    if overlaybd:
+        built = tuple(make_overlaybd_layer(f) for f in layers)
+    else:
+        built = tuple(make_layer(f, media_type=layer_type) for f in layers)
     config_obj: dict[str, Any] = {
         "architecture": plat["architecture"],
         "os": plat["os"],
