@@ -12,6 +12,7 @@ import logging
 
 from addons.proxy.context import RequestContext
 from addons.proxy.plugin import ProxyPlugin
+from addons.runmd.plugin import parse_choice
 from addons.proxy.upstream import Authorizer, UpstreamError, token_client
 from addons.registry import oci
 
@@ -26,10 +27,7 @@ class Authn(ProxyPlugin):
 
     @classmethod
     def parse(cls, text: str) -> str:
-        mode = (text or "oauth2").lower()
-        if mode not in MODES:
-            raise ValueError(f"unknown mode '{text}' (expected: {', '.join(MODES)})")
-        return mode
+        return parse_choice(text, MODES, "mode", default="oauth2")
 
     def authorizer(self, ctx: RequestContext) -> Authorizer:
         return Authorizer(

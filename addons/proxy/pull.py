@@ -33,6 +33,7 @@ from mitmproxy.flow import Error as flow_error
 from addons.core import mitm
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
+from addons.runmd.plugin import parse_choice
 from addons.proxy.context import Forward, RequestContext, Streamed, size_text
 from addons.proxy.front import summary
 from addons.proxy.relay import BlobBody, checkable
@@ -148,10 +149,7 @@ class Pull(ProxyPlugin):
 
     @classmethod
     def parse(cls, text: str) -> str:
-        mode = (text or "follow").lower()
-        if mode not in REDIRECTS:
-            raise ValueError(f"unknown redirect mode '{text}' (expected: {', '.join(REDIRECTS)})")
-        return mode
+        return parse_choice(text, REDIRECTS, "redirect mode", default="follow")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

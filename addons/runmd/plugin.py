@@ -31,6 +31,14 @@ def parse_relative_file(text: str, plugin: str) -> str:
     return text
 
 
+def parse_choice(text: str, choices: tuple[str, ...], what: str, default: str | None = None) -> str:
+    """One word of a step's input out of `choices` (case-insensitive), or `default` when empty."""
+    word = text.strip().lower() or (default or "")
+    if word not in choices:
+        raise ValueError(f"unknown {what} '{text.strip()}' (expected: {', '.join(choices)})")
+    return word
+
+
 class Plugin:
     """A runmd plugin: its name, where it may stand, and how it reads its input."""
 

@@ -28,6 +28,7 @@ from typing import Any
 from addons.node.containerd_config import DEFAULT_CONFIG
 from addons.node.node_check import Unreadable, load_config, schema_of, streaming_missing
 from addons.proxy.context import NeedsIO
+from addons.runmd.plugin import parse_choice
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,7 @@ CONNECT_TIMEOUT = 1.0
 
 
 def parse_mode(text: str) -> str:
-    mode = text.strip().lower()
-    if mode not in MODES:
-        raise ValueError(f"unknown teleport mode '{text.strip()}' (expected: {', '.join(MODES)})")
-    return mode
+    return parse_choice(text, MODES, "teleport mode")
 
 
 def socket_answers(address: str, timeout: float = CONNECT_TIMEOUT) -> str | None:

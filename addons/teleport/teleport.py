@@ -33,7 +33,7 @@ from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import ROCKET, NeedsIO, RequestContext, TeleportDecision
 from addons.proxy.resolve import accepts, fetch_manifest, manifest_response
 from addons.proxy.upstream import UpstreamError
-from addons.runmd.plugin import split_list
+from addons.runmd.plugin import parse_choice, split_list
 from addons.teleport.gate import MODES, Gate, parse_mode
 
 logger = logging.getLogger(__name__)
@@ -224,9 +224,7 @@ class Teleport(ProxyPlugin):
     @classmethod
     def parse(cls, text: str) -> TeleportConfig:
         items = split_list(text) or ["overlaybd"]
-        fmt = items[0].lower()
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown format '{items[0]}' (expected: {', '.join(FORMATS)})")
+        fmt = parse_choice(items[0], FORMATS, "format")
         if len(items) > 2:
             raise ValueError(f"expected '.teleport FORMAT[, MODE]', e.g. 'overlaybd, auto', got '{text}'")
         return TeleportConfig(fmt, parse_mode(items[1]) if len(items) == 2 else "auto")
