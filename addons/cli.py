@@ -348,7 +348,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.setLevel(logging.DEBUG)
+    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
         # Connection open/close lines drown the one line per request the mirror writes.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -117,6 +118,8 @@ def scrub_url(url: str) -> str:
 
 def scrub_header_value(name: str, value: str) -> str:
     lower = name.lower()
+    if lower not in SECRET_HEADERS and lower not in URL_HEADERS and "eyJ" not in value:
+        return value  # no token can be in it: every JWT starts with "eyJ" (`{"` in base64)
     if lower in SECRET_HEADERS:
         m = _SCHEME_VALUE_RE.match(value)
         if lower in ("authorization", "proxy-authorization") and m:
@@ -201,8 +204,8 @@ def scrub_headers(message: http.Message) -> None:
 def scrub_request(request: http.Request) -> None:
     """The request's credentials; only call once the request is on the wire (or never will be)."""
     scrub_headers(request)
-    if request.query:
-        path, _, query = request.path.partition("?")
+    path, mark, query = request.path.partition("?")
+    if mark and query:
         new = scrub_text("?" + query)[1:]
         if new != query:
             request.path = f"{path}?{new}"
@@ -247,6 +250,8 @@ class RecordScrub:
 
     def __init__(self, client_requests: bool = True) -> None:
         self.client_requests = client_requests
+        #: live flows already scrubbed (a flow leaves the set with the flow)
+        self._scrubbed: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Keep the client's request line (scrubbed): a forwarded flow's request is rewritten to
@@ -257,13 +262,22 @@ class RecordScrub:
         flow.metadata["acr_client"] = {"method": req.method, "path": scrub_text(req.path), "authority": req.authority}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        scrub_request(flow.request)
+        self._scrub_once(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        scrub_request(flow.request)
+        self._scrub_once(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._scrub_once(flow)
+
+    def _scrub_once(self, flow: http.HTTPFlow) -> None:
+        """Once the request is on the wire it does not change: a flow that went through
+        `responseheaders` is not scrubbed again at `response` (a warm HEAD's own cost)."""
+        if flow in self._scrubbed:
+            return
         scrub_request(flow.request)
+        if flow.live:
+            self._scrubbed.add(flow)
 
 
 def install(master: Any, client_requests: bool = True) -> None:

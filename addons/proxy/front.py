@@ -144,6 +144,18 @@ def head_size(req: http.Request) -> int:
     return len(req.method) + len(req.path) + 12 + sum(len(k) + len(v) + 4 for k, v in req.headers.fields)
 
 
+def _named(headers: http.Headers, names: tuple[str, ...]) -> list[str]:
+    """The header names of `names` a message carries, spelled as it sent them (cheaper than
+    decoding every header through `items()`)."""
+    wanted = {n.encode() for n in names}
+    seen: dict[bytes, str] = {}
+    for raw, _ in headers.fields:
+        lower = raw.lower()
+        if lower in wanted and lower not in seen:
+            seen[lower] = raw.decode("latin-1")
+    return list(seen.values())
+
+
 def _safe_path(flow: http.HTTPFlow) -> str:
     return flow.request.path.partition("?")[0][:200]
 
@@ -189,7 +201,8 @@ class Proxy(ProxyPlugin):
             return refuse(flow, 400, "UNSUPPORTED", "this is a registry mirror, not an HTTP proxy")
         if head_size(req) > MAX_REQUEST_HEAD:
             return refuse(flow, 431, "UNSUPPORTED", f"request line and headers are larger than {MAX_REQUEST_HEAD // 1024} KiB")
-        ns = req.query.get("ns")
+        query = req.query.fields  # parsed once: every lookup of `req.query` parses the path again
+        ns = next((v for k, v in query if k == "ns"), None)
         chosen, prefix, path = upstream_prefix(req.path, self.state.upstreams) if ns is None else (None, "", req.path)
         try:
             target = parse_target(path)
@@ -227,11 +240,11 @@ class Proxy(ProxyPlugin):
             reference=target.reference,
             upstream=upstream,
             accept=oci.accept_values(req.headers),
-            query=[(k, v) for k, v in req.query.items(multi=True) if k != "ns"],
+            query=[(k, v) for k, v in query if k != "ns"],
             ns_sent=ns,
             prefix=prefix or None,
             if_none_match=req.headers.get_all("if-none-match"),
-            pass_headers={k: v for k, v in req.headers.items() if k.lower() in PASSED_HEADERS},
+            pass_headers={k: req.headers[k] for k in _named(req.headers, PASSED_HEADERS)},
         )
         ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
         self.state.contexts[flow] = ctx
