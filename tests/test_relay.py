@@ -131,3 +131,16 @@ def test_a_blob_streamed_by_mitmproxy_is_checked_and_a_mismatch_cut_before_the_l
     assert _stream(activity, bad) == bad[0] + bad[1]  # the last chunk never goes out
     assert cut == [True] and activity.mismatch and activity.done
     assert _stream(Activity(), bad) == b"".join(bad)  # unchecked (Range, HEAD): passed as is
+
+
+def test_buffers_shrink_as_more_blobs_stream_at_once_and_stay_within_the_budget() -> None:
+    from addons.proxy.relay import BUFFER_BUDGET, MAX_CHUNK, MIN_CHUNK, RING, Budget
+
+    budget = Budget()
+    sizes = [budget.enter() for _ in range(64)]
+    assert sizes[0] == MAX_CHUNK  # a lone pull reads in the largest chunks
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == MIN_CHUNK
+    assert MIN_CHUNK * RING * 64 <= BUFFER_BUDGET  # 64 pulls together fit in the budget
+    for _ in range(64):
+        budget.leave()
+    assert budget.active == 0 and budget.enter() == MAX_CHUNK
