@@ -340,7 +340,6 @@ def cmd_overlaybd_configure(args: argparse.Namespace) -> int:
 async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
     """Run mitmproxy in-process with the runmd's chain until SIGINT or SIGTERM."""
     from mitmproxy import options
-    from mitmproxy.tools.dump import DumpMaster
 
     from addons.chain import AcrMirror
 
@@ -348,7 +347,10 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # A debug record costs a walk of the whole addon chain even when nothing prints it: made
+    # only when something shows it (-v, --set termlog_verbosity=debug, mitmweb's event log).
+    debug = args.verbose or getattr(args, "web", False) or "termlog_verbosity=debug" in (args.set or [])
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
     if not args.verbose:
         # Connection open/close lines drown the one line per request the mirror writes.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
@@ -356,7 +358,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
         master = web_master(opts, args)
     else:
-        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master = mitm.mirror_master(opts)
     opts.update(
         mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.

@@ -146,6 +146,15 @@ def test_init_options_take_effect(tmp_path: Path) -> None:
     assert compiled.config(steps["teleport"]) == TeleportConfig("overlaybd", "auto")
 
 
+def test_an_option_of_a_mitmproxy_addon_the_mirror_does_not_run_is_a_one_line_error(tmp_path: Path) -> None:
+    """The mirror's master leaves out mitmdump's playback and rewriting addons: their options
+    are refused at start instead of doing nothing."""
+    result = run_acr(tmp_path, "init", "--upstream", "http://127.0.0.1:5000", "--mirror-address", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 0, result.stderr
+    result = run_acr(tmp_path, "--runmd", str(tmp_path / "mirror.runmd"), "mirror", "serve", "--set", "anticache=true")
+    assert_one_line_error(result, "bad option", "anticache")
+
+
 def test_init_with_a_teleport_format_the_mirror_rejects_writes_nothing(tmp_path: Path) -> None:
     result = run_acr(tmp_path, "init", "--upstream", "http://127.0.0.1:5000", "--teleport-format", "estargz")
     assert_one_line_error(result, "estargz")

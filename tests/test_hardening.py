@@ -541,7 +541,9 @@ def test_64_parallel_pulls_of_mixed_images_in_flat_memory_and_fds(
     log = m.log_text().split("listening at")[-1]
     assert not re.search(r" -> (5\d\d|error)", log), [line for line in log.splitlines() if re.search(r" -> (5\d\d|error)", line)][:5]
     assert peak[0] < 150, f"proxy RSS peaked at {peak[0]:.0f} MiB"
-    assert fds[2] <= fds[0] + 2, f"file descriptors grew across rounds: {fds}"
+    # A leak grows with the pulls (64 per round, several requests each); the upstream pools may
+    # still open a few more connections in a later round when its peak concurrency is higher.
+    assert fds[2] <= fds[0] + 8, f"file descriptors grew across rounds: {fds}"
     print(f"64 parallel pulls x3: peak RSS {peak[0]:.0f} MiB, fds after each round {fds}")
 
 

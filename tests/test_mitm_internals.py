@@ -239,3 +239,24 @@ def test_save_copies_writes_the_copy_and_leaves_the_flow(tmp_path: Any) -> None:
         with open(tmp_path / name, "rb") as fo:
             flows = list(mio.FlowReader(fo).stream())
         assert [f.comment for f in flows] == ["copy"] * count, name
+
+
+# --- the mirror's master: mitmdump's addons less the ones a registry mirror never uses ----------
+
+
+def test_the_mirror_master_leaves_out_only_default_addons_that_exist_and_keeps_what_it_needs() -> None:
+    from mitmproxy import addons as builtin
+    from mitmproxy import options
+
+    defaults = {type(a).__name__ for a in builtin.default_addons()}
+    assert mitm.UNUSED_DEFAULT_ADDONS <= defaults, mitm.UNUSED_DEFAULT_ADDONS - defaults
+
+    async def build() -> set[str]:
+        master = mitm.mirror_master(options.Options())
+        return {type(a).__name__ for a in master.addons.chain}
+
+    chain = asyncio.run(build())
+    assert not chain & mitm.UNUSED_DEFAULT_ADDONS
+    needed = {"Core", "Block", "ProxyAuth", "Proxyserver", "NextLayer", "TlsConfig", "Save", "ScriptLoader",
+              "DisableH2C", "UpdateAltSvc", "ErrorCheck", "TermLog"}
+    assert needed <= chain, needed - chain
