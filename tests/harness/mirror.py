@@ -7,6 +7,8 @@ together. Its log is kept for assertions (no token may appear in it) and for deb
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -19,6 +21,23 @@ from tests.harness.ports import direct_session, free_port, wait_port
 from tests.harness.procs import descendants, kill_group
 
 ACR = str(Path(sys.executable).with_name("acr"))
+
+
+def acr_init(*argv: str) -> None:
+    """`acr init` with these arguments, run in this process: the same parser and command as the
+    installed `acr` (tests/test_cli.py runs that one), without paying for a second interpreter
+    that imports mitmproxy (about 1.5 s of CPU) for every mirror a test starts."""
+    from addons import cli
+
+    args = cli.build_parser().parse_args(list(argv))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = args.func(args)
+        except cli.CliError as e:
+            raise RuntimeError(f"acr {' '.join(argv)}: {e}") from None
+    if code != 0:
+        raise RuntimeError(f"acr {' '.join(argv)} exited with {code}: {out.getvalue()}")
 
 
 class Mirror:
@@ -47,11 +66,8 @@ class Mirror:
         self.env = env
         self.proc: Optional[subprocess.Popen[bytes]] = None
         if runmd is None:
-            subprocess.run(
-                [ACR, "--runmd", str(self.runmd_path), "init", "--upstream", upstreams[0],
-                 "--mirror-address", f"127.0.0.1:{self.port}", "--force"],
-                check=True, capture_output=True,
-            )
+            acr_init("--runmd", str(self.runmd_path), "init", "--upstream", upstreams[0],
+                     "--mirror-address", f"127.0.0.1:{self.port}", "--force")
             text = self.runmd_path.read_text()
             for extra in upstreams[1:]:
                 text = text.replace(f": .mirror       {upstreams[0]}", f": .mirror       {upstreams[0]}\n: .mirror       {extra}", 1)

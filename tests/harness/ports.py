@@ -2,16 +2,62 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
+import threading
 import time
+from pathlib import Path
+from typing import Optional
 
 import requests
 
 LOOPBACK = "127.0.0.1"
 
 
+#: Ports handed out by ``free_port``: below the kernel's ephemeral range (32768-60999 on Linux),
+#: so no outgoing connection on the machine can take one between the pick and the server's bind,
+#: and cut in slices, one per pytest-xdist worker, so parallel workers never pick the same one.
+PORT_BASE, SLICE, SLICES = 20000, 1000, 12
+_next = [0]
+_lock = threading.Lock()
+
+
+def _slice_start() -> Optional[int]:
+    """First port of this process's slice, or None when the ephemeral range overlaps them all."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if low < PORT_BASE + SLICE * SLICES:
+        return None
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ... under xdist
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    return PORT_BASE + SLICE * (index % SLICES)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it for us)."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, from this worker's own slice (kernel's
+    pick when there is none); each call moves on, so a port just handed out is not handed again."""
+    start = _slice_start()
+    if start is not None:
+        with _lock:
+            if not _next[0]:
+                _next[0] = secrets.randbelow(SLICE) + 1  # another run's leftovers are elsewhere
+            for _ in range(SLICE):
+                port = start + _next[0] % SLICE
+                _next[0] += 1
+                if _bindable(port):
+                    return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
