@@ -7,6 +7,7 @@ and logs, containerd images) is reset per test: each test gets the token server 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
@@ -31,6 +32,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "e2e: needs root and a real containerd daemon (skipped when not root)"
     )
     config.addinivalue_line("markers", "slow: takes more than a few seconds (large blobs)")
+    config.addinivalue_line(
+        "markers", "alone: measures the mirror's memory or file descriptors; under pytest-xdist no "
+        "other worker runs a test meanwhile (see _alone)"
+    )
 
 
 def _e2e_skip_reason() -> Optional[str]:
@@ -62,6 +67,35 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def _failed(request: pytest.FixtureRequest) -> bool:
     rep = getattr(request.node, "rep_call", None)
     return bool(rep is not None and rep.failed)
+
+
+@pytest.fixture(autouse=True)
+def _alone(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Run ``alone`` tests while no other pytest-xdist worker runs a test.
+
+    They measure the mirror's RSS and open file descriptors, which depend on how the load of
+    other tests on the CPU interleaves the mirror's work. A readers-writer lock over two files
+    that the run's workers share: other tests hold ``lock`` shared; an ``alone`` test takes
+    ``gate`` (so no new test starts) and then ``lock`` exclusively (once running tests ended).
+    Without xdist there is nothing to wait for.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    folder = tmp_path_factory.getbasetemp().parent  # the run's folder above popen-gwN
+    alone = request.node.get_closest_marker("alone") is not None
+    with open(folder / "alone.gate", "a") as gate, open(folder / "alone.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        if alone:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
 
 
 # --- ports ---------------------------------------------------------------------------

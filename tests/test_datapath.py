@@ -288,6 +288,7 @@ def test_skopeo_pulls_through_the_mirror_without_ns(
 
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.alone
 def test_a_1gib_blob_arrives_whole_in_flat_memory(
     registry: Registry, repo_name: str, start_mirror: Callable[..., Mirror],
 ) -> None:
