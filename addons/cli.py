@@ -15,12 +15,11 @@ import string
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from addons import __version__, catalog
+from addons import __version__
 
 from addons.core.files import atomic_write
-from addons.core import mitm
 from addons.core.address import Address
 from addons.runmd.compile import Compiled
 from addons.runmd.engine import EXIT_USAGE
@@ -40,6 +39,20 @@ DEFAULT_ARTIFACT_TYPES = (
 #: containerd's `ns` never carries a scheme; reverse mode needs a target, so a closed port.
 PLACEHOLDER_TARGET = "http://127.0.0.1:9"
 
+
+
+def _catalog() -> Any:
+    """The plugin catalog, imported when a command needs it: it imports every plugin and with
+    them mitmproxy (about 1.5 s), which `acr --help` and a usage error never need."""
+    from addons import catalog
+
+    return catalog
+
+
+def _mitm() -> Any:
+    from addons.core import mitm
+
+    return mitm
 
 class CliError(Exception):
     """A one-line error for the operator, with the exit code to leave with."""
@@ -133,7 +146,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         artifact_types=args.artifact_type or DEFAULT_ARTIFACT_TYPES,
     )
     try:
-        catalog.parse_text(text, str(path))
+        _catalog().parse_text(text, str(path))
     except RunmdError as e:
         # The options made a file the mirror would refuse: say which option, not which line.
         raise CliError(f"these options make an invalid mirror.runmd: {e.message}", EXIT_USAGE) from None
@@ -191,7 +204,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 def load(path: str) -> Compiled:
     try:
-        return catalog.load(path)
+        return _catalog().load(path)
     except RunmdError as e:
         raise CliError(str(e), EXIT_USAGE) from None
 
@@ -242,7 +255,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     except StepError as e:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
-    return mitm.run(serve(compiled, address, args))
+    return _mitm().run(serve(compiled, address, args))
 
 
 # `+ .engine`, `acr mirror serve`, `acr containerd configure`
@@ -302,7 +315,7 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
     check_listen(address)
-    return mitm.run(serve(compiled, address, args))
+    return _mitm().run(serve(compiled, address, args))
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
@@ -358,7 +371,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
         master = web_master(opts, args)
     else:
-        master = mitm.mirror_master(opts)
+        master = _mitm().mirror_master(opts)
     opts.update(
         mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
@@ -367,7 +380,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled), mitm.ReadSize())
+    master.addons.add(AcrMirror(compiled), _mitm().ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:
@@ -419,7 +432,7 @@ def web_master(opts, args: argparse.Namespace):
         # The page polls; one access line per poll would drown the mirror's one line per request
         # (mitmproxy's own launcher quiets this logger the same way).
         logging.getLogger("tornado").setLevel(logging.WARNING)
-    mitm.web_handlers(master.app)
+    _mitm().web_handlers(master.app)
     return master
 
 
@@ -442,7 +455,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     try:
         if args.service_command == "install":
             home = Path(args.home) if args.home else Path(args.runmd).resolve().parent
-            lines = service.install(home, unit_dir, catalog.load, args.name, dry_run=args.dry_run, enable=args.enable)
+            lines = service.install(home, unit_dir, _catalog().load, args.name, dry_run=args.dry_run, enable=args.enable)
         else:
             lines = service.uninstall(unit_dir, args.name, dry_run=args.dry_run, disable=args.disable)
     except service.ServiceError as e:

@@ -444,3 +444,16 @@ def test_mitmdump_with_acr_addons_serves_the_same_chain(tmp_path: Path) -> None:
         status, _, _ = get(port, "/v2/library/alpine/manifests/latest?ns=other.example.com")
         assert status == 404
         assert stop(proc, signal.SIGTERM, tmp_path) == 0
+
+
+def test_acr_help_does_not_import_mitmproxy_or_the_plugins() -> None:
+    """`acr --help` and usage errors answer at once: the plugins (and mitmproxy under them, about
+    1.5 s of CPU) load only for a command that reads a runmd or serves."""
+    import sys
+
+    probe = ("import sys, addons.cli; "
+             "print(sorted(m for m in sys.modules if m.startswith(('mitmproxy.addons', 'mitmproxy.proxy', 'mitmproxy.http', "
+             "'mitmproxy.master', 'addons.proxy', 'addons.catalog'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == "[]", out
+    assert run_acr(Path.cwd(), "--help").returncode == 0
