@@ -40,7 +40,6 @@ DEFAULT_ARTIFACT_TYPES = (
 PLACEHOLDER_TARGET = "http://127.0.0.1:9"
 
 
-
 def _catalog() -> Any:
     """The plugin catalog, imported when a command needs it: it imports every plugin and with
     them mitmproxy (about 1.5 s), which `acr --help` and a usage error never need."""
@@ -48,11 +47,6 @@ def _catalog() -> Any:
 
     return catalog
 
-
-def _mitm() -> Any:
-    from addons.core import mitm
-
-    return mitm
 
 class CliError(Exception):
     """A one-line error for the operator, with the exit code to leave with."""
@@ -255,7 +249,9 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     except StepError as e:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
-    return _mitm().run(serve(compiled, address, args))
+    from addons.core import mitm
+
+    return mitm.run(serve(compiled, address, args))
 
 
 # `+ .engine`, `acr mirror serve`, `acr containerd configure`
@@ -315,7 +311,9 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
     check_listen(address)
-    return _mitm().run(serve(compiled, address, args))
+    from addons.core import mitm
+
+    return mitm.run(serve(compiled, address, args))
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
@@ -355,15 +353,13 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     from mitmproxy import options
 
     from addons.chain import AcrMirror
+    from addons.core import mitm
 
     # From here on mitmproxy's termlog prints every log line; ours would print them twice.
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    # A debug record costs a walk of the whole addon chain even when nothing prints it: made
-    # only when something shows it (-v, --set termlog_verbosity=debug, mitmweb's event log).
-    debug = args.verbose or getattr(args, "web", False) or "termlog_verbosity=debug" in (args.set or [])
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(logging.DEBUG)
     if not args.verbose:
         # Connection open/close lines drown the one line per request the mirror writes.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
@@ -371,7 +367,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
         master = web_master(opts, args)
     else:
-        master = _mitm().mirror_master(opts)
+        master = mitm.mirror_master(opts)
     opts.update(
         mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
@@ -380,7 +376,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled), _mitm().ReadSize())
+    master.addons.add(AcrMirror(compiled), mitm.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:
@@ -405,6 +401,10 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         raise CliError(f"bad option: {e}", EXIT_USAGE) from None
     if getattr(args, "web", False):
         check_web(opts, args)
+    elif opts.termlog_verbosity != "debug":
+        # A debug record walks the whole addon chain even when nothing prints it: made only
+        # when something shows it (-v or termlog_verbosity=debug, mitmweb's event log).
+        root.setLevel(logging.INFO)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)
@@ -432,7 +432,9 @@ def web_master(opts, args: argparse.Namespace):
         # The page polls; one access line per poll would drown the mirror's one line per request
         # (mitmproxy's own launcher quiets this logger the same way).
         logging.getLogger("tornado").setLevel(logging.WARNING)
-    _mitm().web_handlers(master.app)
+    from addons.core import mitm
+
+    mitm.web_handlers(master.app)
     return master
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import statistics
 import subprocess
@@ -197,8 +198,6 @@ def curl_mbps(url: str, headers: dict[str, str]) -> tuple[float, int]:
 
 def children_cpu() -> float:
     """User + system CPU of the finished children of this process (each curl run)."""
-    import resource
-
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from addons.proxy.relay import CHUNK, BlobBody, checkable
+from addons.proxy.relay import MAX_CHUNK as CHUNK, BlobBody, checkable
 
 DATA = os.urandom(5 * CHUNK + 123)
 DIGEST = "sha256:" + hashlib.sha256(DATA).hexdigest()

@@ -35,8 +35,6 @@ MIN_CHUNK = 128 * 1024
 #: Buffers per checked blob: one being read while the other is hashed and sent.
 RING = 2
 BUFFER_BUDGET = 16 * 1024 * 1024
-#: Kept for the tests and the chunked path: the chunk size of a lone transfer.
-CHUNK = MAX_CHUNK
 
 
 class Budget:

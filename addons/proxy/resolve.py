@@ -181,7 +181,8 @@ def read_manifest(resp: requests.Response, reference: str, what: str, notes: lis
         return Manifest(media_type, unchecked, body)
     if oci.is_digest(reference) and digest != reference:
         raise UpstreamError(502, "DIGEST_INVALID", f"{what}: upstream content does not match the digest")
-    if claimed and claimed.startswith("sha256:") and claimed != content_digest(body, media_type)[0]:
+    sha256 = digest if algorithm == "sha256" else content_digest(body, media_type)[0] if claimed else None
+    if claimed and claimed.startswith("sha256:") and claimed != sha256:
         raise UpstreamError(502, "DIGEST_INVALID", f"{what}: upstream Docker-Content-Digest does not match its content")
     return Manifest(media_type, digest, body)
 
