@@ -236,8 +236,11 @@ def test_head_and_get_of_a_tag_agree(
     m = start_mirror(token_registry.url, credentials=token_server.issue_refresh_token())
     path = f"/v2/{repo_name}/manifests/v1?ns={_ns(token_registry.host)}"
     head = m.head(path, headers=ACCEPT)
+    hops = m.get("/status").json()["counters"]["worker_hops"]
     get = m.get(path, headers=ACCEPT)
     assert head.status_code == get.status_code == 200
+    # With the token cached, the tag is asked for on the event loop: no thread hop.
+    assert m.get("/status").json()["counters"]["worker_hops"] == hops
     for name in ("Docker-Content-Digest", "Content-Type", "Content-Length"):
         assert head.headers[name] == get.headers[name], name
     assert head.content == b""

@@ -907,7 +907,7 @@ def test_dadi_referrer_of_the_seed(tmp_path: Path, shape: str) -> None:
 # --- one typed context, at most one thread hop ------------------------------------------
 
 
-def test_a_tag_pull_costs_one_thread_hop_and_a_cached_digest_pull_none(
+def test_a_cold_tag_pull_costs_one_thread_hop_and_a_warm_tag_or_cached_digest_pull_none(
     world: tuple[Registry, AcrMirror, AnswerAdapter],
 ) -> None:
     reg, mirror, _ = world
@@ -919,12 +919,14 @@ def test_a_tag_pull_costs_one_thread_hop_and_a_cached_digest_pull_none(
     hops = mirror.state.counters
     cold = pull(mirror, "v1")  # manifest, referrers, streamable manifest: all in one thread
     assert cold.metadata["acr"]["teleport"]["to"] == target and hops["worker_hops"] == 1
-    warm = pull(mirror, "v1")  # a tag moves: the manifest is asked for again, nothing else
-    assert warm.metadata["acr"]["teleport"]["to"] == target and hops["worker_hops"] == 2
+    requests_before = hops["upstream_requests"]
+    warm = pull(mirror, "v1")  # a tag moves: the manifest is asked for again, on the event loop
+    assert warm.metadata["acr"]["teleport"]["to"] == target and hops["worker_hops"] == 1
     assert warm.metadata["acr"]["discover"]["cached"] is True
+    assert hops["upstream_requests"] == requests_before + 1
     pinned = pull(mirror, original, "GET")  # by digest, every decision cached: no thread
     assert pinned.response.headers["Docker-Content-Digest"] == original
-    assert hops["worker_hops"] == 2
+    assert hops["worker_hops"] == 1 and hops["upstream_requests"] == requests_before + 1
 
 
 def test_the_public_copy_holds_the_decisions_and_no_secret(tmp_path: Path) -> None:

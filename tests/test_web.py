@@ -428,7 +428,12 @@ def test_acr_mirror_start_web_serves_mitmweb_with_the_chain(replay_server: Repla
     result = http_pull(mirror.url, ns, SESSION["repository"], SESSION["tag"], SESSION["platform"])
     assert not result.errors
     web = Web(web_port)
+    # The client has its bytes a moment before the relay marks the last blob's flow done.
+    deadline = time.monotonic() + 10
     listed = web.flows()
+    while len(by_headline(listed, "blob ")) < len(SESSION["blobs"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        listed = web.flows()
     teleported = by_headline(listed, "🚀 → ")
     assert len(teleported) == 1 and teleported[0]["marked"] == "🚀"
     assert teleported[0]["request"]["method"] == "HEAD"

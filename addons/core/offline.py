@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import requests
-import urllib3
 from mitmproxy import http
+
+from addons.core.wire import whole_response
 
 #: The hooks mitmproxy runs before a request goes upstream.
 REQUEST_HOOKS = ("requestheaders", "request")
@@ -61,15 +61,11 @@ class AnswerAdapter(requests.adapters.HTTPAdapter):
         self.seen.append(request)
         self.timeout = timeout
         status, headers, body = self.answer(request)
-        raw = urllib3.HTTPResponse(
-            body=io.BytesIO(body),
-            headers=headers,
-            status=status,
-            preload_content=False,
-            decode_content=False,
-            request_method=request.method,
-        )
-        return self.build_response(request, raw)
+        return whole_response(self, request, status, headers, body)
+
+    async def asend(self, request: requests.PreparedRequest, timeout: Any = None, verify: Any = True) -> requests.Response:
+        """The event loop's `send` (addons.core.wire.WireAdapter.asend): answered the same way."""
+        return self.send(request, timeout=timeout, verify=verify)
 
 
 def answering_session(answer: Callable[[requests.PreparedRequest], Answer]) -> tuple[requests.Session, AnswerAdapter]:

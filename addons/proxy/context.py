@@ -29,10 +29,6 @@ from addons.registry.oci import Descriptor, Manifest, Upstream
 META = "acr"
 
 
-class NeedsIO(Exception):
-    """A step's non-blocking attempt (`ready`) found that it must wait for the network."""
-
-
 #: The second line of a comment whose answer the mirror made itself (a filter finds them).
 ANSWERED = "answered by the mirror"
 #: The mark of a teleported tag (mitmweb shows it as 🚀).

@@ -2,11 +2,14 @@
 
 A step is a stage of its route's chain: `ready` does its job from memory when it can (never
 blocking: it runs on the event loop), `run` does it with upstream requests (blocking: it runs
-in a worker thread). The route step (`.manifests`, `.blobs`, `.tags`) calls each step's
-`ready` in runmd order; the first one that must wait for I/O hands itself and every later step
-to *one* worker thread. So a request whose every decision is cached costs no thread hop, and
-any other request exactly one. Steps read and write the request's `RequestContext` only; the
-route puts the answer on the flow once, on the event loop.
+in a worker thread). A step whose upstream request is small and common (`.resolve`'s tag
+lookup) also has `fetch`, which makes it on the event loop when nothing on the way blocks
+(the token is cached). The route step (`.manifests`, `.blobs`, `.tags`) calls each step's
+`ready`, then `fetch`, in runmd order; the first one that must wait for blocking I/O hands
+itself and every later step to *one* worker thread. So a request whose every decision is
+cached costs no thread hop, a warm tag lookup none either, and any other request exactly one.
+Steps read and write the request's `RequestContext` only; the route puts the answer on the
+flow once, on the event loop.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any, ClassVar
 
 from mitmproxy import http
 
-from addons.proxy.context import NeedsIO, RequestContext
+from addons.proxy.context import RequestContext
+from addons.proxy.upstream import NeedsIO
 from addons.proxy.state import MirrorState
 from addons.runmd.plugin import Plugin
 from addons.runmd.syntax import Step
@@ -67,6 +71,14 @@ class ProxyPlugin(Plugin):
         """Blocking (in a worker thread): do the job with upstream requests."""
         raise NotImplementedError
 
+    #: Whether `fetch` can do the job on the event loop.
+    on_loop: ClassVar[bool] = False
+
+    async def fetch(self, ctx: RequestContext) -> bool:
+        """On the event loop, never blocking: do the job with upstream requests and return
+        True, or return False to be `run` in the worker thread."""
+        return False
+
 
 def _run_blocking(ctx: RequestContext, steps: Sequence[ProxyPlugin]) -> None:
     for step in steps:
@@ -81,7 +93,7 @@ def _run_blocking(ctx: RequestContext, steps: Sequence[ProxyPlugin]) -> None:
 
 
 async def run_steps(ctx: RequestContext, steps: Sequence[ProxyPlugin], state: MirrorState) -> None:
-    """Each step in order: from memory on the event loop, then the rest in one worker thread."""
+    """Each step in order: from memory or with I/O on the event loop, then the rest in one worker thread."""
     for i, step in enumerate(steps):
         if not step.applies(ctx):
             continue
@@ -90,6 +102,8 @@ async def run_steps(ctx: RequestContext, steps: Sequence[ProxyPlugin], state: Mi
                 continue
         except NeedsIO:
             pass
+        if step.on_loop and await step.fetch(ctx):
+            continue
         state.counters["worker_hops"] += 1
         await asyncio.to_thread(_run_blocking, ctx, steps[i:])
         return

@@ -191,7 +191,7 @@ class Pull(ProxyPlugin):
         (with `stop_at_storage`, the storage URL without asking storage)."""
         current, current_auth = url, auth
         for _ in range(MAX_REDIRECTS + 1):
-            resp = send(self.state, method, current, headers=extra, auth=current_auth, stream=True, what=what)
+            resp = send(self.state, method, current, headers=extra, auth=current_auth, stream=method != "HEAD", what=what)
             if resp.is_redirect and "Location" in resp.headers:
                 resp.close()
                 target = urljoin(current, resp.headers["Location"])
@@ -267,7 +267,7 @@ class Pull(ProxyPlugin):
         """Blocking: HEAD of a blob, or a tag list: the mirror answers from its own request."""
         _, resp = self.probe(url, method, extra, auth, what) if method == "HEAD" else (url, None)
         if resp is None:
-            resp = send(self.state, method, url, headers=extra, auth=auth, stream=True, what=what)
+            resp = send(self.state, method, url, headers=extra, auth=auth, what=what)
             if resp.status_code >= 400:
                 raise UpstreamError.from_status(resp, what)
         try:

@@ -29,10 +29,10 @@ from mitmproxy import http
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import split_list
-from addons.proxy.context import NeedsIO, RequestContext
+from addons.proxy.context import RequestContext
 from addons.proxy.state import MirrorState
 from addons.registry.oci import Manifest, Upstream
-from addons.proxy.upstream import Authorizer, UpstreamError, passed_headers, passed_response, send
+from addons.proxy.upstream import Authorizer, NeedsIO, UpstreamError, asend, passed_headers, passed_response, send
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,24 @@ def manifest_cache(state: MirrorState) -> ManifestCache:
     return state.service("manifests", ManifestCache)
 
 
+def _cached(state: MirrorState, upstream: Upstream, name: str, ref: str) -> Manifest | None:
+    return manifest_cache(state).get((upstream.ns, name, ref)) if oci.is_digest(ref) else None
+
+
+def _kept(state: MirrorState, upstream: Upstream, name: str, ref: str, resp: requests.Response, what: str,
+          notes: list[str] | None) -> Manifest:
+    """The upstream's answer to a manifest lookup, checked and put in the cache."""
+    if resp.status_code != 200:
+        raise UpstreamError.from_status(resp, what)
+    checked: list[str] = []
+    manifest = read_manifest(resp, ref, what, checked)
+    if notes is not None:
+        notes.extend(checked)
+    if not checked and oci.base_media_type(manifest.media_type) not in SCHEMA1_TYPES:
+        manifest_cache(state).put((upstream.ns, name, manifest.digest), manifest)
+    return manifest
+
+
 def fetch_manifest(
     state: MirrorState, upstream: Upstream, name: str, ref: str, accept: str, authorizer: Authorizer | None,
     io: bool = True, notes: list[str] | None = None,
@@ -242,27 +260,29 @@ def fetch_manifest(
     manifests are not kept: their digest is not one the registry serves by digest.
     Blocking, unless `io` is False: then it answers from the cache or raises NeedsIO.
     """
-    cache = manifest_cache(state)
-    if oci.is_digest(ref):
-        hit = cache.get((upstream.ns, name, ref))
-        if hit is not None:
-            return hit, True
+    hit = _cached(state, upstream, name, ref)
+    if hit is not None:
+        return hit, True
     if not io:
         raise NeedsIO(ref)
     what = f"manifest {name}:{ref}"
-    resp = send(
-        state, "GET", upstream.url(f"/v2/{name}/manifests/{ref}"),
-        headers={"Accept": accept}, auth=authorizer, stream=True, what=what,
-    )
-    if resp.status_code != 200:
-        raise UpstreamError.from_status(resp, what)
-    checked: list[str] = []
-    manifest = read_manifest(resp, ref, what, checked)
-    if notes is not None:
-        notes.extend(checked)
-    if not checked and oci.base_media_type(manifest.media_type) not in SCHEMA1_TYPES:
-        cache.put((upstream.ns, name, manifest.digest), manifest)
-    return manifest, False
+    resp = send(state, "GET", upstream.url(f"/v2/{name}/manifests/{ref}"), headers={"Accept": accept},
+                auth=authorizer, what=what)
+    return _kept(state, upstream, name, ref, resp, what, notes), False
+
+
+async def fetch_manifest_on_loop(
+    state: MirrorState, upstream: Upstream, name: str, ref: str, accept: str, authorizer: Authorizer | None,
+    notes: list[str] | None = None,
+) -> tuple[Manifest, bool]:
+    """`fetch_manifest` on the event loop (addons.proxy.upstream.asend), or NeedsIO."""
+    hit = _cached(state, upstream, name, ref)
+    if hit is not None:
+        return hit, True
+    what = f"manifest {name}:{ref}"
+    resp = await asend(state, "GET", upstream.url(f"/v2/{name}/manifests/{ref}"), headers={"Accept": accept},
+                       auth=authorizer, what=what)
+    return _kept(state, upstream, name, ref, resp, what, notes), False
 
 
 def client_headers(ctx: RequestContext) -> dict[str, str | None]:
@@ -286,10 +306,21 @@ def pass_through(state: MirrorState, ctx: RequestContext) -> tuple[http.Response
     client's HEAD gets the same headers without the body. Returns the answer and a note.
     """
     what = f"manifest {ctx.name}:{ctx.reference}"
-    resp = send(
-        state, "GET", ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}"),
-        headers=client_headers(ctx), auth=ctx.authorizer, stream=True, what=what,
-    )
+    resp = send(state, "GET", ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}"),
+                headers=client_headers(ctx), auth=ctx.authorizer, what=what)
+    return passed(ctx, resp, what)
+
+
+async def pass_through_on_loop(state: MirrorState, ctx: RequestContext) -> tuple[http.Response, str]:
+    """`pass_through` on the event loop (addons.proxy.upstream.asend), or NeedsIO."""
+    what = f"manifest {ctx.name}:{ctx.reference}"
+    resp = await asend(state, "GET", ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}"),
+                       headers=client_headers(ctx), auth=ctx.authorizer, what=what)
+    return passed(ctx, resp, what)
+
+
+def passed(ctx: RequestContext, resp: requests.Response, what: str) -> tuple[http.Response, str]:
+    """The registry's answer to the client's own headers, checked, as the client gets it."""
     if resp.status_code == 304:
         resp.close()
         return passed_response(ctx.method, 304, b"", passed_headers(resp)), "not modified (upstream)"
@@ -329,6 +360,32 @@ class Resolve(ProxyPlugin):
         a tag always asks upstream (tags move)."""
         return self._resolve(ctx, io=False)
 
+    on_loop = True
+
+    async def fetch(self, ctx: RequestContext) -> bool:
+        """A warm lookup on the event loop: the same requests and decisions as `run`."""
+        accept = lookup_accept(ctx.accept, self.config)
+        notes: list[str] = []
+        try:
+            manifest, cached = await fetch_manifest_on_loop(
+                self.state, ctx.upstream, ctx.name, ctx.reference, accept, ctx.authorizer, notes=notes,
+            )
+        except NeedsIO:
+            return False
+        except UpstreamError as e:
+            self._failed(ctx, e)
+            return True
+        if self._answer(ctx, manifest, cached, accept, notes):
+            return True
+        try:
+            answer, note = await pass_through_on_loop(self.state, ctx)
+        except NeedsIO:
+            return False
+        except UpstreamError as e:
+            answer, note = e, ""
+        self._passed(ctx, manifest, cached, accept, notes, answer, note)
+        return True
+
     def run(self, ctx: RequestContext) -> None:
         self._resolve(ctx, io=True)
 
@@ -342,9 +399,26 @@ class Resolve(ProxyPlugin):
         except NeedsIO:
             return False
         except UpstreamError as e:
-            ctx.fail("resolve", e)
-            logger.debug("%s %s:%s -> %d (%s)", ctx.method, ctx.name, ctx.reference, e.status, e.message)
+            self._failed(ctx, e)
             return True
+        if self._answer(ctx, manifest, cached, accept, notes):
+            return True
+        if not io:
+            return False
+        try:
+            answer, note = pass_through(self.state, ctx)
+        except UpstreamError as e:
+            answer, note = e, ""
+        self._passed(ctx, manifest, cached, accept, notes, answer, note)
+        return True
+
+    def _failed(self, ctx: RequestContext, e: UpstreamError) -> None:
+        ctx.fail("resolve", e)
+        logger.debug("%s %s:%s -> %d (%s)", ctx.method, ctx.name, ctx.reference, e.status, e.message)
+
+    def _answer(self, ctx: RequestContext, manifest: Manifest, cached: bool, accept: str, notes: list[str]) -> bool:
+        """Answer from the manifest when the registry would give the client these bytes (or a
+        304); False when the registry answers this client differently (see `pass_through`)."""
         if etag_match(ctx.if_none_match, manifest.digest):
             # The registry compares the stored manifest's digest before it looks at Accept.
             self._found(ctx, manifest, cached, accept, notes)
@@ -357,23 +431,22 @@ class Resolve(ProxyPlugin):
             ctx.answer = manifest_response(ctx.method, manifest)
             ctx.served = manifest
             return True
-        if not io:
-            return False
+        return False
+
+    def _passed(self, ctx: RequestContext, manifest: Manifest, cached: bool, accept: str, notes: list[str],
+                answer: http.Response | UpstreamError, note: str) -> None:
+        """The registry answered a client that does not accept the manifest's type."""
         self._found(ctx, manifest, cached, accept, notes)
-        # The registry answers a client that does not accept this type differently.
-        try:
-            answer, note = pass_through(self.state, ctx)
-        except UpstreamError as e:
-            ctx.fail("resolve", e)
+        if isinstance(answer, UpstreamError):
+            ctx.fail("resolve", answer)
             ctx.note("resolve", f"the client does not accept {manifest.media_type}: answered as the registry did")
-            return True
+            return
         self.state.counters["manifests_passed"] += 1
         ctx.answer = answer
         ctx.passed_through = True
         if answer.status_code != 200:
             ctx.why = note
         ctx.note("resolve", f"the client does not accept {manifest.media_type}: the registry answered {note}")
-        return True
 
     def _found(self, ctx: RequestContext, manifest: Manifest, cached: bool, accept: str, notes: list[str]) -> None:
         self.state.counters["manifests_cached" if cached else "manifests_fetched"] += 1

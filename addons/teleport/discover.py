@@ -27,9 +27,9 @@ from addons.registry import oci
 from addons.registry.oci import Descriptor, Upstream
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import split_list
-from addons.proxy.context import NeedsIO, Referrers, RequestContext
+from addons.proxy.context import Referrers, RequestContext
 from addons.proxy.state import MirrorState
-from addons.proxy.upstream import Authorizer, UpstreamError, send
+from addons.proxy.upstream import Authorizer, NeedsIO, UpstreamError, send
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class ReferrersClient:
         self.calls += 1
         self.state.counters["referrers_calls"] += 1
         try:
-            resp = send(self.state, "GET", url, headers={"Accept": accept}, auth=auth, stream=True, what=what,
+            resp = send(self.state, "GET", url, headers={"Accept": accept}, auth=auth, what=what,
                         timeout=self.state.settings.discover_timeout)
         except UpstreamError as e:
             raise DiscoverError(reason_for(e), e.message) from None

@@ -27,7 +27,7 @@ from typing import Any
 
 from addons.node.containerd_config import DEFAULT_CONFIG
 from addons.node.node_check import Unreadable, load_config, schema_of, streaming_missing
-from addons.proxy.context import NeedsIO
+from addons.proxy.upstream import NeedsIO
 from addons.runmd.plugin import parse_choice
 
 logger = logging.getLogger(__name__)
