@@ -1,14 +1,20 @@
 """Small upstream answers read whole over kept-open connections: the mirror's `requests` transport.
 
-A warm manifest lookup is one small GET upstream, and its cost is on every tag pull. Through
-`requests` and urllib3 it cost about 1.6 ms of CPU here, through urllib3 alone 0.8 ms, and
-through `http.client` on a kept-open connection 0.4 ms (same registry, same machine). So the
-mirror's session keeps `requests`' interface (one place for timeouts, hooks and errors) and
-its adapter answers a request sent with `stream=False` (the mirror's manifest, referrer, tag
-list and blob HEAD requests) from a pool of `http.client` connections, reading the body
-whole, at most `WHOLE_BODY_LIMIT` bytes. Streamed requests (blob bodies) go through urllib3
-as before. The answer has the shape `requests` gives, with the body in memory: the offline
-transport (addons.core.offline) answers with the same shape.
+A warm manifest lookup is one small GET upstream, and its cost is on every tag pull. Measured
+per GET on this machine: `requests` with urllib3 1.6 ms of CPU, urllib3 alone 0.8 ms,
+`http.client` on a kept-open connection 0.4 ms, h11 over asyncio streams 0.5 ms, a plain
+reader over asyncio streams 0.15-0.35 ms. So the mirror's session keeps `requests`'
+interface (one place for timeouts, hooks and errors) and its adapter:
+
+- answers a request sent with `stream=False` (manifest, referrer, tag list and blob HEAD
+  requests from a worker thread) from a pool of `http.client` connections, reading the body
+  whole, at most `WHOLE_BODY_LIMIT` bytes;
+- answers `asend` (a warm tag lookup, addons.proxy.upstream.asend) on the event loop, with no
+  thread hop, from a pool of asyncio connections (`LoopWire`);
+- sends streamed requests (blob bodies) through urllib3 as before.
+
+Answers have the shape `requests` gives, with the body in memory; the offline transport
+(addons.core.offline) answers both `send` and `asend` the same way.
 """
 
 from __future__ import annotations

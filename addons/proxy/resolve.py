@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Generator
 
 import requests
 from mitmproxy import http
@@ -271,20 +272,6 @@ def fetch_manifest(
     return _kept(state, upstream, name, ref, resp, what, notes), False
 
 
-async def fetch_manifest_on_loop(
-    state: MirrorState, upstream: Upstream, name: str, ref: str, accept: str, authorizer: Authorizer | None,
-    notes: list[str] | None = None,
-) -> tuple[Manifest, bool]:
-    """`fetch_manifest` on the event loop (addons.proxy.upstream.asend), or NeedsIO."""
-    hit = _cached(state, upstream, name, ref)
-    if hit is not None:
-        return hit, True
-    what = f"manifest {name}:{ref}"
-    resp = await asend(state, "GET", upstream.url(f"/v2/{name}/manifests/{ref}"), headers={"Accept": accept},
-                       auth=authorizer, what=what)
-    return _kept(state, upstream, name, ref, resp, what, notes), False
-
-
 def client_headers(ctx: RequestContext) -> dict[str, str | None]:
     """The client's headers that change a manifest answer, as the client sent them.
 
@@ -297,26 +284,6 @@ def client_headers(ctx: RequestContext) -> dict[str, str | None]:
         if name.lower() == "range":
             out["Range"] = value
     return out
-
-
-def pass_through(state: MirrorState, ctx: RequestContext) -> tuple[http.Response, str]:
-    """Blocking: ask the registry with the client's own headers and answer as it did.
-
-    Always a GET upstream, so a 200 is checked (by the payload for a signed schema1); the
-    client's HEAD gets the same headers without the body. Returns the answer and a note.
-    """
-    what = f"manifest {ctx.name}:{ctx.reference}"
-    resp = send(state, "GET", ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}"),
-                headers=client_headers(ctx), auth=ctx.authorizer, what=what)
-    return passed(ctx, resp, what)
-
-
-async def pass_through_on_loop(state: MirrorState, ctx: RequestContext) -> tuple[http.Response, str]:
-    """`pass_through` on the event loop (addons.proxy.upstream.asend), or NeedsIO."""
-    what = f"manifest {ctx.name}:{ctx.reference}"
-    resp = await asend(state, "GET", ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}"),
-                       headers=client_headers(ctx), auth=ctx.authorizer, what=what)
-    return passed(ctx, resp, what)
 
 
 def passed(ctx: RequestContext, resp: requests.Response, what: str) -> tuple[http.Response, str]:
@@ -358,67 +325,67 @@ class Resolve(ProxyPlugin):
     def ready(self, ctx: RequestContext) -> bool:
         """A pull by digest whose manifest is cached and of a type the client accepts;
         a tag always asks upstream (tags move)."""
-        return self._resolve(ctx, io=False)
+        lookup = self._lookup(ctx)
+        try:
+            next(lookup)
+        except StopIteration as done:
+            return done.value
+        lookup.close()  # it wants a request: `fetch` or `run` makes it
+        return False
 
     on_loop = True
 
     async def fetch(self, ctx: RequestContext) -> bool:
-        """A warm lookup on the event loop: the same requests and decisions as `run`."""
-        accept = lookup_accept(ctx.accept, self.config)
-        notes: list[str] = []
+        """A warm lookup on the event loop (addons.proxy.upstream.asend): the same requests and
+        decisions as `run`; False, to be `run`, where a request would block (no cached token)."""
+        lookup = self._lookup(ctx)
         try:
-            manifest, cached = await fetch_manifest_on_loop(
-                self.state, ctx.upstream, ctx.name, ctx.reference, accept, ctx.authorizer, notes=notes,
-            )
-        except NeedsIO:
-            return False
-        except UpstreamError as e:
-            self._failed(ctx, e)
-            return True
-        if self._answer(ctx, manifest, cached, accept, notes):
-            return True
-        try:
-            answer, note = await pass_through_on_loop(self.state, ctx)
-        except NeedsIO:
-            return False
-        except UpstreamError as e:
-            answer, note = e, ""
-        self._passed(ctx, manifest, cached, accept, notes, answer, note)
-        return True
+            url, headers, what = next(lookup)
+            while True:
+                try:
+                    resp = await asend(self.state, "GET", url, headers=headers, auth=ctx.authorizer, what=what)
+                except NeedsIO:
+                    lookup.close()
+                    return False
+                except UpstreamError as e:
+                    url, headers, what = lookup.throw(e)
+                    continue
+                url, headers, what = lookup.send(resp)
+        except StopIteration as done:
+            return done.value
 
     def run(self, ctx: RequestContext) -> None:
-        self._resolve(ctx, io=True)
+        lookup = self._lookup(ctx)
+        try:
+            url, headers, what = next(lookup)
+            while True:
+                try:
+                    resp = send(self.state, "GET", url, headers=headers, auth=ctx.authorizer, what=what)
+                except UpstreamError as e:
+                    url, headers, what = lookup.throw(e)
+                    continue
+                url, headers, what = lookup.send(resp)
+        except StopIteration:
+            return
 
-    def _resolve(self, ctx: RequestContext, io: bool) -> bool:
+    def _lookup(self, ctx: RequestContext) -> Generator[tuple[str, dict[str, str | None], str], requests.Response, bool]:
+        """The whole decision, written once for the three ways to run it (`ready`, `fetch`,
+        `run`): it yields each upstream GET it needs, as (URL, headers, what), and is sent the
+        answer (or thrown the UpstreamError). Returns True when the request is answered."""
         accept = lookup_accept(ctx.accept, self.config)
         notes: list[str] = []
+        what = f"manifest {ctx.name}:{ctx.reference}"
+        url = ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}")
+        manifest = _cached(self.state, ctx.upstream, ctx.name, ctx.reference)
+        cached = manifest is not None
         try:
-            manifest, cached = fetch_manifest(
-                self.state, ctx.upstream, ctx.name, ctx.reference, accept, ctx.authorizer, io=io, notes=notes,
-            )
-        except NeedsIO:
-            return False
+            if manifest is None:
+                resp = yield url, {"Accept": accept}, what
+                manifest = _kept(self.state, ctx.upstream, ctx.name, ctx.reference, resp, what, notes)
         except UpstreamError as e:
-            self._failed(ctx, e)
+            ctx.fail("resolve", e)
+            logger.debug("%s %s:%s -> %d (%s)", ctx.method, ctx.name, ctx.reference, e.status, e.message)
             return True
-        if self._answer(ctx, manifest, cached, accept, notes):
-            return True
-        if not io:
-            return False
-        try:
-            answer, note = pass_through(self.state, ctx)
-        except UpstreamError as e:
-            answer, note = e, ""
-        self._passed(ctx, manifest, cached, accept, notes, answer, note)
-        return True
-
-    def _failed(self, ctx: RequestContext, e: UpstreamError) -> None:
-        ctx.fail("resolve", e)
-        logger.debug("%s %s:%s -> %d (%s)", ctx.method, ctx.name, ctx.reference, e.status, e.message)
-
-    def _answer(self, ctx: RequestContext, manifest: Manifest, cached: bool, accept: str, notes: list[str]) -> bool:
-        """Answer from the manifest when the registry would give the client these bytes (or a
-        304); False when the registry answers this client differently (see `pass_through`)."""
         if etag_match(ctx.if_none_match, manifest.digest):
             # The registry compares the stored manifest's digest before it looks at Accept.
             self._found(ctx, manifest, cached, accept, notes)
@@ -431,22 +398,24 @@ class Resolve(ProxyPlugin):
             ctx.answer = manifest_response(ctx.method, manifest)
             ctx.served = manifest
             return True
-        return False
-
-    def _passed(self, ctx: RequestContext, manifest: Manifest, cached: bool, accept: str, notes: list[str],
-                answer: http.Response | UpstreamError, note: str) -> None:
-        """The registry answered a client that does not accept the manifest's type."""
-        self._found(ctx, manifest, cached, accept, notes)
-        if isinstance(answer, UpstreamError):
-            ctx.fail("resolve", answer)
+        # The registry answers a client that does not accept this type differently: ask it
+        # with the client's own headers (see `passed`).
+        try:
+            resp = yield url, client_headers(ctx), what
+            answer, note = passed(ctx, resp, what)
+        except UpstreamError as e:
+            self._found(ctx, manifest, cached, accept, notes)
+            ctx.fail("resolve", e)
             ctx.note("resolve", f"the client does not accept {manifest.media_type}: answered as the registry did")
-            return
+            return True
+        self._found(ctx, manifest, cached, accept, notes)
         self.state.counters["manifests_passed"] += 1
         ctx.answer = answer
         ctx.passed_through = True
         if answer.status_code != 200:
             ctx.why = note
         ctx.note("resolve", f"the client does not accept {manifest.media_type}: the registry answered {note}")
+        return True
 
     def _found(self, ctx: RequestContext, manifest: Manifest, cached: bool, accept: str, notes: list[str]) -> None:
         self.state.counters["manifests_cached" if cached else "manifests_fetched"] += 1
