@@ -167,6 +167,15 @@ def test_the_loop_sends_one_request_line_and_asks_for_identity(serve) -> None:
     assert f"Host: {LOOPBACK}:{server.port}" in head and "Accept-Encoding: identity" in head
 
 
+def test_a_line_break_in_a_header_never_reaches_the_wire(serve) -> None:
+    server = serve(fixed(200, b"ok", "Content-Length: 2"))
+    s, adapter = session()
+    bad = _prepare(s, "GET", server.url + "/x", {"Accept": "a\r\nX-Injected: 1"}, own_url=True)
+    with pytest.raises(requests.exceptions.InvalidHeader):
+        asyncio.run(adapter.asend(bad, timeout=(5, 5)))
+    assert server.heads == []
+
+
 def test_a_head_answer_has_no_body_and_its_connection_is_kept(serve) -> None:
     server = serve(fixed(200, b"", "Content-Length: 1234"))
     first, second = on_loop(server.url + "/x", "HEAD", times=2)

@@ -293,6 +293,8 @@ class LoopWire:
         lines = [f"{method} {request.path_url} HTTP/1.1", f"Host: {url.netloc}"]
         lines += [f"{k}: {v}" for k, v in request.headers.items() if k.lower() not in ("host", "accept-encoding")]
         lines.append("Accept-Encoding: identity")  # a small answer is not worth decoding
+        if " " in request.path_url or any("\r" in line or "\n" in line for line in lines):
+            raise requests.exceptions.InvalidHeader(f"a line break or space in the request to {request.url}")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         for attempt in (0, 1):
             conn, reused = await self._take(key, connect, verify, request)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import collections
 import email.utils
+import functools
 import hashlib
 import json
 import logging
@@ -76,6 +77,12 @@ def accepts(accept: list[str], media_type: str) -> bool:
 def lookup_accept(client: list[str], configured: tuple[str, ...]) -> str:
     """The `Accept` of the mirror's own lookups: every manifest type, the `.resolve` types and
     the client's own, so the registry answers with the manifest as stored."""
+    return _lookup_accept(tuple(client), configured)
+
+
+@functools.lru_cache(maxsize=256)
+def _lookup_accept(client: tuple[str, ...], configured: tuple[str, ...]) -> str:
+    """A client sends the same few `Accept` lists again and again: merged once each."""
     return oci.merge_accept([*oci.MANIFEST_TYPES, *configured], [v for v in client if v != "*/*"])
 
 
