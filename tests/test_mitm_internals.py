@@ -260,3 +260,25 @@ def test_the_mirror_master_leaves_out_only_default_addons_that_exist_and_keeps_w
     needed = {"Core", "Block", "ProxyAuth", "Proxyserver", "NextLayer", "TlsConfig", "Save", "ScriptLoader",
               "DisableH2C", "UpdateAltSvc", "ErrorCheck", "TermLog"}
     assert needed <= chain, needed - chain
+
+
+def test_the_mirror_master_sends_log_records_to_the_terminal_but_not_as_add_log_events() -> None:
+    """mitmproxy turns every log record into the deprecated `add_log` event through a root
+    handler that Master keeps in `_legacy_log_events`; the mirror's master removes it, and no
+    addon it runs (mitmproxy's or ours) handles `add_log`."""
+    import logging
+
+    from mitmproxy import log, options
+
+    async def build() -> tuple[list[logging.Handler], list[Any]]:
+        master = mitm.mirror_master(options.Options())
+        assert isinstance(master._legacy_log_events, log.LegacyLogEvents)
+        handlers = list(logging.getLogger().handlers)
+        chain = list(master.addons.chain)
+        master._termlog_addon.uninstall()
+        return handlers, chain
+
+    handlers, chain = asyncio.run(build())
+    assert not any(isinstance(h, log.LegacyLogEvents) for h in handlers)
+    assert any(type(h).__name__ == "TermLogHandler" for h in handlers)
+    assert not [type(a).__name__ for a in chain if hasattr(a, "add_log")]
