@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 from addons.core.wire import WHOLE_BODY_LIMIT, WireAdapter
 from addons.proxy.upstream import _prepare
+from tests.harness.aad import pem_of, self_signed
 from tests.harness.ports import LOOPBACK, free_port
 
 #: What the server does with one request: the bytes to write back, then whether to close.
@@ -27,9 +31,12 @@ Script = Callable[[bytes], tuple[bytes, bool]]
 class RawServer:
     """Answers each request on a connection with `script(request_head)`; counts connections."""
 
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, tls: ssl.SSLContext | None = None) -> None:
         self.script = script
+        self.tls = tls
         self.connections = 0
+        #: Connections the client closed (the server read their end).
+        self.closed = 0
         self.heads: list[bytes] = []
         self.sock = socket.create_server((LOOPBACK, free_port()))
         self.port = self.sock.getsockname()[1]
@@ -38,7 +45,7 @@ class RawServer:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
 
     def _serve(self) -> None:
         self.sock.settimeout(0.2)
@@ -52,6 +59,13 @@ class RawServer:
 
     def _talk(self, conn: socket.socket) -> None:
         buf = b""
+        if self.tls is not None:
+            try:
+                conn.settimeout(10)
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                conn.close()
+                return
         with conn:
             conn.settimeout(10)
             while True:
@@ -61,6 +75,7 @@ class RawServer:
                     except OSError:
                         return
                     if not data:
+                        self.closed += 1
                         return
                     buf += data
                 head, buf = buf.split(b"\r\n\r\n", 1)
@@ -79,11 +94,11 @@ class RawServer:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Script], RawServer]]:
+def serve() -> Iterator[Callable[..., RawServer]]:
     servers: list[RawServer] = []
 
-    def make(script: Script) -> RawServer:
-        servers.append(RawServer(script))
+    def make(script: Script, tls: ssl.SSLContext | None = None) -> RawServer:
+        servers.append(RawServer(script, tls))
         return servers[-1]
 
     yield make
@@ -96,19 +111,21 @@ def session() -> tuple[requests.Session, WireAdapter]:
     s.trust_env = False
     adapter = WireAdapter(max_retries=0)
     s.mount("http://", adapter)
+    s.mount("https://", adapter)
     return s, adapter
 
 
-def on_thread(url: str, method: str = "GET", timeout: float = 5.0) -> requests.Response:
+def on_thread(url: str, method: str = "GET", timeout: float = 5.0, verify: Any = True) -> requests.Response:
     s, adapter = session()
-    return adapter.send(_prepare(s, method, url, {}), stream=False, timeout=(timeout, timeout))
+    return adapter.send(_prepare(s, method, url, {}), stream=False, timeout=(timeout, timeout), verify=verify)
 
 
-def on_loop(url: str, method: str = "GET", timeout: float = 5.0, times: int = 1) -> list[requests.Response]:
+def on_loop(url: str, method: str = "GET", timeout: float = 5.0, times: int = 1, verify: Any = True) -> list[requests.Response]:
     s, adapter = session()
 
     async def run() -> list[requests.Response]:
-        return [await adapter.asend(_prepare(s, method, url, {}), timeout=(timeout, timeout)) for _ in range(times)]
+        return [await adapter.asend(_prepare(s, method, url, {}), timeout=(timeout, timeout), verify=verify)
+                for _ in range(times)]
 
     return asyncio.run(run())
 
@@ -241,3 +258,45 @@ def test_a_slow_answer_times_out_and_a_closed_port_is_refused(serve) -> None:
         on_loop(closed)
     with pytest.raises(requests.ConnectionError):
         on_thread(closed)
+
+
+def test_tls_is_verified_against_the_trusted_certificates_on_both_pools(serve, tmp_path: Path) -> None:
+    """A registry is HTTPS (ACR is): the certificate is checked, by default against certifi's
+    bundle as `requests` does, or against the file `verify` names."""
+    key, cert = self_signed("lifec test registry", ip=LOOPBACK)
+    (tmp_path / "server.pem").write_text(pem_of(key, cert))
+    (tmp_path / "ca.pem").write_text(pem_of(key, cert).split("-----END PRIVATE KEY-----\n", 1)[1])
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "server.pem")
+    server = serve(fixed(200, b'{"a":1}', "Content-Length: 7"), tls)
+    url = f"{server.url}/v2/r/manifests/v1"
+    ca = str(tmp_path / "ca.pem")
+    assert body_of(on_thread(url, verify=ca)) == body_of(on_loop(url, verify=ca, times=2)[1]) == b'{"a":1}'
+    assert server.connections == 2  # one per pool: the loop's second request reused its own
+    for send in (on_thread, on_loop):
+        with pytest.raises(requests.exceptions.SSLError):
+            send(url)  # a self-signed certificate is not in certifi's bundle
+
+
+def test_a_cancelled_lookup_closes_its_connection(serve) -> None:
+    server = serve(lambda _: (time.sleep(0.5), (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", False))[1])
+    s, adapter = session()
+
+    async def run() -> tuple[int, int, int]:
+        task = asyncio.ensure_future(adapter.asend(_prepare(s, "GET", server.url + "/x", {}), timeout=(5, 5)))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.8)  # the server has answered and reads the connection's end
+        closed = server.closed
+        wire = adapter._loop_wire
+        assert wire is not None
+        idle = sum(len(v) for v in wire._idle.values())
+        resp = await adapter.asend(_prepare(s, "GET", server.url + "/x", {}), timeout=(5, 5))
+        return closed, idle, len(resp.content)
+
+    closed, idle, size = asyncio.run(run())
+    assert closed == 1, "the cancelled lookup left its connection open"
+    assert idle == 0 and size == 1
+    assert server.connections == 2  # the cancelled one was not reused mid-answer

@@ -315,6 +315,9 @@ class LoopWire:
             except (OSError, ProtocolError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
                 conn.close()
                 raise requests.ConnectionError(f"{e.__class__.__name__}: {e}", request=request) from None
+            except BaseException:  # cancelled (the client went away): the connection is mid-answer
+                conn.close()
+                raise
         raise AssertionError("unreachable")
 
     def close(self) -> None:
