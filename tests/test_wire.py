@@ -35,7 +35,7 @@ class RawServer:
         self.script = script
         self.tls = tls
         self.connections = 0
-        #: Connections the client closed (the server read their end).
+        #: Connections the client closed (the server read their end or failed to write).
         self.closed = 0
         self.heads: list[bytes] = []
         self.sock = socket.create_server((LOOPBACK, free_port()))
@@ -73,7 +73,7 @@ class RawServer:
                     try:
                         data = conn.recv(65536)
                     except OSError:
-                        return
+                        data = b""
                     if not data:
                         self.closed += 1
                         return
@@ -84,6 +84,7 @@ class RawServer:
                 try:
                     conn.sendall(answer)
                 except OSError:
+                    self.closed += 1
                     return
                 if close:
                     return
