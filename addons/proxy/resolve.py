@@ -324,6 +324,7 @@ class Resolve(ProxyPlugin):
     routes = frozenset({"manifests"})
     answers = frozenset({"manifests"})
     summary = "fetch the manifest upstream (also accepting the listed media types); answer as the registry would"
+    on_loop = True
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:
@@ -339,8 +340,6 @@ class Resolve(ProxyPlugin):
             return done.value
         lookup.close()  # it wants a request: `fetch` or `run` makes it
         return False
-
-    on_loop = True
 
     async def fetch(self, ctx: RequestContext) -> bool:
         """A warm lookup on the event loop (addons.proxy.upstream.asend): the same requests and
