@@ -40,6 +40,7 @@ class RawServer:
         self.heads: list[bytes] = []
         self.sock = socket.create_server((LOOPBACK, free_port()))
         self.port = self.sock.getsockname()[1]
+        self.sock.settimeout(0.2)
         self._stop = False
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -48,12 +49,11 @@ class RawServer:
         return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
 
     def _serve(self) -> None:
-        self.sock.settimeout(0.2)
         while not self._stop:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
-                continue
+                continue  # a timeout, or the socket closed by `stop`
             self.connections += 1
             threading.Thread(target=self._talk, args=(conn,), daemon=True).start()
 
