@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import requests
 
+from addons.core import wire
 from addons.core.wire import WHOLE_BODY_LIMIT, WireAdapter
 from addons.proxy.upstream import _prepare
 from tests.harness.aad import pem_of, self_signed
@@ -279,9 +280,18 @@ def test_tls_is_verified_against_the_trusted_certificates_on_both_pools(serve, t
             send(url)  # a self-signed certificate is not in certifi's bundle
 
 
-def test_a_cancelled_lookup_closes_its_connection(serve) -> None:
+def test_a_cancelled_lookup_closes_its_connection(serve, monkeypatch: pytest.MonkeyPatch) -> None:
     server = serve(lambda _: (time.sleep(0.5), (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", False))[1])
     s, adapter = session()
+    # Every connection stays referenced, so only the wire's own close can end it (not the GC).
+    opened: list[wire.LoopConnection] = []
+    original = wire.LoopConnection.__init__
+
+    def keep(self: wire.LoopConnection, *args: Any) -> None:
+        original(self, *args)
+        opened.append(self)
+
+    monkeypatch.setattr(wire.LoopConnection, "__init__", keep)
 
     async def run() -> tuple[int, int, int]:
         task = asyncio.ensure_future(adapter.asend(_prepare(s, "GET", server.url + "/x", {}), timeout=(5, 5)))
@@ -300,4 +310,4 @@ def test_a_cancelled_lookup_closes_its_connection(serve) -> None:
     closed, idle, size = asyncio.run(run())
     assert closed == 1, "the cancelled lookup left its connection open"
     assert idle == 0 and size == 1
-    assert server.connections == 2  # the cancelled one was not reused mid-answer
+    assert server.connections == 2 == len(opened)  # the cancelled one was not reused mid-answer

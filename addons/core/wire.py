@@ -283,6 +283,8 @@ class LoopWire:
         self.loop = loop
         self._idle: dict[tuple[str, str, int], list[LoopConnection]] = {}
         self._tls = tls
+        #: TLS contexts by `verify`, built in a thread: reading a CA bundle blocks.
+        self._contexts: dict[Any, ssl.SSLContext] = {}
 
     async def send(self, request: requests.PreparedRequest, timeout: Any, verify: Any) -> tuple[int, str, list[tuple[str, str]], bytes]:
         """(status, reason, headers, body); raises `requests` exceptions as the adapter does."""
@@ -361,22 +363,17 @@ class LoopWire:
                 body, keep = await reader.readexactly(WHOLE_BODY_LIMIT + 1), False  # the caller's size check refuses it
             else:
                 body = await reader.readexactly(length)
-        else:
-            body, keep = await reader.read(WHOLE_BODY_LIMIT + 1), False  # delimited by the close
-            while len(body) <= WHOLE_BODY_LIMIT and not reader.at_eof():
-                more = await reader.read(WHOLE_BODY_LIMIT + 1 - len(body))
-                if not more:
-                    break
+        else:  # delimited by the close
+            body, keep = b"", False
+            while len(body) <= WHOLE_BODY_LIMIT and (more := await reader.read(WHOLE_BODY_LIMIT + 1 - len(body))):
                 body += more
         encoding = ",".join(_field(fields, "content-encoding")).strip().lower()
         if encoding and encoding != "identity" and body:
             body = _decoded(body, encoding)
             fields = [(k, v) for k, v in fields if k.lower() not in ("content-encoding", "content-length")]
-        if keep:
-            idle = self._idle.setdefault(key, [])
+        idle = self._idle.setdefault(key, [])
+        if keep and len(idle) < IDLE_PER_ORIGIN:
             idle.append(conn)
-            if len(idle) > IDLE_PER_ORIGIN:
-                idle.pop(0).close()
         else:
             conn.close()
         return status, reason, fields, body
@@ -409,11 +406,15 @@ class LoopWire:
                 return conn, True
             conn.close()
         scheme, host, port = key
+        tls = None
+        if scheme == "https":
+            tls = self._contexts.get(verify)
+            if tls is None:
+                tls = self._contexts[verify] = await asyncio.to_thread(self._tls, verify)
         try:
             async with asyncio.timeout(connect):
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self._tls(verify) if scheme == "https" else None,
-                    server_hostname=host if scheme == "https" else None,
+                    host, port, ssl=tls, server_hostname=host if tls is not None else None,
                 )
         except TimeoutError as e:
             raise requests.ConnectTimeout(e, request=request) from None

@@ -71,8 +71,12 @@ class ProxyPlugin(Plugin):
         """Blocking (in a worker thread): do the job with upstream requests."""
         raise NotImplementedError
 
-    #: Whether `fetch` can do the job on the event loop.
+    #: Whether `fetch` can do the job on the event loop: whether the step has one.
     on_loop: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.on_loop = cls.fetch is not ProxyPlugin.fetch
 
     async def fetch(self, ctx: RequestContext) -> bool:
         """On the event loop, never blocking: do the job with upstream requests and return

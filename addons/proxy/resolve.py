@@ -324,7 +324,6 @@ class Resolve(ProxyPlugin):
     routes = frozenset({"manifests"})
     answers = frozenset({"manifests"})
     summary = "fetch the manifest upstream (also accepting the listed media types); answer as the registry would"
-    on_loop = True
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:

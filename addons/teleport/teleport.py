@@ -31,9 +31,8 @@ from addons.teleport.discover import DiscoverError
 from addons.registry.oci import Descriptor, Manifest, Platform
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import ROCKET, RequestContext, TeleportDecision
-from addons.proxy.upstream import NeedsIO
 from addons.proxy.resolve import accepts, fetch_manifest, manifest_response
-from addons.proxy.upstream import UpstreamError
+from addons.proxy.upstream import NeedsIO, UpstreamError
 from addons.runmd.plugin import parse_choice, split_list
 from addons.teleport.gate import MODES, Gate, parse_mode
 
