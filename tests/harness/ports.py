@@ -18,7 +18,9 @@ LOOPBACK = "127.0.0.1"
 #: Ports handed out by ``free_port``: below the kernel's ephemeral range (32768-60999 on Linux),
 #: so no outgoing connection on the machine can take one between the pick and the server's bind,
 #: and cut in slices, one per pytest-xdist worker, so parallel workers never pick the same one.
-PORT_BASE, SLICE, SLICES = 20000, 1000, 12
+#: ``LIFEC_TEST_PORT_SLICE=N`` moves a whole run N slices on, so that runs in several checkouts of
+#: the project on one machine stay apart as well.
+PORT_BASE, SLICE, SLICES = 20000, 500, 24
 _next = [0]
 _lock = threading.Lock()
 
@@ -33,6 +35,7 @@ def _slice_start() -> Optional[int]:
         return None
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ... under xdist
     index = int(worker[2:]) if worker[2:].isdigit() else 0
+    index += int(os.environ.get("LIFEC_TEST_PORT_SLICE", "0") or 0)
     return PORT_BASE + SLICE * (index % SLICES)
 
 
