@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
-from addons.core import mitm
+from addons.core.mitm.master import put_first_in_chain
 from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints
@@ -106,7 +106,7 @@ class AcrMirror:
     def load(self, loader) -> None:
         # First in the master's chain, ahead of the flow writer and mitmweb (see TokenScrub).
         if ctx.master.addons.get(TokenScrub.name) is None:
-            mitm.put_first_in_chain(ctx.master, TokenScrub())
+            put_first_in_chain(ctx.master, TokenScrub())
         record.install(ctx.master)  # `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
 

@@ -249,9 +249,9 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     except StepError as e:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
-    from addons.core import mitm
+    from addons.core.mitm.loop import run
 
-    return mitm.run(serve(compiled, address, args))
+    return run(serve(compiled, address, args))
 
 
 # `+ .engine`, `acr mirror serve`, `acr containerd configure`
@@ -311,9 +311,9 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
     check_listen(address)
-    from addons.core import mitm
+    from addons.core.mitm.loop import run
 
-    return mitm.run(serve(compiled, address, args))
+    return run(serve(compiled, address, args))
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
@@ -353,7 +353,8 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     from mitmproxy import options
 
     from addons.chain import AcrMirror
-    from addons.core import mitm
+    from addons.core.mitm.loop import ReadSize
+    from addons.core.mitm.master import mirror_master
 
     # From here on mitmproxy's termlog prints every log line; ours would print them twice.
     root = logging.getLogger()
@@ -367,7 +368,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
         master = web_master(opts, args)
     else:
-        master = mitm.mirror_master(opts)
+        master = mirror_master(opts)
     opts.update(
         mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
@@ -376,7 +377,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled), mitm.ReadSize())
+    master.addons.add(AcrMirror(compiled), ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:
@@ -432,9 +433,9 @@ def web_master(opts, args: argparse.Namespace):
         # The page polls; one access line per poll would drown the mirror's one line per request
         # (mitmproxy's own launcher quiets this logger the same way).
         logging.getLogger("tornado").setLevel(logging.WARNING)
-    from addons.core import mitm
+    from addons.core.mitm.web import web_handlers
 
-    mitm.web_handlers(master.app)
+    web_handlers(master.app)
     return master
 
 

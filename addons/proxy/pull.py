@@ -4,7 +4,7 @@ A blob GET costs one upstream request (two where the registry redirects to stora
 mirror makes the GET itself in the route's worker thread (renewing a stale token once,
 following a storage redirect without the registry's token, or in `client` mode handing it to
 the client), answers the flow with the upstream's status and headers, and hands the body to
-addons.proxy.relay, which a thread writes straight to the client socket (addons.core.mitm
+addons.proxy.relay, which a thread writes straight to the client socket (addons.core.mitm.handoff
 `hand_off`), checking a whole blob against its digest and cutting the transfer before its
 last byte when it does not match. The flow stays a mitmproxy flow (status, headers, real
 duration in mitmweb; counted by /metrics; saved without a token).
@@ -30,7 +30,8 @@ import requests
 from mitmproxy import ctx, http
 from mitmproxy.flow import Error as flow_error
 
-from addons.core import mitm
+from addons.core.mitm import handoff
+from addons.core.mitm.master import flows_the_writer_holds
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import parse_choice
@@ -228,7 +229,7 @@ class Pull(ProxyPlugin):
             return
         ctx = self.context(flow)
         if ctx is not None and ctx.route == "blobs" and ctx.method == "GET":
-            ctx.hand_off = mitm.can_hand_off(flow)
+            ctx.hand_off = handoff.can_hand_off(flow)
 
     def ready(self, ctx: RequestContext) -> bool:
         """A streamed blob GET that needs no probe (`client` mode) and whose token is cached."""
@@ -375,7 +376,7 @@ class Pull(ProxyPlugin):
         """Stream the body, counting it and noting when each chunk passes, so a stalled upstream
         can be cut off and the flow tells how many bytes passed, how fast and from where (and
         checking it against `digest` when given)."""
-        cut = lambda: mitm.abort_client(flow)  # noqa: E731
+        cut = lambda: handoff.abort_client(flow)  # noqa: E731
         if ctx is not None and ctx.forward is not None:
             ctx.streamed = Streamed(started=time.monotonic(),
                                     source="storage" if ctx.forward.redirected else "registry")
@@ -410,7 +411,7 @@ class Pull(ProxyPlugin):
             for flow, activity in list(self._watched.items()):
                 if activity.done or not flow.live:
                     self._watched.pop(flow, None)
-                elif now - activity.last > limit and mitm.client_has_unsent_bytes(flow):
+                elif now - activity.last > limit and handoff.client_has_unsent_bytes(flow):
                     activity.last = now  # the client is slow, not the upstream (backpressure)
                 elif now - activity.last > limit:
                     self._watched.pop(flow, None)
@@ -419,7 +420,7 @@ class Pull(ProxyPlugin):
                         ctx.stalled = True
                         ctx.note("pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
                         ctx.publish(flow)
-                    mitm.abort_server_connection(flow)
+                    handoff.abort_server_connection(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = self.context(flow)
@@ -476,7 +477,7 @@ class Pull(ProxyPlugin):
         # The flow shows where the bytes came from, as a forwarded flow does (flow files
         # scrub a storage URL's signature); the request is never sent by mitmproxy.
         flow.request.url = body.url or flow.request.url
-        if mitm.hand_off(flow, body.write, done):
+        if handoff.hand_off(flow, body.write, done):
             return
         # The connection changed under us (closed meanwhile): never leave a client waiting for a body.
         body.close()
@@ -523,5 +524,5 @@ class TokenScrub:
         self.responseheaders(flow)
 
     def done(self) -> None:
-        for flow in mitm.flows_the_writer_holds(ctx.master):
+        for flow in flows_the_writer_holds(ctx.master):
             self.responseheaders(flow)
