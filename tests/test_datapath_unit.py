@@ -468,9 +468,9 @@ def test_each_request_writes_exactly_one_info_line(tmp_path: Path, caplog: pytes
             flow = tflow.tflow(req=req)
             run_hooks_now(mirror.addons, flow, ("requestheaders", "request", "response"))
             flows.append(flow)
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy.front"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy.tail"]
     assert lines == [f"{m} manifests app:v1 -> 200 {sha(MANIFEST)} [{NS}]" for m in ("HEAD", "GET", "GET")]
-    others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy.front"]
+    others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy.tail"]
     assert len(others) == 1 and others[0].endswith(": loaded user user")  # once, not per request
     for flow in flows:
         assert flow.comment and flow.metadata["acr"]["steps"]
