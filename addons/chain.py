@@ -31,6 +31,7 @@ from addons.proxy.front import Proxy
 from addons.proxy.tail import ProxyTail
 from addons.proxy.routes import Route
 from addons.runmd.syntax import RunmdError, Step
+from addons.proxy.stale import StaleStore
 from addons.proxy.state import MirrorState, Settings
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def build_state(compiled: Compiled, settings: Settings | None = None) -> MirrorS
     for _, step in compiled.document.steps("mirror"):
         upstream = compiled.config(step)
         upstreams.setdefault(upstream.ns.lower(), upstream)
-    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
+    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings(),
+                       stale=StaleStore(compiled.home / ".work" / "stale"))
 
 
 def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:

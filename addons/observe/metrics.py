@@ -234,6 +234,7 @@ class Metrics:
         family("acr_token_fetches_total", "counter", "Upstream tokens fetched, by upstream.",
                (f"acr_token_fetches_total{labels(('upstream',), (k,))} {v}" for k, v in sorted(fetches.items())))
         family("acr_tokens_cached", "gauge", "Upstream tokens held in the cache.", [f"acr_tokens_cached {cached}"])
+        self._outage_families(family)
         family("acr_events_total", "counter", "The mirror's internal event counters (as in /status).",
                (f"acr_events_total{labels(('event',), (k,))} {v}" for k, v in sorted(self.state.counters.items())))
         family("acr_metrics_refused_total", "counter", "Scrapes refused because the client was not on loopback.",
@@ -241,3 +242,44 @@ class Metrics:
         family("acr_start_time_seconds", "gauge", "When this mirror process started (POSIX seconds).",
                [f"acr_start_time_seconds {self.started:.3f}"])
         return "\n".join(out) + "\n"
+
+    def _outage_families(self, family: Any) -> None:
+        """Stale answers, back-off and shared lookups (addons.proxy.outage, backoff, core.flight)."""
+        hosts = {u.ns.lower() for u in self.state.upstreams.values()}
+
+        def upstream(host: str) -> str:
+            return host if host in hosts else "other"
+
+        store = self.state.stale
+        stale: collections.Counter[tuple[str, str]] = collections.Counter()
+        if store is not None:
+            for (host, reason), n in list(store.served.by.items()):
+                stale[(upstream(host), reason)] += n
+        family("acr_stale_answers_total", "counter",
+               "Tag lookups answered with the last answer because the upstream could not answer, by reason.",
+               (f"acr_stale_answers_total{labels(('upstream', 'reason'), k)} {v}" for k, v in sorted(stale.items())))
+        backoff = self.state.backoff
+        throttled: collections.Counter[str] = collections.Counter()
+        refusals: collections.Counter[str] = collections.Counter()
+        for host, n in list(backoff.throttled.items()):
+            throttled[upstream(host)] += n
+        for host, n in list(backoff.refusals.items()):
+            refusals[upstream(host)] += n
+        family("acr_upstream_throttled_total", "counter",
+               "Upstream answers asking the mirror to wait (429, or 503 with Retry-After), by upstream.",
+               (f"acr_upstream_throttled_total{labels(('upstream',), (k,))} {v}" for k, v in sorted(throttled.items())))
+        family("acr_backoff_refusals_total", "counter",
+               "Requests answered without asking the upstream because it asked the mirror to wait, by upstream.",
+               (f"acr_backoff_refusals_total{labels(('upstream',), (k,))} {v}" for k, v in sorted(refusals.items())))
+        windows = backoff.windows()
+        family("acr_upstream_backoff_seconds", "gauge", "Seconds of back-off left, by upstream.",
+               (f"acr_upstream_backoff_seconds{labels(('upstream',), (h,))} {max(0.0, windows.get(h, 0.0)):.3f}"
+                for h in sorted(hosts)))
+        shared = collections.Counter(self.state.flights.joined)
+        tokens = self.state.services.get("tokens")
+        if tokens is not None:
+            shared["token"] += tokens.joined
+        family("acr_shared_lookups_total", "counter",
+               "Lookups that joined an identical upstream request already in flight, by kind.",
+               (f"acr_shared_lookups_total{labels(('kind',), (k,))} {shared.get(k, 0)}"
+                for k in ("manifest", "referrers", "token")))

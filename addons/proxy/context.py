@@ -94,6 +94,38 @@ class TeleportDecision:
 
 
 @dataclass
+class StaleAnswer:
+    """A tag answered from the last answer the mirror gave for it, because the upstream could not answer."""
+
+    #: Seconds since that answer was given.
+    age: float
+    #: Why the upstream could not: `refused`, `timeout`, `5xx`, `429` or `backoff`.
+    reason: str
+    #: The upstream's status, where it answered one.
+    status: int | None = None
+
+    def text(self) -> str:
+        """`stale 3m12s: upstream 502`, for the log line and mitmweb."""
+        why = {"refused": "upstream unreachable", "timeout": "upstream timed out", "backoff": "backing off"}
+        return f"stale {age_text(self.age)}: {why.get(self.reason) or f'upstream {self.status or self.reason}'}"
+
+    def public(self) -> dict[str, Any]:
+        return {"age": round(self.age, 3), "reason": self.reason, "status": self.status, "text": self.text()}
+
+
+def age_text(seconds: float) -> str:
+    """An age the way a person reads it: `45s`, `3m12s`, `2h05m`, `1d03h`."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@dataclass
 class Forward:
     """Where `.pull` sends the flow for mitmproxy to stream, and with which header."""
 
@@ -252,6 +284,13 @@ class RequestContext:
     marked: str = ""
     #: The tag this digest was served for by a teleport (`name:tag`), for its follow-up GET.
     teleport_target_of: str | None = None
+    # -- outages --------------------------------------------------------------------------
+    #: The answer is the last one given for this tag, because the upstream could not answer.
+    stale: StaleAnswer | None = None
+    #: Seconds of back-off left when the mirror refused (or answered stale) without asking upstream.
+    backoff: float | None = None
+    #: This lookup joined an identical one already in flight (one upstream request for both).
+    shared: bool = False
 
     @property
     def by_digest(self) -> bool:
@@ -275,6 +314,8 @@ class RequestContext:
 
     def headline(self) -> str:
         """The decision in a few characters, for mitmweb's narrow comment column."""
+        if self.stale is not None:
+            return self.stale.text()
         if self.error is not None:
             return f"failed {self.answer.status_code if self.answer else self.error.status} {self.error.code}"
         if self.route == "manifests":
@@ -369,6 +410,12 @@ class RequestContext:
             out["refused"] = self.refused
         if self.prefix:
             out["prefix"] = self.prefix
+        if self.stale is not None:
+            out["stale"] = self.stale.public()
+        if self.backoff is not None:
+            out["backoff"] = round(self.backoff, 3)
+        if self.shared:
+            out["shared"] = True
         if self.why:
             out["why"] = self.why
         out["steps"] = list(self.steps)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy.exceptions import OptionsError
 
-from addons.core.duration import seconds_option
+from addons.core.duration import parse_duration, seconds_option
 
 from addons.registry import oci
 from addons.registry.oci import Upstream
@@ -175,6 +176,11 @@ class Proxy(ProxyPlugin):
             "acr_connect_timeout", str, "5",
             "Seconds to wait for an upstream connection before answering the client with 502.",
         )
+        loader.add_option(
+            "acr_stale_max", str, "24h",
+            "How old a tag's last answer may be to answer for it while the registry cannot "
+            "(unreachable, timeout, 5xx, 429): a duration like 24h, 30m; 0 turns stale answers off.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         settings = self.state.settings
@@ -182,6 +188,8 @@ class Proxy(ProxyPlugin):
             settings.upstream_timeout = seconds_option(ctx.options.acr_upstream_timeout, "acr_upstream_timeout")
         if "acr_connect_timeout" in updated:
             settings.connect_timeout = seconds_option(ctx.options.acr_connect_timeout, "acr_connect_timeout")
+        if "acr_stale_max" in updated:
+            settings.stale_max = stale_max_option(ctx.options.acr_stale_max)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -241,3 +249,13 @@ class Proxy(ProxyPlugin):
         ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
         self.state.contexts[flow] = ctx
         ctx.publish(flow)
+
+
+def stale_max_option(text: str) -> float:
+    """`acr_stale_max`: a duration, or 0 for never."""
+    if text.strip() in ("0", "0s"):
+        return 0.0
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise OptionsError(f"acr_stale_max: {e} (or 0 to turn stale answers off)") from None

@@ -16,7 +16,10 @@ from typing import Any
 
 from mitmproxy import http
 
+from addons.core.flight import Flights
+from addons.proxy.backoff import Backoff
 from addons.proxy.context import RequestContext
+from addons.proxy.stale import StaleStore
 from addons.registry.oci import Upstream
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,8 @@ class Settings:
     teleport_mode: str = ""
     #: containerd's config.toml that teleport's `auto` mode reads (`acr_containerd_config`).
     containerd_config: str = ""
+    #: How old a tag's last answer may be to answer for it while the upstream cannot (0: never).
+    stale_max: float = 24 * 3600.0
 
 
 @dataclass
@@ -52,6 +57,12 @@ class MirrorState:
     contexts: weakref.WeakKeyDictionary[http.HTTPFlow, RequestContext] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+    #: Upstreams that asked the mirror to wait (429, 503 with Retry-After).
+    backoff: Backoff = field(default_factory=Backoff)
+    #: Identical upstream requests in flight, shared by their callers.
+    flights: Flights = field(default_factory=Flights)
+    #: The last answer per tag, for outages; None where the mirror has no work folder to keep it.
+    stale: StaleStore | None = None
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
         """The upstream named by containerd's `ns`, or the only one when a client sends none."""

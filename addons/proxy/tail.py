@@ -4,7 +4,7 @@ request gets its one log line once its answer is complete."""
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from mitmproxy import http
 
@@ -45,6 +45,8 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(f"no teleport (snapshotter: {teleport.get('message', '')})")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
         parts.append(f"no teleport ({teleport['skipped']})")
+    if meta.get("stale"):
+        parts.append(f"({meta['stale']['text']})")
     if meta.get("redirected"):
         parts.append("via storage")
     if meta.get("refused"):
@@ -116,6 +118,9 @@ class ProxyTail:
             return
         if not flow.response.stream:
             flow.response.stream = True  # a blob never sits in memory whole
+        if flow.response.status_code in (429, 503):
+            self.state.backoff.observe(urlsplit(ctx.forward.url).netloc, flow.response.status_code,
+                                       flow.response.headers.get("Retry-After"))
         if flow.response.status_code >= 400 and not ctx.why:
             ctx.why = f"upstream answered {flow.response.status_code}"
             ctx.publish(flow)
