@@ -7,6 +7,7 @@ lists them, and mitmproxy calls their hooks in runmd order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,7 @@ def build_state(compiled: Compiled, settings: Settings | None = None) -> MirrorS
     for _, step in compiled.document.steps("mirror"):
         upstream = compiled.config(step)
         upstreams.setdefault(upstream.ns.lower(), upstream)
-    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings(),
-                       stale=StaleStore(compiled.home / ".work" / "stale"))
+    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
 
 
 def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
@@ -142,6 +142,8 @@ class AcrMirror:
     def _load(self, path: str) -> None:
         compiled = catalog.load(path)
         state = build_state(compiled)
+        if self.state is not None and self.state.home == compiled.home:
+            state.stale = self.state.stale  # a reloaded runmd keeps the tags' last answers
         children = build_addons(compiled, state)
         self._replace(children)
         self.compiled, self.state, self.loaded_path = compiled, state, path
@@ -174,10 +176,15 @@ class AcrMirror:
         except RunmdError as e:
             self._refuse_at_start(str(e))
 
-    def running(self) -> None:
+    async def running(self) -> None:
         if self.script and self.compiled is None and not self._refused:
             self._default_runmd()
         self._running = True
+        state, compiled = self.state, self.compiled
+        if state is not None and compiled is not None and state.stale is None:
+            # Only a serving mirror keeps answers (not a chain built for tests or offline
+            # re-runs); what a previous run kept is read off the event loop.
+            state.stale = await asyncio.to_thread(StaleStore, compiled.home / ".work" / "stale")
 
     @command.command("acr.teleports")
     def teleports(self, flows: Sequence[flow.Flow]) -> Sequence[str]:

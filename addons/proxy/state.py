@@ -61,7 +61,7 @@ class MirrorState:
     backoff: Backoff = field(default_factory=Backoff)
     #: Identical upstream requests in flight, shared by their callers.
     flights: Flights = field(default_factory=Flights)
-    #: The last answer per tag, for outages; None where the mirror has no work folder to keep it.
+    #: The last answer per tag, for outages; None until the mirror serves (addons.chain.AcrMirror.running).
     stale: StaleStore | None = None
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
