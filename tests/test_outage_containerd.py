@@ -21,18 +21,10 @@ from tests.harness.images import make_image, push_image
 from tests.harness.mirror import Mirror
 from tests.harness.overlaybd import StreamingNode
 from tests.harness.registry import Registry
-from tests.test_teleport import (PLACEHOLDER_UPSTREAM, init_runmd, node_sets, push_streamable,  # noqa: F401
+from tests.test_teleport import (PLACEHOLDER_UPSTREAM, init_runmd, node_sets, pull, push_streamable,  # noqa: F401
                                  streamable, streaming_node)
 
 START = 60.0
-
-
-def pull(containerd: Ctr, hosts: HostsDir, ref: str) -> str:
-    result = containerd.pull(ref, hosts_dir=hosts)
-    assert result.returncode == 0, result.stderr
-    target = containerd.image_target(ref)
-    assert target is not None
-    return target
 
 
 @pytest.mark.e2e

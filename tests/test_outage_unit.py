@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import taddons
 
 from addons import catalog
 from addons.chain import AcrMirror
@@ -27,6 +27,7 @@ from addons.proxy.state import MirrorState
 from addons.proxy.upstream import UpstreamError, send
 from addons.registry import oci
 from addons.registry.oci import Upstream
+from tests import test_teleport_unit as teleport_unit
 from tests.harness.inprocess import calls, install
 
 UPSTREAM = Upstream.from_spec("http://127.0.0.1:5000")
@@ -202,11 +203,8 @@ RUNMD = """\
 """
 
 
-def make_flow(ref: str, method: str = "HEAD", accept: str = oci.DEFAULT_ACCEPT) -> http.HTTPFlow:
-    req = tutils.treq(method=method.encode(), path=f"/v2/app/manifests/{ref}?ns=127.0.0.1%3A5000".encode(),
-                      authority=b"", host="127.0.0.1", port=9,
-                      headers=http.Headers(((b"Host", b"localhost:8578"), (b"Accept", accept.encode()))), content=b"")
-    return tflow.tflow(req=req)
+def make_flow(ref: str, method: str = "HEAD") -> http.HTTPFlow:
+    return teleport_unit.make_flow(f"/v2/app/manifests/{ref}?ns=127.0.0.1%3A5000", method)
 
 
 def test_a_cold_lookup_in_a_worker_thread_is_answered_stale(tmp_path: Path) -> None:
