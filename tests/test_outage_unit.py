@@ -22,7 +22,7 @@ from addons.core.flight import Flights
 from addons.core.offline import Answer, run_hooks_now
 from addons.proxy import backoff as backoff_mod
 from addons.proxy.backoff import Backoff, retry_after_seconds
-from addons.proxy.stale import Entry, StaleStore, file_name
+from addons.proxy.stale import Entry, StaleStore, accept_class, file_name
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import UpstreamError, send
 from addons.registry import oci
@@ -230,12 +230,19 @@ def test_a_cold_lookup_in_a_worker_thread_is_answered_stale(tmp_path: Path) -> N
         mode["answer"] = "down"
         stale = run_hooks_now(mirror.addons, make_flow("v1", "GET"), ("requestheaders", "request", "response"))
         unseen = run_hooks_now(mirror.addons, make_flow("v2"), ("requestheaders", "request", "response"))
+        # Never for a digest, even one the store were to hold an answer for.
+        pinned = "sha256:" + "2" * 64
+        state.stale.put(Entry((NS, "app", pinned, accept_class(oci.accept_values(http.Headers(
+            ((b"Accept", oci.DEFAULT_ACCEPT.encode()),))))), 0.0, {}, body, (oci.OCI_MANIFEST, pinned, body)))
+        state.stale.clock = lambda: 1.0
+        by_digest = run_hooks_now(mirror.addons, make_flow(pinned), ("requestheaders", "request", "response"))
     assert fresh.response is not None and stale.response is not None and unseen.response is not None
     assert stale.response.status_code == 200 and stale.response.content == fresh.response.content == body
     assert stale.response.headers["Warning"] == '110 - "Response is Stale"'
     assert stale.metadata["acr"]["stale"]["reason"] == "refused"
     assert stale.comment.startswith("stale 0s: upstream unreachable")
     assert unseen.response.status_code == 502
+    assert by_digest.response is not None and by_digest.response.status_code == 502
     # The token once, then each lookup in a worker thread.
-    assert state.counters["worker_hops"] == 4
+    assert state.counters["worker_hops"] == 5
     state.stale.close()
