@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,7 @@ def test_a_cold_lookup_in_a_worker_thread_is_answered_stale(tmp_path: Path) -> N
     with taddons.context(mirror):
         fresh = run_hooks_now(mirror.addons, make_flow("v1", "GET"), ("requestheaders", "request", "response"))
         mode["answer"] = "down"
+        stale_at = time.time()
         stale = run_hooks_now(mirror.addons, make_flow("v1", "GET"), ("requestheaders", "request", "response"))
         unseen = run_hooks_now(mirror.addons, make_flow("v2"), ("requestheaders", "request", "response"))
         # Never for a digest, even one the store were to hold an answer for.
@@ -236,6 +238,10 @@ def test_a_cold_lookup_in_a_worker_thread_is_answered_stale(tmp_path: Path) -> N
             ((b"Accept", oci.DEFAULT_ACCEPT.encode()),))))), 0.0, {}, body, (oci.OCI_MANIFEST, pinned, body)))
         state.stale.clock = lambda: 1.0
         by_digest = run_hooks_now(mirror.addons, make_flow(pinned), ("requestheaders", "request", "response"))
+        # Older than acr_stale_max: not given.
+        state.settings.stale_max = 60.0
+        state.stale.clock = lambda: stale_at + 61.0
+        too_old = run_hooks_now(mirror.addons, make_flow("v1", "GET"), ("requestheaders", "request", "response"))
     assert fresh.response is not None and stale.response is not None and unseen.response is not None
     assert stale.response.status_code == 200 and stale.response.content == fresh.response.content == body
     assert stale.response.headers["Warning"] == '110 - "Response is Stale"'
@@ -243,6 +249,8 @@ def test_a_cold_lookup_in_a_worker_thread_is_answered_stale(tmp_path: Path) -> N
     assert stale.comment.startswith("stale 0s: upstream unreachable")
     assert unseen.response.status_code == 502
     assert by_digest.response is not None and by_digest.response.status_code == 502
+    assert too_old.response is not None and too_old.response.status_code == 502
+    assert "too old" in too_old.comment
     # The token once, then each lookup in a worker thread.
-    assert state.counters["worker_hops"] == 5
+    assert state.counters["worker_hops"] == 6
     state.stale.close()
