@@ -177,6 +177,8 @@ class Authorizer:
     scope: str
     credentials: Credentials | None = field(repr=False)
     mode: str = "oauth2"
+    #: A 401 on the event loop dropped the token: the next request, with a new token, is the one retry.
+    renewed: bool = False
 
     def header(self) -> str | None:
         if self.mode == "anonymous":
@@ -363,7 +365,9 @@ def _send(state: Shared, method: str, url: str, headers: Mapping[str, str] | Non
           stream: bool, what: str, timeout: float | None) -> requests.Response:
     timeouts = _timeouts(state, timeout)
     base = dict(headers or {})
-    attempts = 2 if auth is not None else 1
+    attempts = 2 if auth is not None and not auth.renewed else 1
+    if auth is not None:
+        auth.renewed = False
     challenge: str | None = None
     s = session(state)
     for attempt in range(attempts):
@@ -438,5 +442,6 @@ async def _asend(state: Shared, method: str, url: str, headers: Mapping[str, str
         resp.close()
         state.counters["upstream_401_retries"] += 1
         auth.forget(resp.headers.get("WWW-Authenticate"))
+        auth.renewed = True
         raise NeedsIO(url)
     return resp
