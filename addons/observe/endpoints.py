@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from addons import __version__
+from addons.core.peer import LocalClients
 from addons.registry import oci
 from addons.registry.auth import Credentials, jwt_expiry
 from addons.runmd.compile import Compiled
@@ -93,9 +94,12 @@ class Endpoints:
     name = "acr-endpoints"
     PATHS = ("/auth", "/status")
 
-    def __init__(self, compiled: Compiled, state: MirrorState) -> None:
+    def __init__(self, compiled: Compiled, state: MirrorState, clients: LocalClients | None = None) -> None:
         self.compiled = compiled
         self.state = state
+        #: Who may have the credential (root; with `acr_auth_executables`, those programs).
+        self.clients = clients or LocalClients()
+        self.addons = [self.clients]
         self.work = compiled.home / ".work"
         files: list[str] = []
         for _, step in compiled.document.steps("login"):
@@ -176,6 +180,15 @@ class Endpoints:
         if not loopback_peer(flow):
             self.state.counters["auth_refused"] += 1
             return refuse(403, "credentials are only given to clients on this machine")
+        conn = flow.client_conn
+        refusal = await asyncio.to_thread(self.clients.refusal, conn.peername, conn.sockname)
+        if refusal is not None:
+            self.state.counters["auth_refused"] += 1
+            logger.warning("/auth refused to %s:%s: %s", conn.peername[0], conn.peername[1], refusal)
+            flow.response = oci.error_response(403, "DENIED", "credentials are only given to root on this machine")
+            info(flow)["refused"] = f"403 {refusal}"
+            flow.comment = f"/auth refused: {refusal}"
+            return
         remote_url = flow.request.query.get("remote_url", "")
         if not remote_url:
             return refuse(400, "expected ?remote_url=URL")
