@@ -18,7 +18,6 @@ host-network pod reaches it with `host: 127.0.0.1`.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -27,24 +26,13 @@ from mitmproxy import ctx, http
 
 from addons.core.duration import seconds_option
 from addons.core.liveness import Heartbeat
-from addons.observe.endpoints import loopback_peer
 from addons.proxy.context import info
+from addons.proxy.credentials_endpoint import json_answer, login_files, loopback_peer, method_allowed, own_path
 from addons.proxy.state import MirrorState
-from addons.registry import oci
 from addons.registry.auth import Credentials, jwt_expiry
 from addons.runmd.compile import Compiled
 
 DEFAULT_TIMEOUT = 5.0
-
-
-def login_files(compiled: Compiled) -> list[str]:
-    """The credentials files the `.login` steps read, each once, in runmd order."""
-    files: list[str] = []
-    for _, step in compiled.document.steps("login"):
-        name = compiled.config(step)
-        if name not in files:
-            files.append(name)
-    return files
 
 
 def credential_problems(compiled: Compiled, now: float) -> list[str]:
@@ -66,11 +54,6 @@ def credential_problems(compiled: Compiled, now: float) -> list[str]:
         if exp is not None and exp <= now:
             out.append(f"the refresh token in {name} expired {round(now - exp)}s ago")
     return out
-
-
-def _json(status: int, body: dict[str, Any], method: str) -> http.Response:
-    data = json.dumps(body, indent=1).encode() + b"\n"
-    return oci.make_response(status, data, {"Content-Type": "application/json", "Cache-Control": "no-store"}, method)
 
 
 class Probes:
@@ -108,23 +91,17 @@ class Probes:
         await self.heartbeat.stop()
 
     def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
-        if flow.response or flow.error or not flow.live:
-            return None
-        req = flow.request
-        if req.first_line_format != "relative" or req.path.partition("?")[0] not in self.PATHS:
-            return None
-        return self._answer(flow, req.path.partition("?")[0][1:])
+        path = own_path(flow, self.PATHS)
+        return self._answer(flow, path[1:]) if path is not None else None
 
     async def _answer(self, flow: http.HTTPFlow, probe: str) -> None:
         method = flow.request.method
         info(flow)["endpoint"] = probe
         self.state.counters[f"{probe}_requests"] += 1
-        if method not in ("GET", "HEAD"):
-            flow.response = _json(405, {"status": "error", "message": f"{method} is not allowed here"}, method)
-            flow.response.headers["Allow"] = "GET, HEAD"
+        if not method_allowed(flow, ("GET", "HEAD")):
             return
         if not loopback_peer(flow):
-            flow.response = _json(403, {"status": "error", "message": "probes are only served to clients on this machine"}, method)
+            flow.response = json_answer(403, {"status": "error", "message": "probes are only served to clients on this machine"}, method)
             info(flow)["refused"] = "403 not loopback"
             return
         problems = self.heartbeat.problems()
@@ -135,4 +112,5 @@ class Probes:
         if problems:
             self.state.counters[f"{probe}_failed"] += 1
             flow.comment = f"/{probe}: " + "; ".join(problems)
-        flow.response = _json(503 if problems else 200, {"status": "fail" if problems else "ok", "problems": problems}, method)
+        body = {"status": "fail" if problems else "ok", "problems": problems}
+        flow.response = json_answer(503 if problems else 200, body, method)
