@@ -59,7 +59,7 @@ def test_a_blocked_worker_fails_the_heartbeat_and_it_recovers() -> None:
                 break
             await asyncio.sleep(0.01)
         seen.append(beat.problems())
-        await beat.stop()
+        beat.stop()
         now[0] += 6.0  # no beats any more: the loop is reported silent
         seen.append(beat.problems())
         return seen
@@ -361,3 +361,32 @@ def test_probes_answer_loopback_clients_only(tmp_path: Path) -> None:
         flow = drive(mirror, make_flow(path, peer=("127.0.0.1", 40000)))
         assert flow.response.status_code == (503 if path == "/readyz" else 200), path
     assert json.loads(flow.response.content)["problems"] == ["the proxy is not serving yet"]
+
+
+def test_a_runmd_loaded_again_says_ready_again_and_not_stopping(tmp_path: Path, abstract_name: bytes,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`:set acr_runmd=...` in mitmweb replaces the chain's addons while the mirror serves."""
+    from mitmproxy import hooks
+    from mitmproxy.test import taddons
+
+    from addons.chain import AcrMirror
+
+    listener = Listener(abstract_name)
+    monkeypatch.setenv("NOTIFY_SOCKET", listener.name)
+    first, second = tmp_path / "a.runmd", tmp_path / "b.runmd"
+    for path, port in ((first, 8578), (second, 8579)):
+        path.write_text(PLAIN_RUNMD.replace("{upstream}", "http://127.0.0.1:9").replace("{port}", str(port)))
+    mirror = AcrMirror()
+
+    async def reload() -> None:
+        with taddons.context(mirror) as tctx:
+            tctx.configure(mirror, acr_runmd=str(first))
+            tctx.master.addons.invoke_addon_sync(mirror, hooks.RunningHook())
+            tctx.configure(mirror, acr_runmd=str(second))
+
+    try:
+        asyncio.run(reload())
+        listener.wait_for("READY=1", count=2)
+    finally:
+        listener.close()
+    assert "STATUS=serving on 127.0.0.1:8579" in listener.lines() and "STOPPING=1" not in listener.lines()

@@ -12,7 +12,6 @@ never blocks: a job stuck behind busy workers is simply still pending.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 
@@ -40,11 +39,9 @@ class Heartbeat:
             self.loop_seen = self.now()
             self._task = asyncio.get_running_loop().create_task(self._beat())
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
             self._task = None
 
     async def _beat(self) -> None:

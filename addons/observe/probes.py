@@ -86,9 +86,9 @@ class Probes:
         self.serving = True
         self.heartbeat.start()
 
-    async def done(self) -> None:
+    def done(self) -> None:
         self.serving = False
-        await self.heartbeat.stop()
+        self.heartbeat.stop()
 
     def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         path = own_path(flow, self.PATHS)

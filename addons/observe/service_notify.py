@@ -4,16 +4,18 @@ With `$NOTIFY_SOCKET` set (a `Type=notify` unit, or an engine's relay): `READY=1
 `STATUS=` once mitmproxy's servers listen (the `running` hook comes after they are bound),
 `WATCHDOG=1` from the event loop every half `$WATCHDOG_USEC` but only while the heartbeat of
 `/livez` finds the loop and the worker threads answering (so systemd restarts a mirror whose
-workers hang, not just one whose loop stopped), and `STOPPING=1` when it shuts down.
+workers hang, not just one whose loop stopped), and `STOPPING=1` when it shuts down (not when a
+runmd loaded again replaces this addon: the new one says READY=1 again, which systemd allows).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Mapping
+
+from mitmproxy import ctx
 
 from addons.core.liveness import Heartbeat
 from addons.core.sdnotify import Notifier, watchdog_interval
@@ -52,12 +54,13 @@ class ServiceNotify:
             failing = bool(problems)
             await asyncio.sleep(interval)
 
-    async def done(self) -> None:
-        if self.notifier is None:
-            return
-        self.notifier.send("STOPPING=1", "STATUS=stopping")
+    def done(self) -> None:
+        """The mirror stops, or (a runmd loaded again) this addon is replaced by a new one."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._task = None
+        if self.notifier is None:
+            return
+        if ctx.master.should_exit.is_set():
+            self.notifier.send("STOPPING=1", "STATUS=stopping")
         self.notifier.close()
