@@ -35,6 +35,7 @@ from addons.node.login_acr import write_meta
 from addons.proxy.front import Proxy
 from tests.harness.inprocess import drive
 from tests.harness.mirror import Mirror
+from tests.harness.ports import LoopbackConnection
 
 BLOB = "sha256:" + "b" * 64
 # A refresh token as ACR hands them out: a JWT (here with exp 2001-09-09).
@@ -111,8 +112,8 @@ def mirror_in(home: Path, text: str = RUNMD, credentials: Optional[str] = REFRES
     return AcrMirror(catalog.parse_text(text, str(home / "mirror.runmd")))
 
 
-#: The sockets of the real connections the flows of a test stand for.
-_held: list[socket.socket] = []
+#: The real connections the flows of a test stand for.
+_held: list[LoopbackConnection] = []
 
 
 @pytest.fixture(autouse=True)
@@ -123,20 +124,10 @@ def _close_connections():
 
 
 def connection(client_host: str = "127.0.0.1") -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """A real TCP connection from `client_host` to a server on this machine, open until the test
-    ends: (the client's address, the server's address) as the server sees them. `/auth` looks
-    the client's socket up in the kernel's table, so a made-up address would not be found."""
-    v6 = ":" in client_host
-    server = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
-    server.bind(("::" if client_host.startswith("::ffff:") else client_host if v6 else "127.0.0.1", 0))
-    server.listen(1)
-    client = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
-    client.bind((client_host, 0))
-    target = ("::ffff:127.0.0.1" if client_host.startswith("::ffff:") else server.getsockname()[0], server.getsockname()[1])
-    client.connect(target)
-    accepted, peer = server.accept()
-    _held.extend((server, client, accepted))
-    return peer, accepted.getsockname()
+    """(peername, sockname) of a real connection from `client_host`, open until the test ends."""
+    conn = LoopbackConnection(client_host)
+    _held.append(conn)
+    return conn.peername, conn.sockname
 
 
 def make_flow(path: str, method: str = "GET", peer: tuple[Any, ...] | None = None) -> http.HTTPFlow:
