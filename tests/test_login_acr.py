@@ -25,7 +25,7 @@ import pytest
 from addons.registry import aad as aadmod
 from addons import catalog
 from addons.node.install import Install
-from addons.node.login_acr import LoginAcr, meta_path, read_meta, refresh_due
+from addons.node.login_acr import LoginAcr, LoginRefresh, meta_path, read_meta, refresh_due
 from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
 from tests.harness.aad import AadStandIn
@@ -353,6 +353,28 @@ def test_refresh_time_is_before_expiry() -> None:
     # A short-lived token is refreshed at half its life, not after it expired.
     assert refresh_due({"obtained_at": 100, "expires_at": 104}, 900) == 102
     assert refresh_due({}, 900) is None
+
+
+@pytest.mark.parametrize("text, lead", [("900", 900.0), ("15m", 900.0), ("0", 0.0), ("90s", 90.0)])
+def test_refresh_lead_is_a_duration(text: str, lead: float, tmp_path: Path) -> None:
+    from mitmproxy.test import taddons
+
+    refresher = LoginRefresh(catalog.parse_text(runmd("example"), str(tmp_path / "mirror.runmd")))
+    with taddons.context(refresher) as tctx:
+        assert refresher.lead == 900.0
+        tctx.configure(refresher, acr_login_refresh_lead=text)
+        assert refresher.lead == lead
+
+
+@pytest.mark.parametrize("bad", ["-1", "soon", "1d"])
+def test_refresh_lead_refuses_what_is_not_a_duration(bad: str, tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons
+
+    refresher = LoginRefresh(catalog.parse_text(runmd("example"), str(tmp_path / "mirror.runmd")))
+    with taddons.context(refresher) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="^acr_login_refresh_lead: expected a duration"):
+            tctx.configure(refresher, acr_login_refresh_lead=bad)
 
 
 # --- each missing piece is one clear line ----------------------------------------------------
