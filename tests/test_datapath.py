@@ -252,6 +252,25 @@ def test_head_and_get_of_a_tag_agree(
     assert f"GET tags {repo_name} -> 200 [{token_registry.host}]" in m.log_text()  # the mirror's tags route, logged in
 
 
+def test_the_client_query_reaches_the_registry_encoded_as_sent(
+    registry: Registry, repo_name: str, start_mirror: Callable[..., Mirror],
+) -> None:
+    """Query values are decoded when the mirror parses a request: each of its routes sends them
+    upstream encoded again, so `a&n=1` stays one value and a space stays a space."""
+    image = make_image({"query": repo_name.encode()})
+    push_image(registry, repo_name, "v1", image)
+    m = start_mirror(registry.url)
+    query = "last=a%26n%3D1&q=a+b"
+    paths = [f"/v2/{repo_name}/tags/list", f"/v2/{repo_name}/manifests/v1",
+             f"/v2/{repo_name}/blobs/{image.layers[0].digest}"]
+    for path in paths:
+        r = m.get(f"{path}?ns={_ns(registry.host)}&{query}", headers=ACCEPT)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+    asked = [line.split('"')[1] for line in registry.log_text().splitlines() if f" /v2/{repo_name}/" in line]
+    for path in paths:
+        assert f"GET {path}?{query} HTTP/1.1" in asked, asked
+
+
 # --- skopeo (registries.conf mirror: no ns, /v2/ ping, Accept lines) -------------------
 
 

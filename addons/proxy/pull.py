@@ -214,14 +214,8 @@ class Pull(ProxyPlugin):
     @staticmethod
     def target(ctx: RequestContext) -> tuple[str, str]:
         """The upstream URL of the request, and what it is (for messages)."""
-        if ctx.route == "tags":
-            path, what = f"/v2/{ctx.name}/tags/list", f"tags of {ctx.name}"
-        else:
-            path, what = f"/v2/{ctx.name}/blobs/{ctx.reference}", f"blob {ctx.reference}"
-        url = ctx.upstream.url(path)
-        if ctx.query:
-            url += "?" + "&".join(f"{k}={v}" for k, v in ctx.query)
-        return url, what
+        what = f"tags of {ctx.name}" if ctx.route == "tags" else f"blob {ctx.reference}"
+        return ctx.upstream_url(), what
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

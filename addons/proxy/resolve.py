@@ -380,7 +380,7 @@ class Resolve(ProxyPlugin):
         accept = lookup_accept(ctx.accept, self.config)
         notes: list[str] = []
         what = f"manifest {ctx.name}:{ctx.reference}"
-        url = ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}")
+        url = ctx.upstream_url()
         manifest = _cached(self.state, ctx.upstream, ctx.name, ctx.reference)
         cached = manifest is not None
         try:
