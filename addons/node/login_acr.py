@@ -67,7 +67,6 @@ def write_meta(work: Path, meta: dict[str, Any]) -> None:
 
 class LoginAcr(RuntimePlugin):
     plugin = "login-acr"
-    summary = "log in to Azure Container Registry NAME and write its refresh token to access_token"
     attributes = ("identity", "tenant", "client_id", "credentials", "azure_json", "authority")
 
     @classmethod

@@ -161,7 +161,6 @@ def _safe_path(flow: http.HTTPFlow) -> str:
 
 class Proxy(ProxyPlugin):
     plugin = "proxy"
-    summary = "the mirror's listener; routes requests to .manifests, .blobs and .tags"
 
     @classmethod
     def parse(cls, text: str) -> Address:

@@ -145,7 +145,6 @@ class Pull(ProxyPlugin):
     plugin = "pull"
     routes = frozenset({"blobs", "tags"})
     answers = frozenset({"blobs", "tags"})
-    summary = "stream blobs (follow storage redirects; 'client' hands them to the client) and pass tag lists"
 
     @classmethod
     def parse(cls, text: str) -> str:

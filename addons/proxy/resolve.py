@@ -323,7 +323,6 @@ class Resolve(ProxyPlugin):
     plugin = "resolve"
     routes = frozenset({"manifests"})
     answers = frozenset({"manifests"})
-    summary = "fetch the manifest upstream (also accepting the listed media types); answer as the registry would"
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:

@@ -1,8 +1,8 @@
 """
 The blocking token client behind the `.authn` plugin.
 
-The plugin calls it through `asyncio.to_thread`, so it is written with `requests`
-and is thread-safe: tokens are cached per (upstream, scope, credentials) and
+It runs in the route's worker thread (the event loop only reads its cache), so it is
+written with `requests` and is thread-safe: tokens are cached per (upstream, scope, credentials) and
 concurrent misses for one key share a single fetch. No token, password or
 Authorization value is ever logged or put into an exception message.
 """

@@ -51,7 +51,6 @@ class EnginePlugin(Plugin):
 
 class Event(EnginePlugin):
     plugin = "event"
-    summary = "run the blocks '``` NAME ENGINE': their runtime steps, then their proxy until it exits"
 
     @classmethod
     def parse(cls, text: str) -> str:
@@ -69,7 +68,6 @@ class BackoffPolicy:
 
 class Loop(EnginePlugin):
     plugin = "loop"
-    summary = "start over from the first event after a back-off: '.loop [INITIAL, MAX]' (default 1s, 60s)"
 
     @classmethod
     def parse(cls, text: str) -> BackoffPolicy:
@@ -86,7 +84,6 @@ class Loop(EnginePlugin):
 
 class Exit(EnginePlugin):
     plugin = "exit"
-    summary = "end the engine"
 
 
 class Backoff:
