@@ -271,6 +271,24 @@ def test_the_client_query_reaches_the_registry_encoded_as_sent(
         assert f"GET {path}?{query} HTTP/1.1" in asked, asked
 
 
+def test_a_missing_blob_is_the_registry_404_byte_for_byte(
+    registry: Registry, repo_name: str, start_mirror: Callable[..., Mirror],
+) -> None:
+    """containerd and skopeo read the error JSON: the mirror answers what docker-registry answers."""
+    push_image(registry, repo_name, "v1", make_image({"present": repo_name.encode()}))
+    m = start_mirror(registry.url)
+    path = f"/v2/{repo_name}/blobs/{sha256_digest(b'never pushed ' + repo_name.encode())}"
+    direct = direct_session()
+    for method in ("GET", "HEAD"):
+        mine = m.get(f"{path}?ns={_ns(registry.host)}") if method == "GET" else m.head(f"{path}?ns={_ns(registry.host)}")
+        theirs = direct.request(method, registry.url + path, timeout=10)
+        assert mine.status_code == theirs.status_code == 404, (method, mine.status_code, mine.text)
+        assert mine.content == theirs.content, method
+        for name in ("Content-Type", "Content-Length", "Docker-Distribution-Api-Version"):
+            assert mine.headers.get(name) == theirs.headers.get(name), (method, name)
+    assert json.loads(m.get(f"{path}?ns={_ns(registry.host)}").content)["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
 # --- skopeo (registries.conf mirror: no ns, /v2/ ping, Accept lines) -------------------
 
 

@@ -307,8 +307,7 @@ class Pull(ProxyPlugin):
         else:
             raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: too many redirects upstream")
         if resp.status_code >= 300:
-            self._drain(resp)
-            raise UpstreamError.from_status(resp, what)
+            raise UpstreamError.from_status(resp, what)  # reads the error body the client gets
         if not redirected:
             self.blob_modes()[ctx.upstream.ns] = "direct"
         length = resp.headers.get("Content-Length")
@@ -343,18 +342,23 @@ class Pull(ProxyPlugin):
         auth = ctx.authorizer
         modes = self.blob_modes()
         ns = ctx.upstream.ns
-        if not self.follow:
-            target = url
-        elif modes.get(ns) == "direct":
-            # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
-            self.probe(url, "HEAD", extra, auth, what)
-            target = url
-        else:
-            # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
-            target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
-            if resp is not None:
-                resp.close()
-            modes[ns] = "direct" if target == url else "redirect"
+        try:
+            if not self.follow:
+                target = url
+            elif modes.get(ns) == "direct":
+                # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
+                self.probe(url, "HEAD", extra, auth, what)
+                target = url
+            else:
+                # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
+                target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
+                if resp is not None:
+                    resp.close()
+                modes[ns] = "direct" if target == url else "redirect"
+        except UpstreamError as e:
+            if e.body is None:
+                raise
+            target = url  # an error the client gets as it is (404): the GET streams the registry's body
         header = auth.header() if same_origin(target, url) and auth is not None else None
         self._forward(ctx, url, target, header)
 
