@@ -1,9 +1,9 @@
 """`GET /metrics`: Prometheus text format, loopback only, and counts that match what happened.
 
-The hooks are driven through mitmproxy's test utilities; one test scrapes a real `acr mirror
-start` after a pull served by the recorded ACR session (tests/replay, `mitmdump --server-replay`),
-so requests, the teleport decision, upstream latency, streamed bytes and the token fetch are
-all real.
+The scrape endpoint itself is driven through mitmproxy's test utilities; the counts are read
+from a real `acr mirror start` after real requests: to docker-registry, and a pull served by the
+recorded ACR session (tests/replay, `mitmdump --server-replay`), so requests, teleport decisions,
+upstream latency, streamed bytes and the token fetch are all real.
 """
 
 from __future__ import annotations
