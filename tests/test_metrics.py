@@ -19,9 +19,8 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import catalog
-from addons.chain import AcrMirror, build_addons, build_state
+from addons.chain import build_addons, build_state
 from addons.observe.metrics import CONTENT_TYPE, Histogram, Metrics, request_kind
-from addons.proxy.upstream import session
 from tests.harness.images import ACCEPT_ALL_MANIFESTS, make_image, push_image
 from tests.harness.registry import Registry
 from tests.harness.replay import (REPLAY_DIR, UPSTREAM_FLOWS, ReplayServer, http_pull, replay_runmd,
@@ -148,7 +147,7 @@ def test_requests_and_decisions_of_real_requests_are_counted(registry: Registry,
 
 
 def test_upstream_latency_comes_from_the_mirrors_session(metrics: Metrics) -> None:
-    assert metrics.observe_upstream in session(metrics.state).hooks["response"]
+    assert metrics.observe_upstream in metrics.state.session.hooks["response"]
     resp = requests.Response()
     resp.status_code = 200
     resp.request = requests.Request("GET", "http://127.0.0.1:5000/v2/a/manifests/v1").prepare()

@@ -33,7 +33,7 @@ class HostsWatch:
 
     name = "acr-hosts-watch"
 
-    def __init__(self, compiled: Compiled, services: dict[str, Any]) -> None:
+    def __init__(self, compiled: Compiled) -> None:
         self.compiled = compiled
         self.work = compiled.home / ".work"
         self.hosts_dir: Path | None = None
@@ -41,7 +41,6 @@ class HostsWatch:
         #: What each file held at the last look (None: missing), by folder.
         self.seen: dict[str, bytes | None] = {}
         self._task: asyncio.Task[None] | None = None
-        services["hosts_routing"] = self.routing
 
     def load(self, loader: Any) -> None:
         loader.add_option(

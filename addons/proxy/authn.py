@@ -14,7 +14,7 @@ import logging
 from addons.proxy.context import RequestContext
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import parse_choice
-from addons.proxy.upstream import Authorizer, UpstreamError, token_client
+from addons.proxy.upstream import Authorizer, UpstreamError
 from addons.registry import oci
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class Authn(ProxyPlugin):
 
     def authorizer(self, ctx: RequestContext) -> Authorizer:
         return Authorizer(
-            tokens=token_client(self.state),
+            tokens=self.state.tokens,
             upstream=ctx.upstream,
             scope=oci.scope_for(ctx.name),
             credentials=ctx.credentials,

@@ -86,10 +86,6 @@ class Pull(ProxyPlugin):
     def follow(self) -> bool:
         return self.config == "follow" and self.state.settings.follow_redirects
 
-    def blob_modes(self) -> dict[str, str]:
-        """upstream ns -> 'direct' or 'redirect', as learned from the probes."""
-        return self.state.service("blob_modes", dict)
-
     # -- blocking helpers (run in a thread) ---------------------------------------------
 
     def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str,
@@ -205,7 +201,7 @@ class Pull(ProxyPlugin):
             self._drain(resp)
             if not same_origin(target, current):
                 auth = None  # a storage host never gets the registry's token
-                self.blob_modes()[ctx.upstream.ns] = "redirect"
+                self.state.blob_modes[ctx.upstream.ns] = "redirect"
                 if not self.follow:
                     ctx.answer = http.Response.make(resp.status_code, b"", {
                         "Location": target, oci.API_VERSION_HEADER: oci.API_VERSION})
@@ -217,7 +213,7 @@ class Pull(ProxyPlugin):
         if resp.status_code >= 300:
             raise UpstreamError.from_status(resp, what)  # reads the error body the client gets
         if not redirected:
-            self.blob_modes()[ctx.upstream.ns] = "direct"
+            self.state.blob_modes[ctx.upstream.ns] = "direct"
         length = resp.headers.get("Content-Length")
         whole = resp.status_code == 200 and "Range" not in ctx.pass_headers
         digest = checkable(ctx.reference) if whole and self.state.settings.verify_blobs else None
@@ -248,7 +244,7 @@ class Pull(ProxyPlugin):
     def forward_blob(self, ctx: RequestContext, url: str, extra: dict[str, str], what: str) -> None:
         """Blocking: find the URL to stream from; mitmproxy streams it to the client."""
         auth = ctx.authorizer
-        modes = self.blob_modes()
+        modes = self.state.blob_modes
         ns = ctx.upstream.ns
         try:
             if not self.follow:
@@ -315,7 +311,7 @@ class Pull(ProxyPlugin):
             ctx.why = f"upstream answered {resp.status_code}"
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.
-            self.blob_modes()[ctx.upstream.ns] = "redirect"
+            self.state.blob_modes[ctx.upstream.ns] = "redirect"
         elif resp.status_code in (401, 403, 429):
             # The client must not be sent to the upstream's token realm: make it fall back.
             mapped = {401: 502, 403: 502, 429: 503}[resp.status_code]

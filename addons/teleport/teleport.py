@@ -27,7 +27,7 @@ from mitmproxy import ctx as mitmctx
 from mitmproxy import exceptions
 
 from addons.registry import oci
-from addons.teleport.discover import DiscoverError
+from addons.teleport.discover import DiscoverError, teleport_shared
 from addons.registry.oci import Descriptor, Manifest, Platform
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import ROCKET, RequestContext, TeleportDecision
@@ -231,7 +231,9 @@ class Teleport(ProxyPlugin):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: The node's verdict, shared by every teleport step of this mirror.
-        self.gate: Gate = self.state.service("teleport_gate", Gate)
+        gate = teleport_shared(self.state).gate
+        assert gate is not None, "build_state makes the gate for a runmd with .teleport steps"
+        self.gate: Gate = gate
         self.gate.mode = self.mode
         if self.state.settings.containerd_config:  # a state made from another's settings (offline replay)
             self.gate.configure(Path(self.state.settings.containerd_config))
@@ -359,7 +361,7 @@ class Teleport(ProxyPlugin):
         original = ctx.manifest.digest
         if oci.is_digest(ctx.reference):
             # A teleport's follow-up GET: the client fetches the streamable manifest it was served.
-            ctx.teleport_target_of = self.state.service("teleport_targets", dict).get(ctx.reference)
+            ctx.teleport_target_of = self.state.teleport_targets.get(ctx.reference)
             self._record(ctx, "digest-pinned", "pulled by digest: served as asked")
             return True
         mode = self.mode
@@ -392,7 +394,7 @@ class Teleport(ProxyPlugin):
         self.state.counters["teleports"] += 1
         self.state.counters["teleport:teleported"] += 1
         ctx.marked = ROCKET
-        targets = self.state.service("teleport_targets", dict)
+        targets = self.state.teleport_targets
         targets.pop(streamable.digest, None)
         targets[streamable.digest] = f"{ctx.name}:{ctx.reference}"
         while len(targets) > MAX_TARGETS_KEPT:
