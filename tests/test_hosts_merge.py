@@ -271,7 +271,7 @@ def test_the_watch_runs_off_the_event_loop_at_its_interval(tmp_path: Path) -> No
 def test_check_interval_is_at_most_30_seconds(tmp_path: Path) -> None:
     from mitmproxy import exceptions
 
-    watch, _, _ = watch_of(tmp_path, ": .host 127.0.0.1:8578")
+    watch, _ = watch_of(tmp_path, ": .host 127.0.0.1:8578")
     with taddons.context(watch) as tctx:
         for text, seconds in (("30", 30.0), ("0.5", 0.5), ("500ms", 0.5), ("30s", 30.0)):
             tctx.configure(watch, acr_hosts_check=text)
