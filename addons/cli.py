@@ -284,7 +284,7 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     if relay is not None and not spec.proxies():
         relay.ready()  # no proxy child will say it
     try:
-        return engine.Engine(spec, runtime, serve_argv, relay).run(start_id)
+        return engine.Engine(spec, runtime, serve_argv, relay=relay).run(start_id)
     except (StepError, engine.EngineError) as e:
         raise CliError(str(e)) from None
     finally:
