@@ -22,6 +22,7 @@ from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints
 from addons.node.login_acr import LoginRefresh
 from addons.node import hostswatch
+from addons.node.listen import upstream_listens
 from addons.observe import record  # flow files scrubbed of credentials
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
@@ -40,7 +41,8 @@ def build_state(compiled: Compiled, settings: Settings | None = None) -> MirrorS
     for _, step in compiled.document.steps("mirror"):
         upstream = compiled.config(step)
         upstreams.setdefault(upstream.ns.lower(), upstream)
-    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
+    listens = {u.address.port: u.upstream.ns.lower() for u in upstream_listens(compiled)}
+    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings(), listen_upstreams=listens)
 
 
 def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:

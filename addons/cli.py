@@ -219,6 +219,27 @@ def listen_address(compiled: Compiled, allow_remote: bool) -> Address:
     return address
 
 
+def upstream_addresses(compiled: Compiled, allow_remote: bool) -> list[Address]:
+    """The `.listen` addresses of single upstreams (each also needs --allow-remote off loopback)."""
+    from addons.node.listen import upstream_listens
+
+    try:
+        listens = upstream_listens(compiled)
+    except RunmdError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    for u in listens:
+        if not u.address.loopback and not allow_remote:
+            raise CliError(f"{compiled.path}: '.listen {u.address}' is not a loopback address; whoever reaches it "
+                           "pulls with this node's credentials: pass --allow-remote if you mean it", EXIT_USAGE)
+    return [u.address for u in listens]
+
+
+def check_listens(compiled: Compiled, address: Address, allow_remote: bool) -> None:
+    """Fail before anything runs when the mirror cannot bind one of its addresses."""
+    for a in (address, *upstream_addresses(compiled, allow_remote)):
+        check_listen(a)
+
+
 def check_listen(address: Address, who: str = "") -> None:
     """Fail before any runtime step runs when `who` (the mirror, or mitmweb) cannot bind its address."""
     family = socket.AF_INET6 if ":" in address.bind_host else socket.AF_INET
@@ -242,7 +263,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
             compiled.step(start_id)
         except KeyError as e:
             raise CliError(str(e.args[0]), EXIT_USAGE) from None
-    check_listen(address)
+    check_listens(compiled, address, args.allow_remote)
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
     try:
         ran = runtime.run(start_id)
@@ -281,7 +302,7 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
         except ValueError as e:
             raise CliError(str(e), EXIT_USAGE) from None
     if spec.proxies():
-        check_listen(listen_address(compiled, args.allow_remote))
+        check_listens(compiled, listen_address(compiled, args.allow_remote), args.allow_remote)
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
@@ -310,7 +331,7 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     """Serve the proxy only, no runtime step: what an engine runs and restarts."""
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
-    check_listen(address)
+    check_listens(compiled, address, args.allow_remote)
     from addons.core import mitm
 
     return mitm.run(serve(compiled, address, args))
@@ -348,6 +369,21 @@ def cmd_overlaybd_configure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stargz_configure(args: argparse.Namespace) -> int:
+    """Make the stargz snapshotter read each mirrored registry through this mirror."""
+    from addons.node import containerd_config, stargz_config
+
+    compiled = load(args.runmd)
+    path = Path(args.config)
+    try:
+        edit, backup = stargz_config.configure(path, stargz_config.entries(compiled), dry_run=args.dry_run)
+    except containerd_config.ConfigError as e:
+        raise CliError(str(e)) from None
+    for line in stargz_config.report(path, edit, backup, args.dry_run):
+        print(line)
+    return 0
+
+
 async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
     """Run mitmproxy in-process with the runmd's chain until SIGINT or SIGTERM."""
     from mitmproxy import options
@@ -368,8 +404,10 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         master = web_master(opts, args)
     else:
         master = mitm.mirror_master(opts)
+    # `.listen` addresses are further listeners of the same chain (the proxy root routes by port).
+    extra = upstream_addresses(compiled, True)
     opts.update(
-        mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
+        mode=[f"reverse:{PLACEHOLDER_TARGET}@{a.bind_host}:{a.port}" for a in (address, *extra)],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
         listen_host=address.bind_host,
         listen_port=address.port,
@@ -558,6 +596,16 @@ def build_parser() -> argparse.ArgumentParser:
     obd_configure.add_argument("--config", default="/etc/overlaybd/overlaybd.json", help="default: /etc/overlaybd/overlaybd.json")
     obd_configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     obd_configure.set_defaults(func=cmd_overlaybd_configure)
+
+    stargz = sub.add_parser("stargz", help="the stargz snapshotter's own configuration (what streams eStargz images)")
+    stargz_sub = stargz.add_subparsers(dest="stargz_command", metavar="COMMAND", required=True)
+    sgz_configure = stargz_sub.add_parser(
+        "configure", help="make the stargz snapshotter read every mirrored registry through this mirror "
+                          "(edits its config.toml, keeps a backup)")
+    sgz_configure.add_argument("--config", default="/etc/containerd-stargz-grpc/config.toml",
+                               help="default: /etc/containerd-stargz-grpc/config.toml")
+    sgz_configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    sgz_configure.set_defaults(func=cmd_stargz_configure)
 
     # containerd's hosts.toml files the runmd asks for
     hosts = sub.add_parser("hosts", help="show, install or remove the hosts.toml files for containerd")

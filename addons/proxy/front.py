@@ -25,7 +25,8 @@ from addons.registry.oci import Upstream
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.context import ANSWERED, Forward, RequestContext, info, listen_origin, note, show_served_from
+from addons.proxy.context import (ANSWERED, Forward, RequestContext, info, listen_origin, note, range_text,
+                                  show_served_from)
 from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
 
@@ -191,6 +192,13 @@ class Proxy(ProxyPlugin):
         if "acr_connect_timeout" in updated:
             settings.connect_timeout = seconds_option(ctx.options.acr_connect_timeout, "acr_connect_timeout")
 
+    def _listened(self, flow: http.HTTPFlow) -> str | None:
+        """The upstream of the address this request came in on, when it has one (`.listen`)."""
+        if not self.state.listen_upstreams:
+            return None
+        sockname = flow.client_conn.sockname
+        return self.state.listen_upstreams.get(sockname[1]) if sockname else None
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -219,11 +227,15 @@ class Proxy(ProxyPlugin):
             if (own := listen_origin(flow)) is not None:
                 show_served_from(flow, own)
             return
-        upstream = self.state.upstream_for(chosen or ns)
+        listened = self._listened(flow)
+        if listened is not None and (chosen or ns or listened).lower() != listened:
+            return refuse(flow, 404, "NAME_UNKNOWN", f"this address serves only {listened}")
+        upstream = self.state.upstream_for(chosen or ns or listened)
         if upstream is None:
             if ns is None:
                 return refuse(flow, 404, "NAME_UNKNOWN",
-                              "no ns given and more than one upstream is configured (use ?ns= or /v2/<registry-host>/<name>)")
+                              "no ns given and more than one upstream is configured (use ?ns=, /v2/<registry-host>/<name> "
+                              "or a '.listen' address of the registry)")
             return refuse(flow, 404, "NAME_UNKNOWN", f"registry '{ns[:100]}' is not mirrored here")
         route = self.routes.get(target.kind)
         if route is None:
@@ -275,6 +287,8 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(f"no teleport (snapshotter: {teleport.get('message', '')})")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
         parts.append(f"no teleport ({teleport['skipped']})")
+    if meta.get("range"):
+        parts.append(range_text(meta["range"]))
     if meta.get("redirected"):
         parts.append("via storage")
     if meta.get("refused"):

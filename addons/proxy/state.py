@@ -45,6 +45,8 @@ class MirrorState:
     home: Path
     upstreams: dict[str, Upstream]
     settings: Settings = field(default_factory=Settings)
+    #: Listen port -> the upstream (ns) every request on that port goes to (`.listen` under a `.mirror`).
+    listen_upstreams: dict[int, str] = field(default_factory=dict)
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
     #: Helpers shared by every route (HTTP session, token client, caches), made on first use.
     services: dict[str, Any] = field(default_factory=dict)
