@@ -25,7 +25,8 @@ from addons import catalog
 from addons.node import stargz_config
 from addons.node.containerd_config import ConfigError
 from addons.node.node_check import check_stargz
-from addons.proxy.context import range_text
+from addons.proxy.context import RequestContext, range_text
+from addons.registry.oci import Upstream
 from addons.registry.ranges import RangeRead, parse_content_range
 from addons.runmd.runtime import Runtime
 from addons.runmd.syntax import RunmdError
@@ -62,6 +63,14 @@ def test_content_range_is_read() -> None:
         assert parse_content_range(bad) is None
     assert range_text(RangeRead(0, 870_399, 71_303_168)) == "range 850 KiB of 68 MiB"
     assert range_text({"start": 0, "end": 1, "total": None}) == "range 2 B"
+
+
+def test_mitmwebs_comment_leads_with_the_range() -> None:
+    ctx = RequestContext(route="blobs", route_id=1, method="GET", name="app", reference="sha256:" + "a" * 64,
+                         upstream=Upstream.from_spec("http://127.0.0.1:5000"))
+    ctx.range = RangeRead(0, 870_399, 71_303_168)
+    assert ctx.story().splitlines()[0] == "range 850 KiB of 68 MiB"
+    assert ctx.public()["range"] == {"start": 0, "end": 870_399, "total": 71_303_168}
 
 
 # --- `.listen`: one address per upstream ------------------------------------------------------------
