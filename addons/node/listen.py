@@ -55,7 +55,6 @@ def upstream_listens(compiled: Compiled) -> list[UpstreamListen]:
 
 class Listen(RuntimePlugin):
     plugin = "listen"
-    summary = "also listen on ADDRESS for the .mirror above: every request there goes to that registry"
 
     @classmethod
     def parse(cls, text: str) -> Address:

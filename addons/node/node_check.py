@@ -240,8 +240,6 @@ class NodeCheck(RuntimePlugin):
 
     plugin = "node-check"
     attributes = ("overlaybd", "stargz")
-    summary = ("check containerd, its config_path and the streaming snapshotters on this node; warn about what is "
-               "missing, never fail")
 
     @classmethod
     def parse_attribute(cls, name: str, text: str) -> Path:
