@@ -24,6 +24,7 @@ from addons.observe.endpoints import Endpoints
 from addons.proxy.credentials_endpoint import CredentialsEndpoint
 from addons.node.login_acr import LoginRefresh
 from addons.node import hostswatch
+from addons.node.listen import upstream_listens
 from addons.observe import record  # flow files scrubbed of credentials
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
@@ -47,7 +48,8 @@ def build_state(compiled: Compiled, settings: Settings | None = None) -> MirrorS
     for _, step in compiled.document.steps("mirror"):
         upstream = compiled.config(step)
         upstreams.setdefault(upstream.ns.lower(), upstream)
-    state = MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
+    listens = {u.address.port: u.upstream.ns.lower() for u in upstream_listens(compiled)}
+    state = MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings(), listen_upstreams=listens)
     state.teleport = TeleportShared.of(state, teleports=any(True for _ in compiled.document.steps("teleport")))
     return state
 

@@ -144,12 +144,84 @@ def test_every_subcommand_of_acr_help_is_in_the_readme_with_one_line() -> None:
     shown = subprocess.run([ACR, "--help"], capture_output=True, text=True, timeout=60).stdout
     commands = [c for c, _ in subcommands(cli.build_parser())]
     top = {c.split()[1] for c in commands}
-    assert top == {"init", "dump", "mirror", "service", "containerd", "overlaybd", "hosts"}
+    assert top == {"init", "dump", "mirror", "service", "containerd", "overlaybd", "stargz", "hosts"}
     for name in top:
         assert re.search(rf"^    {name} ", shown, re.M), name  # as `acr --help` lists them
     assert {"acr mirror start", "acr mirror serve", "acr hosts remove", "acr service install"} <= set(commands)
     for command in commands:
         assert len(re.findall(rf"^{re.escape(command)} +# ", section, re.M)) == 1, command
+
+
+# --- getting started with teleport ---------------------------------------------------------------------
+
+#: A node's mirror of two registries, each with its own address for the stargz snapshotter.
+STARGZ_RUNMD = """\
+``` start mirror
++ .runtime
+: .mirror       example.azurecr.io
+: .listen       localhost:8579
+: .mirror       docker.io
+: .listen       localhost:8580
+: .host         localhost:8578, resolve, pull
++ .proxy        localhost:8578
+: .manifests    head, get
+:   .login      access_token
+:   .authn      oauth2
+:   .resolve    application/vnd.oci.image.index.v1+json
+:   .discover   application/vnd.azure.artifact.streaming.v1
+:   .teleport   overlaybd, estargz, auto
+: .blobs        head, get
+:   .login      access_token
+:   .authn      oauth2
+:   .pull
+```
+"""
+
+
+def estargz_referrer() -> dict[str, object]:
+    """An eStargz copy made a referrer of its original, the way ACR links streamable copies."""
+    return {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.azure.artifact.streaming.v1",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": "sha256:" + "c" * 64, "size": 1469},
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": "sha256:" + "e" * 64, "size": 71303168,
+            "annotations": {"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "f" * 64,
+                            "io.containers.estargz.uncompressed-size": "72351744"},
+        }],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": "sha256:" + "a" * 64, "size": 529},
+        "annotations": {"streaming.format": "estargz", "streaming.platform.os": "linux",
+                        "streaming.platform.arch": "amd64"},
+    }
+
+
+def test_the_estargz_referrer_shown_is_one_teleport_serves() -> None:
+    import json
+
+    from addons.registry.oci import Descriptor
+    from addons.teleport.teleport import estargz_layers_missing, referrer_format
+
+    doc = estargz_referrer()
+    check("estargz-referrer", "```json\n" + json.dumps(doc, indent=2) + "\n```\n")
+    body = json.dumps(doc).encode()
+    assert estargz_layers_missing(body) is None
+    d = Descriptor(str(doc["mediaType"]), "sha256:" + "b" * 64, len(body), doc["annotations"],  # type: ignore[arg-type]
+                   str(doc["artifactType"]))
+    assert referrer_format(d) == "estargz" and d.artifact_type in cli.DEFAULT_ARTIFACT_TYPES
+
+
+def test_acr_stargz_configure_shown_is_what_it_prints(tmp_path: Path) -> None:
+    check("stargz-runmd", "```text\n" + STARGZ_RUNMD + "```\n")
+    (tmp_path / "mirror.runmd").write_text(STARGZ_RUNMD)
+    config = tmp_path / "config.toml"
+    out = acr(tmp_path, "stargz", "configure", "--config", str(config), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    shown = out.stdout.replace(str(config), "/etc/containerd-stargz-grpc/config.toml")
+    check("stargz-configure", "```text\n$ acr stargz configure --dry-run\n" + shown + "```\n")
 
 
 # --- the demo's real output ---------------------------------------------------------------------

@@ -121,6 +121,9 @@ class Metrics:
         self.upstream_latency = Histogram()
         self.first_byte = Histogram()
         self.streamed_bytes: collections.Counter[str] = collections.Counter()
+        #: Range answers (206) and the bytes they announced: the stargz snapshotter's lazy reads.
+        self.range_requests = 0
+        self.range_bytes = 0
         self.refused_scrapes = 0
         # The session every plugin and the token client use (MirrorState.session).
         state.session.hooks["response"].append(self.observe_upstream)
@@ -155,6 +158,11 @@ class Metrics:
             resp = flow.response
             if resp.timestamp_start and flow.request.timestamp_end:
                 self.first_byte.observe((source,), max(0.0, resp.timestamp_start - flow.request.timestamp_end))
+            part = meta.get("range")
+            if resp.status_code == 206 and part:
+                with self._lock:
+                    self.range_requests += 1
+                    self.range_bytes += part["end"] - part["start"] + 1
             if resp.status_code in (200, 206):
                 try:
                     size = int(resp.headers.get("content-length", ""))
@@ -223,6 +231,11 @@ class Metrics:
                self.first_byte.render("acr_blob_first_byte_seconds", ("source",)))
         family("acr_streamed_bytes_total", "counter", "Bytes of blobs streamed to clients, by source.",
                (f"acr_streamed_bytes_total{labels(('source',), (k,))} {v}" for k, v in streamed))
+        family("acr_range_requests_total", "counter",
+               "Blob Range answers (206) passed to clients, unchecked by digest (lazy reads, resumed transfers).",
+               [f"acr_range_requests_total {self.range_requests}"])
+        family("acr_range_bytes_total", "counter", "Bytes of blob Range answers (206) passed to clients.",
+               [f"acr_range_bytes_total {self.range_bytes}"])
         tokens = self.state.tokens
         fetches: collections.Counter[str] = collections.Counter()
         for (ns, _scope), n in list(tokens.fetches.items()):

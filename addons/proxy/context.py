@@ -24,6 +24,7 @@ from addons.proxy.relay import BlobBody
 from addons.proxy.upstream import Authorizer, UpstreamError
 from addons.registry.auth import Credentials
 from addons.registry.oci import Descriptor, Manifest, Upstream
+from addons.registry.ranges import RangeRead
 
 #: The key of the public copy in flow.metadata.
 META = "acr"
@@ -173,6 +174,13 @@ def size_text(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def range_text(r: RangeRead | dict[str, Any]) -> str:
+    """`range 850 KiB of 68 MiB`: a Range answer, for the log line and mitmweb's comment."""
+    if isinstance(r, dict):
+        r = RangeRead(r["start"], r["end"], r.get("total"))
+    return f"range {size_text(r.length)}" + (f" of {size_text(r.total)}" if r.total is not None else "")
+
+
 def rate_text(n: int, seconds: float) -> str:
     """Throughput in decimal units, as network speeds are quoted: `610 MB/s`, `36 kB/s`."""
     if seconds <= 0:
@@ -271,6 +279,8 @@ class RequestContext:
     hand_off: bool = False
     stalled: bool = False
     streamed: Streamed | None = None
+    #: The part of the blob a 206 answer carries (a Range read: passed unchecked by digest).
+    range: RangeRead | None = None
     # -- the answer ---------------------------------------------------------------------
     #: The response the steps decided on; the route puts it on the flow (on the event loop).
     answer: http.Response | None = None
@@ -333,6 +343,8 @@ class RequestContext:
                 return f"blob HEAD {size_text(int(length))}" if length.isdigit() else "blob HEAD"
             if self.streamed is not None and self.streamed.cut:
                 return f"blob cut at {size_text(self.streamed.bytes)} {self.streamed.source}"
+            if self.range is not None:
+                return range_text(self.range)
             if self.streamed is not None and self.streamed.ended:
                 return f"blob {self.streamed.text()}"
             if self.stalled:
@@ -400,6 +412,8 @@ class RequestContext:
             out["stalled"] = True
         if self.streamed is not None:
             out["streamed"] = self.streamed.public()
+        if self.range is not None:
+            out["range"] = self.range.public()
         if self.teleport_target_of:
             out["teleport_target_of"] = self.teleport_target_of
         out["answered"] = "upstream" if self.forward is not None else "mirror"

@@ -191,6 +191,13 @@ class Proxy(ProxyPlugin):
         if "acr_stale_max" in updated:
             settings.stale_max = stale_max_option(ctx.options.acr_stale_max)
 
+    def _listened(self, flow: http.HTTPFlow) -> str | None:
+        """The upstream of the address this request came in on, when it has one (`.listen`)."""
+        if not self.state.listen_upstreams:
+            return None
+        sockname = flow.client_conn.sockname
+        return self.state.listen_upstreams.get(sockname[1]) if sockname else None
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
@@ -219,11 +226,15 @@ class Proxy(ProxyPlugin):
             if (own := listen_origin(flow)) is not None:
                 show_served_from(flow, own)
             return
-        upstream = self.state.upstream_for(chosen or ns)
+        listened = self._listened(flow)
+        if listened is not None and (chosen or ns or listened).lower() != listened:
+            return refuse(flow, 404, "NAME_UNKNOWN", f"this address serves only {listened}")
+        upstream = self.state.upstream_for(chosen or ns or listened)
         if upstream is None:
             if ns is None:
                 return refuse(flow, 404, "NAME_UNKNOWN",
-                              "no ns given and more than one upstream is configured (use ?ns= or /v2/<registry-host>/<name>)")
+                              "no ns given and more than one upstream is configured (use ?ns=, /v2/<registry-host>/<name> "
+                              "or a '.listen' address of the registry)")
             return refuse(flow, 404, "NAME_UNKNOWN", f"registry '{ns[:100]}' is not mirrored here")
         route = self.routes.get(target.kind)
         if route is None:

@@ -57,6 +57,8 @@ class MirrorState:
     home: Path
     upstreams: dict[str, Upstream]
     settings: Settings = field(default_factory=Settings)
+    #: Listen port -> the upstream (ns) every request on that port goes to (`.listen` under a `.mirror`).
+    listen_upstreams: dict[int, str] = field(default_factory=dict)
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
     #: The one pooled HTTP session of the mirror's own upstream requests, token grants included.
     session: requests.Session = field(default_factory=new_session)

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from addons.registry import oci
-from addons.proxy.context import Forward, RequestContext, info, listen_origin, show_served_from
+from addons.proxy.context import Forward, RequestContext, info, listen_origin, range_text, show_served_from
 from addons.proxy.front import refuse
 from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
@@ -47,6 +47,8 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(f"no teleport ({teleport['skipped']})")
     if meta.get("stale"):
         parts.append(f"({meta['stale']['text']})")
+    if meta.get("range"):
+        parts.append(range_text(meta["range"]))
     if meta.get("redirected"):
         parts.append("via storage")
     if meta.get("refused"):
