@@ -41,7 +41,8 @@ from addons.proxy.manifest_cache import ManifestCache
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
-from tests.harness.inprocess import install
+from addons.proxy.context import read_record, record
+from tests.harness.inprocess import install, undeclared_keys
 
 UPSTREAM = Upstream.from_spec("http://127.0.0.1:5000")
 NS = UPSTREAM.ns
@@ -297,8 +298,9 @@ def test_a_storage_redirect_is_followed_without_the_token() -> None:
     assert flow.request.host_header == "storage.example:8080"
     assert "Authorization" not in flow.request.headers  # neither ours nor the client's
     assert flow.request.headers["Range"] == "bytes=0-9"
-    meta = flow.metadata["acr"]
+    meta = read_record(flow)
     assert meta["forward"] and meta["redirected"] and flow.response is None
+    assert undeclared_keys(meta) == []  # the record is the typed RequestRecord
     assert mirror.state.contexts[flow].forward.authorization is None  # type: ignore[union-attr]
 
 
@@ -311,7 +313,7 @@ def test_a_registry_that_serves_blobs_gets_the_token_and_is_remembered() -> None
     for flow in flows:
         assert flow.request.url.startswith("http://127.0.0.1:5000/v2/app/blobs/")
         assert flow.request.headers["Authorization"] == "Bearer t1"
-        assert not flow.metadata["acr"]["redirected"]
+        assert not read_record(flow)["redirected"]
     assert mirror.state.blob_modes == {NS: "direct"}  # type: ignore[union-attr]
 
 
@@ -329,7 +331,7 @@ def test_an_upstream_failure_during_the_probe_is_a_gateway_error() -> None:
 
     _, _, (flow,) = run_blob("follow", down)
     assert flow.response is not None and flow.response.status_code == 504
-    assert "forward" not in flow.metadata["acr"]
+    assert "forward" not in read_record(flow)
 
 
 def test_blob_head_is_answered_by_the_mirror_with_the_upstream_length() -> None:
@@ -406,7 +408,7 @@ def test_pull_parses_its_mode() -> None:
 def forwarded_flow() -> http.HTTPFlow:
     flow = tflow.tflow(resp=True)
     flow.request.headers["Authorization"] = "Bearer secret-token"
-    flow.metadata["acr"] = {"forward": True, "route": "blobs"}
+    record(flow).update({"forward": True, "route": "blobs"})
     return flow
 
 
@@ -443,8 +445,8 @@ def test_token_scrub_runs_ahead_of_the_flow_writer_and_scrubs_unfinished_flows_a
 def test_summary_is_one_line_with_the_decisions() -> None:
     flow = tflow.tflow(resp=True)
     flow.request.method, flow.request.path = "GET", "/v2/app/blobs/" + DIGEST + "?ns=x"
-    flow.metadata["acr"] = {"route": "blobs", "name": "app", "reference": DIGEST, "ns": NS,
-                            "upstream": UPSTREAM.base_url, "redirected": True}
+    record(flow).update({"route": "blobs", "name": "app", "reference": DIGEST, "ns": NS,
+                         "upstream": UPSTREAM.base_url, "redirected": True})
     line = summary(flow)
     assert "\n" not in line
     assert line.startswith(f"GET blobs app:{DIGEST} -> 200") and "via storage" in line and f"[{NS}]" in line
@@ -486,7 +488,7 @@ def test_each_request_writes_exactly_one_info_line(tmp_path: Path, caplog: pytes
     others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy.tail"]
     assert len(others) == 1 and others[0].endswith(": loaded user user")  # once, not per request
     for flow in flows:
-        assert flow.comment and flow.metadata["acr"]["steps"]
+        assert flow.comment and read_record(flow)["steps"]
         assert "secret-password" not in json.dumps(flow.metadata) + flow.comment
     assert "secret-password" not in caplog.text
 

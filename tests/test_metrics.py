@@ -20,6 +20,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from addons import catalog
 from addons.chain import AcrMirror, build_addons, build_state
 from addons.observe.metrics import CONTENT_TYPE, Histogram, Metrics, request_kind
+from addons.proxy.context import RequestRecord, record
 from tests.harness.replay import (REPLAY_DIR, UPSTREAM_FLOWS, ReplayServer, http_pull, replay_runmd,
                                   session_info)
 
@@ -108,9 +109,9 @@ def test_metrics_only_for_loopback_clients(metrics: Metrics, peer: tuple[str, in
     assert samples["acr_metrics_refused_total"] == 1
 
 
-def answered(meta: dict[str, Any], status: int = 200, method: str = "GET", **resp: Any) -> http.HTTPFlow:
+def answered(meta: RequestRecord, status: int = 200, method: str = "GET", **resp: Any) -> http.HTTPFlow:
     f = tflow.tflow(req=tutils.treq(method=method.encode()), resp=tutils.tresp(status_code=status, **resp))
-    f.metadata["acr"] = meta
+    record(f).update(meta)
     f.live = True
     return f
 
