@@ -10,6 +10,7 @@ plugins run their real code paths; flows go through the hooks the way mitmproxy 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -41,7 +42,8 @@ from addons.proxy.manifest_cache import ManifestCache
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
-from addons.proxy.context import read_record, record
+from addons.proxy.context import Forward, RequestContext, Streamed, read_record, record
+from addons.proxy.stream import StallWatch
 from tests.harness.inprocess import install, undeclared_keys
 
 UPSTREAM = Upstream.from_spec("http://127.0.0.1:5000")
@@ -108,6 +110,32 @@ def test_the_shared_helpers_are_typed_fields_made_with_the_state(tmp_path: Path)
     other = requests.Session()
     st.use_session(other)
     assert st.session is other and st.tokens.session is other  # token grants go the same way
+
+
+def test_a_forwarded_body_that_stops_moving_is_cut_and_said() -> None:
+    """The stall watchdog finds the streams in the requests' contexts and reads there when the
+    last chunk passed: one that has not moved for the upstream timeout is marked stalled."""
+    st = state()
+    st.settings.upstream_timeout = 0.05
+    flow = tflow.tflow(resp=True)
+    flow.live = True
+    moving = tflow.tflow(resp=True)
+    moving.live = True
+    ctx, other = (RequestContext(route="blobs", route_id=1, method="GET", name="app", reference=DIGEST,
+                                 upstream=UPSTREAM, forward=Forward(f"{UPSTREAM.base_url}/b", redirected=False),
+                                 streamed=Streamed(started=0.0, last=last)) for last in (0.0, float("inf")))
+    st.contexts[flow], st.contexts[moving] = ctx, other
+    watch = StallWatch(st)
+
+    async def until_stalled() -> None:
+        watch.start()
+        while not ctx.stalled:
+            await asyncio.sleep(0.01)
+
+    with taddons.context():
+        asyncio.run(asyncio.wait_for(until_stalled(), 10))
+    assert ctx.steps == ["pull: upstream stalled for 0.05 s mid-body: connection closed"]
+    assert read_record(flow)["stalled"] and not other.stalled
 
 
 # --- send: the mirror's own upstream requests -----------------------------------------------
