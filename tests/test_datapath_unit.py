@@ -362,6 +362,17 @@ def test_an_upstream_failure_during_the_probe_is_a_gateway_error() -> None:
     assert "forward" not in read_record(flow)
 
 
+def test_a_missing_blob_streams_the_registry_error_body_to_a_tls_client() -> None:
+    def missing(req: requests.PreparedRequest) -> Answer:
+        return 404, {"Content-Type": "application/json", "Content-Length": "157"}, b""  # a HEAD: no body
+
+    _, adapter, (flow,) = run_blob("follow", missing)
+    assert [r.method for r in adapter.seen] == ["HEAD"]
+    assert flow.response is None  # not the HEAD's empty answer: the GET goes upstream for its body
+    assert flow.request.url.startswith("http://127.0.0.1:5000/v2/app/blobs/")
+    assert flow.request.headers["Authorization"] == "Bearer t1"
+
+
 def test_blob_head_is_answered_by_the_mirror_with_the_upstream_length() -> None:
     def direct(req: requests.PreparedRequest) -> Answer:
         assert req.method == "HEAD"

@@ -271,12 +271,15 @@ def test_the_watch_runs_off_the_event_loop_at_its_interval(tmp_path: Path) -> No
 def test_check_interval_is_at_most_30_seconds(tmp_path: Path) -> None:
     from mitmproxy import exceptions
 
-    from addons.node.hostswatch import interval
-
-    assert interval("30") == 30.0 and interval("0.5") == 0.5
-    for bad in ("31", "0", "soon"):
-        with pytest.raises(exceptions.OptionsError):
-            interval(bad)
+    watch, _ = watch_of(tmp_path, ": .host 127.0.0.1:8578")
+    with taddons.context(watch) as tctx:
+        for text, seconds in (("30", 30.0), ("0.5", 0.5), ("500ms", 0.5), ("30s", 30.0)):
+            tctx.configure(watch, acr_hosts_check=text)
+            assert watch.interval == seconds
+        for bad in ("31", "1m", "0", "soon", "-1"):
+            with pytest.raises(exceptions.OptionsError, match="acr_hosts_check"):
+                tctx.configure(watch, acr_hosts_check=bad)
+        assert watch.interval == 30.0
 
 
 # --- a real containerd: this mirror first, then the other mirror, then server ------------------------

@@ -154,7 +154,6 @@ def _named(headers: http.Headers, names: tuple[str, ...]) -> list[str]:
 
 class Proxy(ProxyPlugin):
     plugin = "proxy"
-    summary = "the mirror's listener; routes requests to .manifests, .blobs and .tags"
 
     @classmethod
     def parse(cls, text: str) -> Address:

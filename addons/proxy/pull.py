@@ -54,7 +54,6 @@ class Pull(ProxyPlugin):
     plugin = "pull"
     routes = frozenset({"blobs", "tags"})
     answers = frozenset({"blobs", "tags"})
-    summary = "stream blobs (follow storage redirects; 'client' hands them to the client) and pass tag lists"
 
     @classmethod
     def parse(cls, text: str) -> str:
@@ -118,14 +117,8 @@ class Pull(ProxyPlugin):
     @staticmethod
     def target(ctx: RequestContext) -> tuple[str, str]:
         """The upstream URL of the request, and what it is (for messages)."""
-        if ctx.route == "tags":
-            path, what = f"/v2/{ctx.name}/tags/list", f"tags of {ctx.name}"
-        else:
-            path, what = f"/v2/{ctx.name}/blobs/{ctx.reference}", f"blob {ctx.reference}"
-        url = ctx.upstream.url(path)
-        if ctx.query:
-            url += "?" + "&".join(f"{k}={v}" for k, v in ctx.query)
-        return url, what
+        what = f"tags of {ctx.name}" if ctx.route == "tags" else f"blob {ctx.reference}"
+        return ctx.upstream_url(), what
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -218,8 +211,7 @@ class Pull(ProxyPlugin):
         else:
             raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: too many redirects upstream")
         if resp.status_code >= 300:
-            self._drain(resp)
-            raise UpstreamError.from_status(resp, what)
+            raise UpstreamError.from_status(resp, what)  # reads the error body the client gets
         if not redirected:
             self.state.blob_modes[ctx.upstream.ns] = "direct"
         length = resp.headers.get("Content-Length")
@@ -254,18 +246,23 @@ class Pull(ProxyPlugin):
         auth = ctx.authorizer
         modes = self.state.blob_modes
         ns = ctx.upstream.ns
-        if not self.follow:
-            target = url
-        elif modes.get(ns) == "direct":
-            # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
-            self.probe(url, "HEAD", extra, auth, what)
-            target = url
-        else:
-            # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
-            target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
-            if resp is not None:
-                resp.close()
-            modes[ns] = "direct" if target == url else "redirect"
+        try:
+            if not self.follow:
+                target = url
+            elif modes.get(ns) == "direct":
+                # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
+                self.probe(url, "HEAD", extra, auth, what)
+                target = url
+            else:
+                # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
+                target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
+                if resp is not None:
+                    resp.close()
+                modes[ns] = "direct" if target == url else "redirect"
+        except UpstreamError as e:
+            if e.body is None:
+                raise
+            target = url  # an error the client gets as it is (404): the GET streams the registry's body
         header = auth.header() if same_origin(target, url) and auth is not None else None
         self._forward(ctx, url, target, header)
 

@@ -287,7 +287,6 @@ class Resolve(ProxyPlugin):
     plugin = "resolve"
     routes = frozenset({"manifests"})
     answers = frozenset({"manifests"})
-    summary = "fetch the manifest upstream (also accepting the listed media types); answer as the registry would"
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:
@@ -344,7 +343,7 @@ class Resolve(ProxyPlugin):
         accept = lookup_accept(ctx.accept, self.config)
         notes: list[str] = []
         what = f"manifest {ctx.name}:{ctx.reference}"
-        url = ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}")
+        url = ctx.upstream_url()
         manifest = _cached(self.state, ctx.upstream, ctx.name, ctx.reference)
         cached = manifest is not None
         try:

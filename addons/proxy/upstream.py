@@ -2,8 +2,8 @@
 
 Every plugin that talks to a registry (resolve, pull's redirect probe, discover) goes through
 `send`, so timeouts, the one retry after a 401 and the mapping of failures to statuses that
-make containerd fall back to its next host are decided once. `send` blocks: call it through
-`asyncio.to_thread`.
+make containerd fall back to its next host are decided once. `send` blocks: steps call it from
+`run`, in the route's worker thread; `asend` is its event-loop twin for `fetch`.
 """
 
 from __future__ import annotations

@@ -28,12 +28,13 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from addons.runmd.compile import Compiled
 from addons.runmd.children import ChildrenStopping, describe_exit
+from addons.runmd.notify_relay import NotifyRelay
 from addons.core.duration import format_duration, parse_duration
 from addons.runmd.plugin import Plugin, split_list
 from addons.runmd.syntax import Block, Document, Root, RunmdError, Step
@@ -51,7 +52,6 @@ class EnginePlugin(Plugin):
 
 class Event(EnginePlugin):
     plugin = "event"
-    summary = "run the blocks '``` NAME ENGINE': their runtime steps, then their proxy until it exits"
 
     @classmethod
     def parse(cls, text: str) -> str:
@@ -69,7 +69,6 @@ class BackoffPolicy:
 
 class Loop(EnginePlugin):
     plugin = "loop"
-    summary = "start over from the first event after a back-off: '.loop [INITIAL, MAX]' (default 1s, 60s)"
 
     @classmethod
     def parse(cls, text: str) -> BackoffPolicy:
@@ -86,7 +85,6 @@ class Loop(EnginePlugin):
 
 class Exit(EnginePlugin):
     plugin = "exit"
-    summary = "end the engine"
 
 
 class Backoff:
@@ -256,11 +254,21 @@ class ProxyExit(Exception):
 class Engine:
     """Runs one engine's actions; `serve_argv` is the command of the proxy child."""
 
-    def __init__(self, spec: EngineSpec, runtime: Runtime, serve_argv: Sequence[str]) -> None:
+    def __init__(
+        self, spec: EngineSpec, runtime: Runtime, serve_argv: Sequence[str], *,
+        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], bool] | None = None,
+        relay: NotifyRelay | None = None,
+    ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.serve_argv = list(serve_argv)
         self.rounds = 0
+        #: How long a round ran, and the wait before the next (True when asked to stop): a test
+        #: gives its own, so the back-off is checked without waiting for it.
+        self.clock = clock
+        self.sleep = sleep or runtime.children.sleep
+        #: Passes the proxy child's systemd notifications on (see addons.runmd.notify_relay).
+        self.relay = relay
 
     @property
     def stopping(self) -> bool:
@@ -270,6 +278,8 @@ class Engine:
         """Stop the child that runs now and end the engine cleanly (SIGTERM/SIGINT handler)."""
         if not self.stopping:
             logger.info("engine %s: stopping", self.spec.label)
+            if self.relay is not None:
+                self.relay.stopping()
         self.runtime.children.stop()
 
     def run(self, start_id: int = 0, *, handle_signals: bool = True) -> int:
@@ -292,7 +302,7 @@ class Engine:
         index, first_id = start_point(spec, start_id)
         while True:
             self.rounds += 1
-            began = time.monotonic()
+            began = self.clock()
             failed = False
             for action in spec.actions[index:]:
                 if self.stopping:
@@ -326,9 +336,9 @@ class Engine:
                 return 0
             if self.stopping:
                 return 0
-            delay = backoff.after(failed, time.monotonic() - began)
+            delay = backoff.after(failed, self.clock() - began)
             logger.info("engine %s: starting over in %s", spec.label, format_duration(delay))
-            if self.runtime.children.sleep(delay):
+            if self.sleep(delay):
                 return 0
             index, first_id = 0, 0
 
@@ -336,6 +346,8 @@ class Engine:
         spec = self.spec
         titles = ", ".join(f"'{b.title}'" for b in action.blocks)
         logger.info("engine %s: step %d: .event %s (%s)", spec.label, action.step.id, action.step.input, titles)
+        if self.relay is not None:
+            self.relay.status(f"event {action.step.input}")
         roots = list(action.roots())
         self.runtime.run(first_id, roots)
         proxies = [r for r in roots if r.kind == "proxy"]
@@ -345,11 +357,14 @@ class Engine:
     def _serve(self, root: Root) -> None:
         children = self.runtime.children
         try:
-            proc = children.spawn(self.serve_argv, capture=False)
+            proc = children.spawn(self.serve_argv, capture=False,
+                                  env=self.relay.child_env() if self.relay is not None else None)
         except OSError as e:
             raise EngineError(f"cannot start the proxy ({self.serve_argv[0]}): {e.strerror or e}") from None
         logger.info("engine %s: proxy %d serving on %s (pid %d)", self.spec.label, root.id, root.input, proc.pid)
         code = children.wait(proc, grace=5.0)
+        if self.relay is not None:
+            self.relay.proxy_exited(f"the proxy {describe_exit(code)}")
         if self.stopping:
             logger.info("engine %s: proxy stopped (pid %d)", self.spec.label, proc.pid)
             return

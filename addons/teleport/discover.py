@@ -1,7 +1,7 @@
 """`.discover TYPE[, TYPE ...]`: the referrers of the resolved manifest, of the listed types.
 
 Registries expose referrers three ways: the OCI 1.1 referrers API, the spec's fallback tag
-`sha256-<hex>`, and the legacy ORAS endpoint of the seed's era. Which one an upstream speaks
+`sha256-<hex>`, and ORAS's own endpoint, which early converters use. Which one an upstream speaks
 is learned on its first lookup and remembered, so a cold tag pull costs one referrers call
 and a warm one none: results are cached per digest (found referrers for long, since a digest
 never changes; "none found" only briefly, since a conversion may finish after a first pull).
@@ -229,7 +229,6 @@ def teleport_shared(state: MirrorState) -> TeleportShared:
 class Discover(ProxyPlugin):
     plugin = "discover"
     routes = frozenset({"manifests"})
-    summary = "look up referrers of these artifact types, in order of preference"
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:

@@ -45,8 +45,8 @@ OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
 DADI = "dadi.image.v1"
 #: Streamable digests remembered with the tag they were served for (their follow-up GET names it).
 MAX_TARGETS_KEPT = 1024
-#: Seed-era artifact manifests (ORAS, then the OCI 1.1 release candidates): a `dadi.image.v1`
-#: referrer of this kind lists the converted image manifest among its `blobs`.
+#: Artifact manifests (ORAS's, and the OCI 1.1 release candidates') that early overlaybd converters
+#: push: a `dadi.image.v1` referrer of this kind lists the converted image manifest among its `blobs`.
 ARTIFACT_MANIFESTS = ("application/vnd.cncf.oras.artifact.manifest.v1+json", "application/vnd.oci.artifact.manifest.v1+json")
 #: The layer annotations overlaybd's converter writes (accelerated-container-image): the
 #: blob's digest and size; without them the snapshotter would not know the layer is overlaybd.
@@ -177,7 +177,7 @@ def choose(referrers: list[Descriptor], fmt: str, want: Platform, index_level: b
 def linked_manifest(body: bytes) -> Descriptor | None:
     """The image manifest a `dadi.image.v1` artifact lists in its `blobs` (or `layers`), if any.
 
-    The seed's converter pushed an artifact manifest whose `blobs[0]` is the overlaybd image
+    Early overlaybd converters push an artifact manifest whose `blobs[0]` is the overlaybd image
     manifest; a referrer without such an entry is taken to be the image manifest itself.
     """
     try:
@@ -219,7 +219,6 @@ def platform_child(body: bytes, want: Platform) -> Descriptor:
 class Teleport(ProxyPlugin):
     plugin = "teleport"
     routes = frozenset({"manifests"})
-    summary = "answer tag resolution with the streamable (overlaybd) manifest"
 
     @classmethod
     def parse(cls, text: str) -> TeleportConfig:
