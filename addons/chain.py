@@ -19,6 +19,7 @@ from mitmproxy import command, ctx, exceptions, flow, hooks
 from addons import catalog
 from addons.core.mitm.master import put_first_in_chain
 from addons.runmd.compile import Compiled
+from addons.proxy.context import read_record
 from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints
 from addons.proxy.credentials_endpoint import CredentialsEndpoint
@@ -209,10 +210,10 @@ class AcrMirror:
         In mitmweb, `@focus` is the flow selected in the page."""
         out = []
         for f in flows:
-            meta = f.metadata.get("acr") or {}
+            meta = read_record(f)
             req = getattr(f, "request", None)
-            client = f.metadata.get("acr_client") or {}
-            path = client.get("path") or (req.path if req else "")
+            client = meta.get("client")
+            path = (client["path"] if client else "") or (req.path if req else "")
             out.append(f"{req.method if req else ''} {path}".strip())
             out.extend(f"  {line}" for line in meta.get("steps", ["(no decisions: not a registry request)"]))
         return out
@@ -236,14 +237,14 @@ def teleport_lines(flows: Sequence[flow.Flow]) -> list[str]:
     out: list[str] = []
     follow_ups: dict[tuple[str, str], list[str]] = {}
     for f in flows:
-        meta = f.metadata.get("acr") or {}
+        meta = read_record(f)
         if (meta.get("teleport") or {}).get("skipped") == "digest-pinned":
             status = f.response.status_code if getattr(f, "response", None) else "error"
             what = "the streamable manifest" if meta.get("teleport_target_of") else "the manifest it was served"
             line = f"  {f.request.method} {meta.get('name')}@{meta.get('reference')} -> {status} (the client fetching {what})"
             follow_ups.setdefault((meta.get("name"), meta.get("reference")), []).append(line)
     for f in flows:
-        meta = f.metadata.get("acr") or {}
+        meta = read_record(f)
         req = getattr(f, "request", None)
         if meta.get("refused") and req is not None and "/manifests/" in req.path:
             steps = meta.get("steps") or [""]

@@ -135,8 +135,9 @@ def web_master(opts, args: argparse.Namespace):
         # (mitmproxy's own launcher quiets this logger the same way).
         logging.getLogger("tornado").setLevel(logging.WARNING)
     from addons.core.mitm.web import web_handlers
+    from addons.proxy.context import read_record
 
-    web_handlers(master.app)
+    web_handlers(master.app, lambda flow: read_record(flow).get("streamed"))
     return master
 
 

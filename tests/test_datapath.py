@@ -33,6 +33,7 @@ import requests
 from mitmproxy import http as mhttp
 from mitmproxy import io as mio
 
+from addons.proxy.context import read_record
 from tests.conftest import HostsDir
 from tests.harness.containerd import Ctr
 from tests.harness.images import (
@@ -199,11 +200,11 @@ def test_containerd_pulls_private_images_with_a_refresh_token(
     flows = read_flows(flows_path)
     assert len(flows) == len(lines) >= 8
     for f in flows:
-        meta = f.metadata.get("acr")
+        meta = read_record(f)
         assert meta and meta.get("route") in ("manifests", "blobs") and meta.get("steps"), meta
         assert f.comment and f.response is not None and f.response.status_code == 200
         assert "Authorization" not in f.request.headers
-    digests = {f.metadata["acr"]["resolved"]["digest"] for f in flows if f.metadata["acr"]["route"] == "manifests"}
+    digests = {read_record(f)["resolved"]["digest"] for f in flows if read_record(f)["route"] == "manifests"}
     assert {single.digest, index.digest, mine.digest} <= digests
 
 

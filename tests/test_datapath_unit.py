@@ -10,6 +10,7 @@ plugins run their real code paths; flows go through the hooks the way mitmproxy 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -41,7 +42,9 @@ from addons.proxy.manifest_cache import ManifestCache
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
-from tests.harness.inprocess import install
+from addons.proxy.context import Forward, RequestContext, Streamed, read_record, record
+from addons.proxy.stream import StallWatch
+from tests.harness.inprocess import install, undeclared_keys
 
 UPSTREAM = Upstream.from_spec("http://127.0.0.1:5000")
 NS = UPSTREAM.ns
@@ -107,6 +110,32 @@ def test_the_shared_helpers_are_typed_fields_made_with_the_state(tmp_path: Path)
     other = requests.Session()
     st.use_session(other)
     assert st.session is other and st.tokens.session is other  # token grants go the same way
+
+
+def test_a_forwarded_body_that_stops_moving_is_cut_and_said() -> None:
+    """The stall watchdog finds the streams in the requests' contexts and reads there when the
+    last chunk passed: one that has not moved for the upstream timeout is marked stalled."""
+    st = state()
+    st.settings.upstream_timeout = 0.05
+    flow = tflow.tflow(resp=True)
+    flow.live = True
+    moving = tflow.tflow(resp=True)
+    moving.live = True
+    ctx, other = (RequestContext(route="blobs", route_id=1, method="GET", name="app", reference=DIGEST,
+                                 upstream=UPSTREAM, forward=Forward(f"{UPSTREAM.base_url}/b", redirected=False),
+                                 streamed=Streamed(started=0.0, last=last)) for last in (0.0, float("inf")))
+    st.contexts[flow], st.contexts[moving] = ctx, other
+    watch = StallWatch(st)
+
+    async def until_stalled() -> None:
+        watch.start()
+        while not ctx.stalled:
+            await asyncio.sleep(0.01)
+
+    with taddons.context():
+        asyncio.run(asyncio.wait_for(until_stalled(), 10))
+    assert ctx.steps == ["pull: upstream stalled for 0.05 s mid-body: connection closed"]
+    assert read_record(flow)["stalled"] and not other.stalled
 
 
 # --- send: the mirror's own upstream requests -----------------------------------------------
@@ -297,8 +326,9 @@ def test_a_storage_redirect_is_followed_without_the_token() -> None:
     assert flow.request.host_header == "storage.example:8080"
     assert "Authorization" not in flow.request.headers  # neither ours nor the client's
     assert flow.request.headers["Range"] == "bytes=0-9"
-    meta = flow.metadata["acr"]
+    meta = read_record(flow)
     assert meta["forward"] and meta["redirected"] and flow.response is None
+    assert undeclared_keys(meta) == []  # the record is the typed RequestRecord
     assert mirror.state.contexts[flow].forward.authorization is None  # type: ignore[union-attr]
 
 
@@ -311,7 +341,7 @@ def test_a_registry_that_serves_blobs_gets_the_token_and_is_remembered() -> None
     for flow in flows:
         assert flow.request.url.startswith("http://127.0.0.1:5000/v2/app/blobs/")
         assert flow.request.headers["Authorization"] == "Bearer t1"
-        assert not flow.metadata["acr"]["redirected"]
+        assert not read_record(flow)["redirected"]
     assert mirror.state.blob_modes == {NS: "direct"}  # type: ignore[union-attr]
 
 
@@ -329,7 +359,7 @@ def test_an_upstream_failure_during_the_probe_is_a_gateway_error() -> None:
 
     _, _, (flow,) = run_blob("follow", down)
     assert flow.response is not None and flow.response.status_code == 504
-    assert "forward" not in flow.metadata["acr"]
+    assert "forward" not in read_record(flow)
 
 
 def test_a_missing_blob_streams_the_registry_error_body_to_a_tls_client() -> None:
@@ -417,7 +447,7 @@ def test_pull_parses_its_mode() -> None:
 def forwarded_flow() -> http.HTTPFlow:
     flow = tflow.tflow(resp=True)
     flow.request.headers["Authorization"] = "Bearer secret-token"
-    flow.metadata["acr"] = {"forward": True, "route": "blobs"}
+    record(flow).update({"forward": True, "route": "blobs"})
     return flow
 
 
@@ -454,8 +484,8 @@ def test_token_scrub_runs_ahead_of_the_flow_writer_and_scrubs_unfinished_flows_a
 def test_summary_is_one_line_with_the_decisions() -> None:
     flow = tflow.tflow(resp=True)
     flow.request.method, flow.request.path = "GET", "/v2/app/blobs/" + DIGEST + "?ns=x"
-    flow.metadata["acr"] = {"route": "blobs", "name": "app", "reference": DIGEST, "ns": NS,
-                            "upstream": UPSTREAM.base_url, "redirected": True}
+    record(flow).update({"route": "blobs", "name": "app", "reference": DIGEST, "ns": NS,
+                         "upstream": UPSTREAM.base_url, "redirected": True})
     line = summary(flow)
     assert "\n" not in line
     assert line.startswith(f"GET blobs app:{DIGEST} -> 200") and "via storage" in line and f"[{NS}]" in line
@@ -497,7 +527,7 @@ def test_each_request_writes_exactly_one_info_line(tmp_path: Path, caplog: pytes
     others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy.tail"]
     assert len(others) == 1 and others[0].endswith(": loaded user user")  # once, not per request
     for flow in flows:
-        assert flow.comment and flow.metadata["acr"]["steps"]
+        assert flow.comment and read_record(flow)["steps"]
         assert "secret-password" not in json.dumps(flow.metadata) + flow.comment
     assert "secret-password" not in caplog.text
 

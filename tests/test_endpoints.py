@@ -33,7 +33,8 @@ from addons.observe.endpoints import Endpoints
 from addons.proxy.credentials_endpoint import REDACTED, CredentialsEndpoint, loopback_peer, remote_host
 from addons.node.login_acr import write_meta
 from addons.proxy.front import Proxy
-from tests.harness.inprocess import drive
+from addons.proxy.context import read_record
+from tests.harness.inprocess import drive, undeclared_keys
 from tests.harness.mirror import Mirror
 from tests.harness.ports import LoopbackConnection
 
@@ -196,7 +197,7 @@ def test_auth_answers_what_overlaybd_reads(tmp_path: Path, remote: str, key: str
     assert doc["success"] is True and isinstance(doc["traceId"], str) and doc["traceId"]
     assert list(doc["data"]["auths"]) == [key]
     assert overlaybd_credentials(body, remote) == (ACR_REFRESH_TOKEN_USER, REFRESH)
-    assert flow.metadata["acr"]["endpoint"] == "auth"
+    assert read_record(flow)["endpoint"] == "auth" and undeclared_keys(read_record(flow)) == []
     assert REFRESH not in json.dumps(flow.metadata) and REFRESH not in (flow.comment or "")
 
 
@@ -299,7 +300,7 @@ def test_other_paths_still_reach_the_proxy_root(tmp_path: Path) -> None:
     flow = tflow.tflow(req=req)
     drive(mirror, flow)
     assert flow.response.status_code == 400
-    assert "endpoint" not in flow.metadata.get("acr", {})
+    assert "endpoint" not in read_record(flow)
 
 
 # --- /status ----------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from addons.core.offline import run_hooks_now
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.front import Proxy, RouteError, Target, parse_target
 from addons.proxy.tail import ProxyTail
-from tests.harness.inprocess import drive
+from addons.proxy.context import read_record
+from tests.harness.inprocess import drive, undeclared_keys
 
 SHA = "sha256:" + "a" * 64
 
@@ -196,7 +197,8 @@ def test_unknown_ns_is_404_name_unknown_and_nothing_is_forwarded() -> None:
     assert flow.response.status_code == 404
     assert error_of(flow)["code"] == "NAME_UNKNOWN"
     assert flow.request.url == url
-    assert not flow.metadata["acr"].get("route")
+    assert not read_record(flow).get("route")
+    assert read_record(flow)["refused"] == "404 NAME_UNKNOWN" and undeclared_keys(read_record(flow)) == []
 
 
 def test_no_ns_with_one_upstream_is_routed() -> None:
@@ -205,7 +207,7 @@ def test_no_ns_with_one_upstream_is_routed() -> None:
     with taddons.context(mirror):
         run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
     assert flow.response is None
-    meta = flow.metadata["acr"]
+    meta = read_record(flow)
     assert meta["route"] == "manifests"
     assert meta["upstream"] == "http://127.0.0.1:5000"
     assert meta["ns"] == "127.0.0.1:5000"
@@ -222,16 +224,16 @@ def test_ns_naming_the_upstream_is_routed(ns: str) -> None:
     with taddons.context(mirror):
         run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
     assert flow.response is None
-    assert flow.metadata["acr"]["route"] == "blobs"
-    assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
+    assert read_record(flow)["route"] == "blobs"
+    assert read_record(flow)["upstream"] == "http://127.0.0.1:5000"
 
 
 def test_routed_flow_that_no_step_answers_goes_to_its_upstream_as_is() -> None:
     """A route with no step that answers forwards (as `acr dump` says), never a 500."""
     flow = make_flow("/v2/library/alpine/manifests/latest?ns=127.0.0.1%3A5000&x=1")
     drive(make_mirror(ONE_UPSTREAM), flow)
-    assert flow.metadata["acr"]["route"] == "manifests"
-    assert flow.metadata["acr"]["forward"] is True
+    assert read_record(flow)["route"] == "manifests"
+    assert read_record(flow)["forward"] is True
     assert flow.response is None
     assert flow.request.url == "http://127.0.0.1:5000/v2/library/alpine/manifests/latest?x=1"
 
@@ -249,7 +251,7 @@ def test_ns_picks_one_of_two_upstreams() -> None:
     with taddons.context(mirror):
         run_hooks_now([mirror.addons[_proxy_index(mirror)]], flow, ("requestheaders",))
     assert flow.response is None
-    assert flow.metadata["acr"]["upstream"] == "https://example.azurecr.io"
+    assert read_record(flow)["upstream"] == "https://example.azurecr.io"
 
 
 def test_head_on_a_get_only_route_is_405_with_allow() -> None:
@@ -333,7 +335,7 @@ def _routed(mirror: AcrMirror, path: str) -> http.HTTPFlow:
 def test_a_configured_registry_host_as_path_prefix_selects_the_upstream(prefix: str, upstream: str) -> None:
     flow = _routed(make_mirror(TWO_UPSTREAMS), f"/v2/{prefix}/library/alpine/manifests/latest")
     assert flow.response is None
-    meta = flow.metadata["acr"]
+    meta = read_record(flow)
     assert (meta["upstream"], meta["name"], meta["reference"]) == (upstream, "library/alpine", "latest")
     assert meta["prefix"] == prefix  # as sent: a next-page link keeps it
 
@@ -341,7 +343,7 @@ def test_a_configured_registry_host_as_path_prefix_selects_the_upstream(prefix: 
 def test_a_prefix_also_routes_with_one_upstream() -> None:
     flow = _routed(make_mirror(ONE_UPSTREAM), "/v2/127.0.0.1:5000/demo/app/blobs/sha256:" + "a" * 64)
     assert flow.response is None
-    assert (flow.metadata["acr"]["name"], flow.metadata["acr"]["route"]) == ("demo/app", "blobs")
+    assert (read_record(flow)["name"], read_record(flow)["route"]) == ("demo/app", "blobs")
 
 
 @pytest.mark.parametrize("path, name", [
@@ -353,8 +355,8 @@ def test_a_prefix_also_routes_with_one_upstream() -> None:
 def test_a_prefix_that_is_not_a_configured_upstream_stays_a_repository(path: str, name: str) -> None:
     flow = _routed(make_mirror(ONE_UPSTREAM), path)
     assert flow.response is None
-    assert flow.metadata["acr"]["name"] == name
-    assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
+    assert read_record(flow)["name"] == name
+    assert read_record(flow)["upstream"] == "http://127.0.0.1:5000"
 
 
 def test_an_unconfigured_host_prefix_is_never_proxied_to() -> None:
@@ -376,5 +378,5 @@ def test_an_upstream_with_a_port_is_named_by_its_host_when_no_other_has_it() -> 
     """registries.conf locations cannot carry a port in a path component."""
     flow = _routed(make_mirror(TWO_UPSTREAMS), "/v2/127.0.0.1/library/alpine/manifests/latest")
     assert flow.response is None
-    assert flow.metadata["acr"]["upstream"] == "http://127.0.0.1:5000"
-    assert flow.metadata["acr"]["prefix"] == "127.0.0.1"
+    assert read_record(flow)["upstream"] == "http://127.0.0.1:5000"
+    assert read_record(flow)["prefix"] == "127.0.0.1"

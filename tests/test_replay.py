@@ -39,6 +39,7 @@ from addons.observe import record
 from addons.observe.record import (REDACTED, URL_REDACTED, RecordScrub, ScrubbingSave, install, scrub_flow,
                            scrub_form_text, scrub_header_value, scrub_json_text, scrub_text)
 from addons.observe.replay import Origin, RecordedUpstream, parse_rehost, read_flows, rehost_flow, replace_origins
+from addons.proxy.context import read_record
 from tests.harness.mirror import Mirror
 from tests.harness.replay import (CLIENT_FLOWS, MITMDUMP, REPLAY_DIR, ROOT, RUNMD, UPSTREAM_FLOWS, ReplayServer,
                                   check_pull, http_pull, replay_runmd, session_info)
@@ -198,7 +199,7 @@ def test_record_scrub_removes_request_credentials_once_sent() -> None:
     f.live = True
     scrubber = RecordScrub()
     scrubber.requestheaders(f)
-    assert f.metadata["acr_client"] == {"method": "GET", "path": "/c/b?sv=1&sig=REDACTED&sp=r", "authority": ""}
+    assert read_record(f)["client"] == {"method": "GET", "path": "/c/b?sv=1&sig=REDACTED&sp=r", "authority": ""}
     assert f.request.path.endswith("sig=s3cr3t&sp=r")  # not yet sent: untouched
     scrubber.responseheaders(f)
     assert f.request.path == "/c/b?sv=1&sig=REDACTED&sp=r"
@@ -240,11 +241,11 @@ def test_the_upstream_session_has_acr_shape(upstream_flows: list[http.HTTPFlow])
 
 def test_the_client_session_carries_the_decisions(client_flows: list[http.HTTPFlow]) -> None:
     head = next(f for f in client_flows if f.request.method == "HEAD")
-    meta = head.metadata["acr"]
+    meta = read_record(head)
     assert meta["teleport"]["to"] == SESSION["teleport"]["to"] and meta["teleport"]["from"] == SESSION["teleport"]["from"]
     assert head.marked == ":rocket:" and head.comment.startswith("teleport ")
-    blobs = [f for f in client_flows if (f.metadata.get("acr") or {}).get("route") == "blobs"]
-    assert blobs and all(f.metadata["acr"]["redirected"] and f.response.content is None for f in blobs)  # type: ignore[union-attr]
+    blobs = [f for f in client_flows if read_record(f).get("route") == "blobs"]
+    assert blobs and all(read_record(f)["redirected"] and f.response.content is None for f in blobs)  # type: ignore[union-attr]
 
 
 # --- 2. the chain re-run offline ----------------------------------------------------------------
@@ -320,7 +321,7 @@ def test_rehost_flow_moves_request_headers_bodies_and_metadata() -> None:
     rehost_flow(f, parse_rehost("http://127.0.0.1:5001=https://lifecacr.azurecr.io"))
     assert f.request.url == "https://lifecacr.azurecr.io/v2/a/manifests/v1?ns=lifecacr.azurecr.io"
     assert f.response.headers["Location"] == "https://lifecacr.azurecr.io/v2/x"  # type: ignore[union-attr]
-    assert f.metadata["acr"] == {"ns": "lifecacr.azurecr.io", "upstream": "https://lifecacr.azurecr.io"}
+    assert read_record(f) == {"ns": "lifecacr.azurecr.io", "upstream": "https://lifecacr.azurecr.io"}
 
 
 def test_recorded_upstream_matches_without_secrets(upstream_flows: list[http.HTTPFlow]) -> None:

@@ -35,6 +35,7 @@ from tests.harness.overlaybd import StreamingNode
 from tests.harness.ports import direct_session
 from tests.harness.referrers import FILTERS_HEADER, ReferrersFront
 from tests.harness.registry import Registry
+from addons.proxy.context import read_record
 
 STREAMING = "application/vnd.azure.artifact.streaming.v1"
 STREAMING_LINK = "application/vnd.azure.artifact.streaming.link.v1"
@@ -445,8 +446,8 @@ def test_broken_referrers_endpoint_never_breaks_the_pull(
     assert log_lines(m, rf"HEAD manifests {repo_name}:v1 -> 200 {image.digest} no teleport \({reason}\)")
     m.stop()
     (head,) = [f for f in flows_of(flows_path)
-               if f.request.method == "HEAD" and f.metadata.get("acr", {}).get("reference") == "v1"]
-    meta = head.metadata["acr"]
+               if f.request.method == "HEAD" and read_record(f).get("reference") == "v1"]
+    meta = read_record(head)
     assert meta["teleport"]["skipped"] == reason
     assert meta["discover"]["error"] == reason
     assert head.response is not None and head.response.headers["Docker-Content-Digest"] == image.digest

@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from addons.chain import AcrMirror
+from addons.proxy.context import read_record
 from tests.conftest import ClosedPort, HostsDir
 from tests.harness.containerd import Containerd, Ctr, write_hosts_toml
 from tests.harness.cri import pull_image
@@ -99,8 +100,8 @@ def test_auto_on_a_node_without_overlaybd_serves_the_original_and_says_why(
     # the flows: mitmweb's comment, acr.why, acr.teleports
     m.stop()
     (head,) = [f for f in flows_of(tmp_path / "flows.mitm")
-               if f.request.method == "HEAD" and f.metadata.get("acr", {}).get("reference") == "v1"]
-    assert head.metadata["acr"]["teleport"]["skipped"] == "snapshotter"
+               if f.request.method == "HEAD" and read_record(f).get("reference") == "v1"]
+    assert read_record(head)["teleport"]["skipped"] == "snapshotter"
     assert head.comment.split("\n")[0] == "no teleport: snapshotter" and not head.marked
     assert "teleport: not teleported: snapshotter: CRI's snapshotter is " in head.comment
     (told,) = AcrMirror().teleports([head])

@@ -37,6 +37,7 @@ from addons.teleport.teleport import (STREAMING, TeleportConfig, Teleport, estar
 from tests.harness.mirror import ACR
 from tests.harness.overlaybd import StreamingNode
 from addons.core.offline import AnswerAdapter, run_hooks_now
+from addons.proxy.context import read_record
 from tests.harness.inprocess import install
 from tests.test_teleport_unit import (RUNMD, Registry, make_flow, manifest, mirror_of, overlaybd_layer,
                                       streamable_manifest)
@@ -215,13 +216,13 @@ def test_auto_serves_the_original_where_the_node_cannot_stream(tmp_path: Path) -
     flows = [pull_with(mirror, method=m, acr_containerd_config=str(config)) for m in ("HEAD", "GET")]
     for f in flows:
         assert f.response is not None and f.response.headers["Docker-Content-Digest"] == original
-        t = f.metadata["acr"]["teleport"]
+        t = read_record(f)["teleport"]
         assert t["skipped"] == "snapshotter"
         assert t["message"] == ("CRI's snapshotter is 'overlayfs', not a streaming one ('overlaybd' or 'stargz') "
                                 '(plugins."io.containerd.grpc.v1.cri".containerd); on offer: overlaybd')
         assert f.comment.split("\n")[0] == "no teleport: snapshotter" and not f.marked
         assert "teleport: not teleported: snapshotter: CRI's snapshotter is 'overlayfs'" in f.comment
-        assert f.metadata["acr"]["steps"][-1].startswith("teleport: not teleported: snapshotter: ")
+        assert read_record(f)["steps"][-1].startswith("teleport: not teleported: snapshotter: ")
     (line,) = mirror.teleports(flows[:1])
     assert line.startswith("app:v1 not teleported: snapshotter: CRI's snapshotter is 'overlayfs'")
     why = mirror.why(flows[:1])
@@ -239,9 +240,9 @@ def test_the_option_overrides_the_runmd(tmp_path: Path) -> None:
     assert pull_with(mirror, **opts).response.headers["Docker-Content-Digest"] == target  # type: ignore[union-attr]
     never = pull_with(mirror, acr_teleport="never", **opts)
     assert never.response.headers["Docker-Content-Digest"] == original  # type: ignore[union-attr]
-    assert never.metadata["acr"]["teleport"] == {"skipped": "never", "message": "teleport is set to never"}
+    assert read_record(never)["teleport"] == {"skipped": "never", "message": "teleport is set to never"}
     auto = pull_with(mirror, acr_teleport="auto", **opts)
-    assert auto.metadata["acr"]["teleport"]["skipped"] == "snapshotter"
+    assert read_record(auto)["teleport"]["skipped"] == "snapshotter"
     gate = teleport_shared(mirror.state).gate  # type: ignore[union-attr]
     assert gate.checks == 1  # only auto asks the node
     with pytest.raises(exceptions.OptionsError, match="acr_teleport: unknown teleport mode 'maybe'"):
@@ -252,7 +253,7 @@ def test_never_in_the_runmd(tmp_path: Path) -> None:
     _, mirror, _, original, _ = teleport_world(RUNMD.replace("overlaybd, always", "overlaybd, never"), tmp_path)
     f = pull_with(mirror)
     assert f.response.headers["Docker-Content-Digest"] == original  # type: ignore[union-attr]
-    assert f.metadata["acr"]["teleport"]["skipped"] == "never"
+    assert read_record(f)["teleport"]["skipped"] == "never"
 
 
 # --- the target's format ---------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_a_target_without_overlaybd_layers_is_format(tmp_path: Path) -> None:
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(plain), {"streaming.format": "overlaybd"}, STREAMING))
     f = pull_with(mirror, "v2")
     assert f.response.headers["Docker-Content-Digest"] == original  # type: ignore[union-attr]
-    t = f.metadata["acr"]["teleport"]
+    t = read_record(f)["teleport"]
     assert t["skipped"] == "format"
     assert t["message"] == f"streamable manifest {target} is not overlaybd: layer 0 is not an overlaybd blob " \
         "(no containerd.io/snapshot/overlaybd/blob-digest and blob-size annotations)"

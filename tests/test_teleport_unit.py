@@ -30,7 +30,8 @@ from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.teleport.discover import DiscoverError, ReferrersClient, filter_types, parse_referrers
 from addons.registry.oci import Descriptor, Platform, Upstream
 from addons.proxy.state import MirrorState
-from tests.harness.inprocess import calls, install
+from tests.harness.inprocess import calls, install, undeclared_keys
+from addons.proxy.context import read_record
 from addons.teleport.teleport import (DADI, OVERLAYBD_NATIVE, STREAMING, STREAMING_LINK, NoTeleport,
                              annotated_platform_matches, choose, parse_platform,
                              platform_child, target_of)
@@ -669,11 +670,12 @@ def test_tag_is_teleported_and_head_get_agree(world: tuple[Registry, AcrMirror, 
         assert f.response.headers["Docker-Content-Digest"] == target
         assert f.response.headers["Content-Type"] == oci.OCI_MANIFEST
         assert f.response.headers["Content-Length"] == str(len(body))
-        t = f.metadata["acr"]["teleport"]
+        t = read_record(f)["teleport"]
         assert (t["from"], t["to"], t["format"], t["artifact_type"]) == (original, target, "overlaybd", STREAMING)
         assert f.marked
         assert f.comment.split("\n")[0] == f"🚀 → {target[7:15]} overlaybd"
         json.dumps(f.metadata)  # plain data: saved to flow files
+        assert undeclared_keys(read_record(f)) == []  # the typed RequestRecord, nested records too
     assert head.response.content == b""
     assert get.response.content == body and sha(get.response.content) == target
     # the HEAD's lookup served the GET: one referrers call for both
@@ -691,7 +693,7 @@ def test_link_referrer_teleports_to_the_linked_manifest(world: tuple[Registry, A
         "streaming.size": str(len(body)), "streaming.format": "overlaybd"}, STREAMING_LINK))
     f = pull(mirror, "v1", "GET")
     assert f.response.headers["Docker-Content-Digest"] == target
-    assert f.metadata["acr"]["teleport"]["artifact_type"] == STREAMING_LINK
+    assert read_record(f)["teleport"]["artifact_type"] == STREAMING_LINK
 
 
 def test_digest_pinned_is_served_as_asked(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
@@ -701,8 +703,8 @@ def test_digest_pinned_is_served_as_asked(world: tuple[Registry, AcrMirror, Answ
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(reg.manifests[target][1]), None, STREAMING))
     f = pull(mirror, original, "GET")
     assert f.response.headers["Docker-Content-Digest"] == original
-    assert f.metadata["acr"]["teleport"]["skipped"] == "digest-pinned"
-    assert f.metadata["acr"]["discover"] == {"skipped": "digest-pinned"}
+    assert read_record(f)["teleport"]["skipped"] == "digest-pinned"
+    assert read_record(f)["discover"] == {"skipped": "digest-pinned"}
     assert not f.marked
     assert referrer_calls(adapter) == []
 
@@ -712,7 +714,7 @@ def test_no_referrer_serves_the_original_and_says_why(world: tuple[Registry, Acr
     original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
     f = pull(mirror, "v1", "GET")
     assert f.response.headers["Docker-Content-Digest"] == original
-    assert f.metadata["acr"]["teleport"]["skipped"] == "no-referrer"
+    assert read_record(f)["teleport"]["skipped"] == "no-referrer"
     assert f.comment.split("\n")[0] == "no teleport: no-referrer"
     assert not f.marked
 
@@ -730,7 +732,7 @@ def test_format_and_platform_reasons(world: tuple[Registry, AcrMirror, AnswerAda
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(reg.manifests[target][1]), annotations, STREAMING))
     f = pull(mirror, "v1", "HEAD")
     assert f.response.headers["Docker-Content-Digest"] == original
-    assert f.metadata["acr"]["teleport"]["skipped"] == reason
+    assert read_record(f)["teleport"]["skipped"] == reason
 
 
 def test_a_streamable_target_that_is_not_an_image_manifest_is_format(
@@ -742,7 +744,7 @@ def test_a_streamable_target_that_is_not_an_image_manifest_is_format(
     target = reg.put(idx, oci.OCI_INDEX)
     reg.refer(original, Descriptor(oci.OCI_INDEX, target, len(idx), None, STREAMING))
     f = pull(mirror, "v1", "HEAD")
-    assert f.metadata["acr"]["teleport"]["skipped"] == "format"
+    assert read_record(f)["teleport"]["skipped"] == "format"
     assert f.response.headers["Docker-Content-Digest"] == original
 
 
@@ -757,7 +759,7 @@ def test_a_referrer_that_lies_about_its_target_is_refused(
     f = pull(mirror, "v1", "GET")
     assert f.response.status_code == 200
     assert f.response.headers["Docker-Content-Digest"] == original
-    assert f.metadata["acr"]["teleport"]["skipped"] == reason
+    assert read_record(f)["teleport"]["skipped"] == reason
 
 
 @pytest.mark.parametrize("fail, reason", [
@@ -773,8 +775,8 @@ def test_discover_failures_never_break_the_pull(world: tuple[Registry, AcrMirror
     f = pull(mirror, "v1", "GET")
     assert f.response.status_code == 200
     assert f.response.headers["Docker-Content-Digest"] == original
-    assert f.metadata["acr"]["discover"]["error"] == reason
-    assert f.metadata["acr"]["teleport"]["skipped"] == reason
+    assert read_record(f)["discover"]["error"] == reason
+    assert read_record(f)["teleport"]["skipped"] == reason
 
 
 def test_discover_timeout_never_breaks_the_pull(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
@@ -783,7 +785,7 @@ def test_discover_timeout_never_breaks_the_pull(world: tuple[Registry, AcrMirror
     reg.raise_ = requests.ReadTimeout("slow")
     f = pull(mirror, "v1", "HEAD")
     assert f.response.headers["Docker-Content-Digest"] == original
-    assert f.metadata["acr"]["teleport"]["skipped"] == "timeout"
+    assert read_record(f)["teleport"]["skipped"] == "timeout"
 
 
 def _multiarch(reg: Registry) -> tuple[str, dict[str, str], dict[str, bytes]]:
@@ -825,7 +827,7 @@ def test_child_manifest_referrer_of_the_platform(world: tuple[Registry, AcrMirro
     reg.refer(children["amd64"], Descriptor(oci.OCI_MANIFEST, amd, len(streams["amd64"]), None, STREAMING))
     f = pull(mirror, "v1", "GET")
     assert f.response.headers["Docker-Content-Digest"] == amd
-    assert f.metadata["acr"]["teleport"]["from"] == index
+    assert read_record(f)["teleport"]["from"] == index
     asked = referrer_calls(adapter)
     assert any(index in c for c in asked) and any(children["amd64"] in c for c in asked)
     assert not any(children["arm64"] in c for c in asked)
@@ -838,7 +840,7 @@ def test_index_without_the_host_platform_is_the_platform_reason(tmp_path: Path) 
     index, _, _ = _multiarch(reg)
     f = pull(mirror, "v1", "HEAD")
     assert f.response.headers["Docker-Content-Digest"] == index
-    assert f.metadata["acr"]["teleport"]["skipped"] == "platform"
+    assert read_record(f)["teleport"]["skipped"] == "platform"
 
 
 def test_without_teleport_step_tags_are_not_teleported(tmp_path: Path) -> None:
@@ -850,8 +852,8 @@ def test_without_teleport_step_tags_are_not_teleported(tmp_path: Path) -> None:
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(reg.manifests[target][1]), None, STREAMING))
     f = pull(mirror, "v1", "GET")
     assert f.response.headers["Docker-Content-Digest"] == original
-    assert "teleport" not in f.metadata["acr"]
-    assert f.metadata["acr"]["discover"]["referrers"] == [{"digest": target, "artifact_type": STREAMING}]
+    assert "teleport" not in read_record(f)
+    assert read_record(f)["discover"]["referrers"] == [{"digest": target, "artifact_type": STREAMING}]
 
 
 def test_acr_teleports_lists_the_decisions(world: tuple[Registry, AcrMirror, AnswerAdapter]) -> None:
@@ -914,14 +916,14 @@ def test_dadi_referrer_of_the_seed(tmp_path: Path, shape: str) -> None:
         reg.refer(original, Descriptor(ORAS_ARTIFACT, reg.put(art, ORAS_ARTIFACT), len(art), None, DADI))
     f = pull(mirror, "v1", "GET")
     if shape == "empty-artifact":
-        assert f.metadata["acr"]["teleport"]["skipped"] == "format"
+        assert read_record(f)["teleport"]["skipped"] == "format"
         assert f.response.headers["Docker-Content-Digest"] == original
     else:
         assert f.response.headers["Docker-Content-Digest"] == target
         assert f.response.headers["Content-Type"] == oci.DOCKER_MANIFEST
         assert f.response.content == body
-        assert f.metadata["acr"]["teleport"]["artifact_type"] == DADI
-        assert f.metadata["acr"]["discover"]["api"] == "oras"
+        assert read_record(f)["teleport"]["artifact_type"] == DADI
+        assert read_record(f)["discover"]["api"] == "oras"
 
 
 # --- one typed context, at most one thread hop ------------------------------------------
@@ -938,11 +940,11 @@ def test_a_cold_tag_pull_costs_one_thread_hop_and_a_warm_tag_or_cached_digest_pu
     reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(body), None, STREAMING))
     hops = mirror.state.counters
     cold = pull(mirror, "v1")  # manifest, referrers, streamable manifest: all in one thread
-    assert cold.metadata["acr"]["teleport"]["to"] == target and hops["worker_hops"] == 1
+    assert read_record(cold)["teleport"]["to"] == target and hops["worker_hops"] == 1
     requests_before = hops["upstream_requests"]
     warm = pull(mirror, "v1")  # a tag moves: the manifest is asked for again, on the event loop
-    assert warm.metadata["acr"]["teleport"]["to"] == target and hops["worker_hops"] == 1
-    assert warm.metadata["acr"]["discover"]["cached"] is True
+    assert read_record(warm)["teleport"]["to"] == target and hops["worker_hops"] == 1
+    assert read_record(warm)["discover"]["cached"] is True
     assert hops["upstream_requests"] == requests_before + 1
     pinned = pull(mirror, original, "GET")  # by digest, every decision cached: no thread
     assert pinned.response.headers["Docker-Content-Digest"] == original
@@ -967,7 +969,7 @@ def test_the_public_copy_holds_the_decisions_and_no_secret(tmp_path: Path) -> No
     flow = pull(mirror, "v1", "GET")
     ctx = mirror.state.contexts[flow]
     assert ctx.manifest is not None and ctx.authorizer is not None
-    meta = flow.metadata["acr"]
+    meta = read_record(flow)
     assert meta == ctx.public()
     assert set(meta) <= {"route", "route_id", "name", "reference", "ns", "upstream", "auth", "resolved",
                          "discover", "teleport", "forward", "redirected", "stalled", "upstream_status",

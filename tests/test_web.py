@@ -3,7 +3,7 @@
 Flows carry the mirror's decisions: the URL is where the answer came from (the registry, or the
 storage host of a followed redirect; the mirror's own address for a refusal), the comment leads
 with the decision in a few characters (then who answered and every step's decision), a teleported
-tag is marked 🚀, and `flow.metadata["acr"]` keeps it all as data. The tests run real mirrors with
+tag is marked 🚀, and `read_record(flow)` keeps it all as data. The tests run real mirrors with
 `--web`: in front of the real registry with the OCI referrers API (a teleported tag, a tag without
 referrer, a refused foreign `ns`, a 32 MiB blob), and in front of the recorded ACR session
 (storage redirects). They check the flow list in headless Chromium (what a user sees), the filters
@@ -36,7 +36,7 @@ from mitmproxy.tools.dump import DumpMaster
 from addons import catalog
 from addons.chain import AcrMirror
 from addons.core.mitm.web import FOCUS_HEADER, FOCUS_SCRIPT_PATH
-from addons.proxy.context import Forward, RequestContext
+from addons.proxy.context import Forward, RequestContext, read_record
 from addons.proxy.routes import deliver
 from addons.registry.oci import Upstream
 from tests.harness import chromium, webfilter
@@ -186,8 +186,8 @@ def test_each_flow_shows_where_it_was_served_from_and_leads_with_the_decision(si
 def test_streamed_blob_records_bytes_duration_throughput_and_download_says_streamed(site: Site) -> None:
     dump = site.web.s.get(site.web.url + "/flows/dump", timeout=10)
     flows = list(io.FlowReader(__import__("io").BytesIO(dump.content)).stream())
-    (big,) = [f for f in flows if f.metadata.get("acr", {}).get("reference") == site.blob]
-    streamed = big.metadata["acr"]["streamed"]
+    (big,) = [f for f in flows if read_record(f).get("reference") == site.blob]
+    streamed = read_record(big)["streamed"]
     assert streamed["bytes"] == BLOB_SIZE and streamed["source"] == "registry" and not streamed["cut"]
     assert streamed["seconds"] > 0 and streamed["mb_per_s"] == pytest.approx(BLOB_SIZE / streamed["seconds"] / 1e6, rel=0.01)
     assert f"streamed {BLOB_SIZE} B (32 MiB) in " in big.comment

@@ -22,7 +22,7 @@ from addons import __version__
 from addons.registry.auth import Credentials, jwt_expiry
 from addons.runmd.compile import Compiled
 from addons.node.login_acr import read_meta
-from addons.proxy.context import info
+from addons.proxy.context import record
 from addons.proxy.credentials_endpoint import failure, json_answer, login_files, loopback_peer, method_allowed, own_path
 from addons.proxy.state import MirrorState
 from addons.teleport.discover import teleport_shared
@@ -52,7 +52,7 @@ class Endpoints:
 
     async def _answer(self, flow: http.HTTPFlow) -> None:
         req = flow.request
-        info(flow)["endpoint"] = "status"
+        record(flow)["endpoint"] = "status"
         self.state.counters["status_requests"] += 1
         if not method_allowed(flow, ("GET", "HEAD")):
             return
@@ -60,7 +60,7 @@ class Endpoints:
             # Health names the upstreams, the credential files and token expiry: this machine only.
             self.state.counters["status_refused"] += 1
             flow.response = json_answer(403, failure("health is only served to clients on this machine"), req.method)
-            info(flow)["refused"] = "403 not loopback"
+            record(flow)["refused"] = "403 not loopback"
             return
         body = await asyncio.to_thread(self.status)
         flow.response = json_answer(200, body, req.method)

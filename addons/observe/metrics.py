@@ -2,11 +2,12 @@
 
 Answered ahead of the `+ .proxy` root, like `/status`. Everything is counted from what the
 chain already records: a request's route and status and its teleport decision are read from
-`flow.metadata["acr"]` when the answer is complete; the latency of the mirror's own upstream
-requests (manifests, referrers, token grants, blob probes) is observed by a response hook on
-the mirror's one `requests` session, which `requests` calls once the headers have arrived; a
-streamed blob's bytes are its `Content-Length` once mitmproxy has finished streaming it (no
-per-chunk work on the data path); token fetches are the token client's own count.
+its record (addons.proxy.context.RequestRecord) when the answer is complete; the latency of
+the mirror's own upstream requests (manifests, referrers, token grants, blob probes) is
+observed by a response hook on the mirror's one `requests` session, which `requests` calls
+once the headers have arrived; a streamed blob's bytes are its `Content-Length` once
+mitmproxy has finished streaming it (no per-chunk work on the data path); token fetches are
+the token client's own count.
 
 Label values are bounded: routes and request kinds are fixed words, upstreams are the `.mirror`
 lines, a storage host is `storage`; repository names and digests never become labels.
@@ -26,7 +27,7 @@ import requests
 from mitmproxy import http
 
 from addons.proxy.credentials_endpoint import loopback_peer
-from addons.proxy.context import info
+from addons.proxy.context import read_record, record
 from addons.registry import oci
 from addons.proxy.state import MirrorState
 
@@ -145,7 +146,7 @@ class Metrics:
             logger.debug("upstream metric failed", exc_info=True)
 
     def _count(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get("acr") or {}
+        meta = read_record(flow)
         route = meta.get("endpoint") or meta.get("route") or "unrouted"
         status = str(flow.response.status_code) if flow.response is not None and not flow.error else "error"
         teleport = meta.get("teleport") or {}
@@ -179,7 +180,7 @@ class Metrics:
         req = flow.request
         if req.first_line_format != "relative" or req.path.partition("?")[0] != PATH:
             return
-        info(flow)["endpoint"] = "metrics"
+        record(flow)["endpoint"] = "metrics"
         if not loopback_peer(flow):
             self.refused_scrapes += 1
             flow.response = http.Response.make(403, b"metrics are only served to clients on this machine\n",

@@ -26,7 +26,7 @@ from mitmproxy import ctx, http
 
 from addons.core.duration import seconds_option
 from addons.core.liveness import Heartbeat
-from addons.proxy.context import info
+from addons.proxy.context import record
 from addons.proxy.credentials_endpoint import json_answer, login_files, loopback_peer, method_allowed, own_path
 from addons.proxy.state import MirrorState
 from addons.registry.auth import Credentials, jwt_expiry
@@ -96,13 +96,13 @@ class Probes:
 
     async def _answer(self, flow: http.HTTPFlow, probe: str) -> None:
         method = flow.request.method
-        info(flow)["endpoint"] = probe
+        record(flow)["endpoint"] = probe
         self.state.counters[f"{probe}_requests"] += 1
         if not method_allowed(flow, ("GET", "HEAD")):
             return
         if not loopback_peer(flow):
             flow.response = json_answer(403, {"status": "error", "message": "probes are only served to clients on this machine"}, method)
-            info(flow)["refused"] = "403 not loopback"
+            record(flow)["refused"] = "403 not loopback"
             return
         problems = self.heartbeat.problems()
         if probe == "readyz":

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from mitmproxy import flow, http
 
 from addons.core.mitm.master import SaveCopies, put_first_in_chain, swap_addon_class
+from addons.proxy.context import read_record, record
 
 logger = logging.getLogger(__name__)
 
@@ -256,10 +257,10 @@ class RecordScrub:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Keep the client's request line (scrubbed): a forwarded flow's request is rewritten to
         its upstream URL, and `ReplayCheck` needs what the client asked to re-run the chain."""
-        if not self.client_requests or not flow.live or "acr_client" in flow.metadata:
+        if not self.client_requests or not flow.live or "client" in read_record(flow):
             return
         req = flow.request
-        flow.metadata["acr_client"] = {"method": req.method, "path": scrub_text(req.path), "authority": req.authority}
+        record(flow)["client"] = {"method": req.method, "path": scrub_text(req.path), "authority": req.authority}
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._scrub_once(flow)
@@ -282,7 +283,7 @@ class RecordScrub:
 
 def install(master: Any, client_requests: bool = True) -> None:
     """Put the scrubbers in place in `master`: idempotent, for every master (dump, web, tests).
-    `client_requests`: keep each client request line in `flow.metadata["acr_client"]` (the mirror)."""
+    `client_requests`: keep each client request line in the request's record (the mirror)."""
     # Ahead of every built-in addon; after the mirror's token scrubber when it is first.
     if master.addons.get(RecordScrub.name) is None:
         put_first_in_chain(master, RecordScrub(client_requests), after="acr-token-scrub")

@@ -40,6 +40,7 @@ from mitmproxy import io as mio
 from addons.core.offline import REQUEST_HOOKS, Answer, answering_session, run_hooks
 from addons.runmd.compile import Compiled
 from addons.observe.record import SECRET_FIELDS, SECRET_PARAMS
+from addons.proxy.context import RequestRecord, read_record, record
 from addons.proxy.state import MirrorState, Settings
 
 #: (compiled, settings, HTTP session, whether upstream answers are recorded) -> the request
@@ -286,7 +287,7 @@ class RecordedUpstream:
 FIELDS = ("route", "name", "reference", "ns", "refused", "resolved", "teleport", "forward", "redirected")
 
 
-def decision(meta: dict[str, Any], status: int | None) -> dict[str, Any]:
+def decision(meta: RequestRecord, status: int | None) -> dict[str, Any]:
     """The comparable part of a flow's decision record."""
     out: dict[str, Any] = {}
     for key in FIELDS:
@@ -303,7 +304,7 @@ def decision(meta: dict[str, Any], status: int | None) -> dict[str, Any]:
     return out
 
 
-def describe(meta: dict[str, Any], method: str, path: str) -> str:
+def describe(meta: RequestRecord, method: str, path: str) -> str:
     if meta.get("route") and meta.get("route") != "ping":
         ref = meta.get("reference")
         return f"{method} {meta['route']} {meta.get('name')}{':' + ref if ref else ''}"
@@ -382,12 +383,12 @@ class ReplayCheck:
     @staticmethod
     def fresh_request(f: http.HTTPFlow) -> http.HTTPFlow:
         """A live flow with the client's request as it arrived (before any step changed it)."""
-        client = (f.metadata.get("acr_client") or {})
+        client = read_record(f).get("client")
         req = f.request.copy()
-        if client.get("path"):
+        if client and client["path"]:
             req.method = client["method"]
             req.path = client["path"]
-            req.authority = client.get("authority", "")
+            req.authority = client["authority"]
         req.headers.pop("authorization", None)
         conn = connection.Client(
             peername=f.client_conn.peername or ("127.0.0.1", 0),
@@ -410,7 +411,7 @@ class ReplayCheck:
         """Live flows: nothing (and no coroutine). Read flows: the check, which mitmproxy awaits."""
         if f.live or not isinstance(f, http.HTTPFlow):
             return None
-        meta = f.metadata.get("acr")
+        meta = read_record(f)
         if not meta or meta.get("endpoint"):
             return None
         return self.check(f, meta)
@@ -418,11 +419,11 @@ class ReplayCheck:
     def error(self, f: http.HTTPFlow) -> Any:
         return self.response(f) if f.response is None else None
 
-    async def check(self, f: http.HTTPFlow, meta: dict[str, Any]) -> None:
+    async def check(self, f: http.HTTPFlow, meta: RequestRecord) -> None:
         async with self._lock:  # one flow at a time, in file order, as the caches saw them
             fresh, misses = await self.rerun(f)
         _, full = self.chain()
-        now_meta = fresh.metadata.get("acr") or {}
+        now_meta = read_record(fresh)
         recorded = decision(meta, f.response.status_code if f.response and not meta.get("forward") else None)
         now = decision(now_meta, fresh.response.status_code if fresh.response and not now_meta.get("forward") else None)
         if not full:
@@ -430,11 +431,11 @@ class ReplayCheck:
             keep = ("route", "name", "reference", "ns", "refused")
             recorded = {k: v for k, v in recorded.items() if k in keep}
             now = {k: v for k, v in now.items() if k in keep}
-        client = f.metadata.get("acr_client") or {}
-        result = Result(f.id, describe(meta, client.get("method", f.request.method), client.get("path", f.request.path)),
-                        recorded, now, misses)
+        client = meta.get("client")
+        method, path = (client["method"], client["path"]) if client else (f.request.method, f.request.path)
+        result = Result(f.id, describe(meta, method, path), recorded, now, misses)
         self.results.append(result)
-        f.metadata["acr_replay"] = {"same": not result.diffs, "diffs": result.diffs}
+        record(f)["replay"] = {"same": not result.diffs, "diffs": result.diffs}
         if result.diffs:
             logger.warning("replay: %s: CHANGED: %s", result.request, "; ".join(result.diffs))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mitmproxy import ctx, http
 
 from addons.core.mitm.master import flows_the_writer_holds
+from addons.proxy.context import read_record
 from addons.proxy.stream import scrub
 
 
@@ -20,7 +21,7 @@ class TokenScrub:
     name = "acr-token-scrub"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if (flow.metadata.get("acr") or {}).get("forward"):
+        if read_record(flow).get("forward"):
             scrub(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -6,16 +6,19 @@ reading a plugin tells you what it may rely on (`login` -> `credentials`, `authn
 `authorizer`, `resolve` -> `manifest`, `discover` -> `referrers`, `teleport` -> `teleport`,
 `pull` -> `forward`). Credentials and authorizers live only here.
 
-`flow.metadata["acr"]` is a plain copy derived from the context (`publish`): what mitmweb
-shows, what flow files keep, what `acr.why`, `acr.teleports`, `/metrics` and the replay read.
-It never holds a secret.
+Its public record, `RequestRecord`, is a plain copy derived from the context (`publish`),
+kept in `flow.metadata["acr"]` because mitmproxy saves flow.metadata with the flow: what
+mitmweb shows, what flow files keep, what the log line, token scrubbing, `acr.why`,
+`acr.teleports`, `/metrics` and the replay read, always through `record` and `read_record`.
+Requests no route serves (refusals, the mirror's own endpoints) are recorded there too. It
+never holds a secret.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 from urllib.parse import urlencode, urlsplit
 
 from mitmproxy import connection, http
@@ -36,9 +39,125 @@ ANSWERED = "answered by the mirror"
 ROCKET = ":rocket:"
 
 
-def info(flow: http.HTTPFlow) -> dict[str, Any]:
-    """The flow's public decision record (created empty); for flows no route serves, too."""
-    return flow.metadata.setdefault(META, {})
+class ResolvedRecord(TypedDict):
+    digest: str
+    media_type: str
+    size: int
+
+
+class ReferrerRecord(TypedDict):
+    digest: str
+    artifact_type: str
+
+
+class DiscoverRecord(TypedDict, total=False):
+    api: str
+    cached: bool
+    referrers: list[ReferrerRecord]
+    #: Why no list could be had, with the message (or why discovery was skipped).
+    error: str
+    message: str
+    skipped: str
+
+
+#: `.teleport`'s decision: `from`, `to` and the streamable manifest, or `skipped` and `message`.
+TeleportRecord = TypedDict("TeleportRecord", {
+    "from": str, "to": str, "format": str, "artifact_type": str, "media_type": str, "size": int,
+    "skipped": "str | None", "message": str,
+}, total=False)
+
+
+class StreamedRecord(TypedDict):
+    bytes: int
+    seconds: float
+    mb_per_s: float | None
+    source: str
+    cut: bool
+
+
+class ClientRecord(TypedDict):
+    """The client's request line as it arrived (scrubbed): a forwarded flow's URL is the upstream's."""
+
+    method: str
+    path: str
+    authority: str
+
+
+class StaleRecord(TypedDict):
+    """A stale answer: how old, why the upstream could not answer, and the line people read."""
+
+    age: float
+    reason: str
+    status: int | None
+    text: str
+
+
+class RangeRecord(TypedDict):
+    """A Range answer: which bytes (inclusive) of how many (None when the registry did not say)."""
+
+    start: int
+    end: int
+    total: int | None
+
+
+class ReplayRecord(TypedDict):
+    """An offline re-run's verdict on a recorded flow (addons.observe.replay)."""
+
+    same: bool
+    diffs: list[str]
+
+
+class RequestRecord(TypedDict, total=False):
+    """The public record of one request (see the module docstring); every key only when it happened."""
+
+    route: str
+    route_id: int
+    name: str
+    reference: str
+    ns: str
+    upstream: str
+    #: How the mirror authenticated upstream, or what `/auth` handed out (`credentials`, `anonymous`).
+    auth: str
+    resolved: ResolvedRecord
+    discover: DiscoverRecord
+    teleport: TeleportRecord
+    forward: bool
+    redirected: bool
+    handed_off: bool
+    stalled: bool
+    streamed: StreamedRecord
+    teleport_target_of: str
+    answered: Literal["upstream", "mirror"]
+    upstream_status: int
+    #: `STATUS CODE` (or `STATUS reason`) of a refusal.
+    refused: str
+    prefix: str
+    why: str
+    steps: list[str]
+    #: The mirror's own endpoint that answered: `auth`, `status`, `metrics`, `livez` or `readyz`.
+    endpoint: str
+    client: ClientRecord
+    replay: ReplayRecord
+    stale: StaleRecord
+    #: Seconds of back-off left when the mirror answered without asking the registry.
+    backoff: float
+    shared: bool
+    range: RangeRecord
+
+
+def record(flow: http.HTTPFlow) -> RequestRecord:
+    """The flow's public record, to write (created empty); for flows no route serves, too."""
+    return cast(RequestRecord, flow.metadata.setdefault(META, {}))
+
+
+def read_record(flow: Any) -> RequestRecord:
+    """The public record of any flow, to read: empty when it has none (not a registry request)."""
+    return cast(RequestRecord, (getattr(flow, "metadata", None) or {}).get(META) or {})
+
+
+def has_record(flow: http.HTTPFlow) -> bool:
+    """Whether the mirror recorded anything for the flow (then it gets a log line)."""
+    return META in flow.metadata
 
 
 @dataclass
@@ -55,7 +174,7 @@ class Referrers:
     #: with `io=False` it answers from the cache or raises NeedsIO.
     lookup: Callable[[str, bool], list[Descriptor]] | None = field(default=None, repr=False, compare=False)
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> DiscoverRecord:
         if self.error:
             return {"error": self.error, "message": self.message}
         return {
@@ -81,7 +200,7 @@ class TeleportDecision:
     def teleported(self) -> bool:
         return self.target is not None
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> TeleportRecord:
         if self.target is None:
             return {"skipped": self.skipped, "message": self.message}
         return {
@@ -110,7 +229,7 @@ class StaleAnswer:
         why = {"refused": "upstream unreachable", "timeout": "upstream timed out", "backoff": "backing off"}
         return f"stale {age_text(self.age)}: {why.get(self.reason) or f'upstream {self.status or self.reason}'}"
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> StaleRecord:
         return {"age": round(self.age, 3), "reason": self.reason, "status": self.status, "text": self.text()}
 
 
@@ -145,6 +264,8 @@ class Streamed:
     ended: float = 0.0
     source: str = "registry"
     cut: bool = False
+    #: When the last chunk passed (time.monotonic): what the stall watchdog looks at.
+    last: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -155,7 +276,7 @@ class Streamed:
         """Throughput in MB/s (10^6 bytes), or None when too quick to tell."""
         return self.bytes / self.seconds / 1e6 if self.seconds > 0 else None
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> StreamedRecord:
         rate = self.mb_per_s
         return {"bytes": self.bytes, "seconds": round(self.seconds, 6),
                 "mb_per_s": None if rate is None else round(rate, 1), "source": self.source, "cut": self.cut}
@@ -301,6 +422,9 @@ class RequestContext:
     backoff: float | None = None
     #: This lookup joined an identical one already in flight (one upstream request for both).
     shared: bool = False
+    #: An answer body that holds a credential (`/auth`): on the flow only while it is sent, so
+    #: that neither the flow writer nor mitmweb ever sees it.
+    secret_body: bytes | None = field(default=None, repr=False)
 
     @property
     def by_digest(self) -> bool:
@@ -380,9 +504,9 @@ class RequestContext:
             self.upstream_status = e.status
         self.note(step, e.message)
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> RequestRecord:
         """The plain copy for flow.metadata: no credentials, tokens or bodies."""
-        out: dict[str, Any] = {
+        out: RequestRecord = {
             "route": self.route,
             "route_id": self.route_id,
             "name": self.name,
@@ -436,7 +560,7 @@ class RequestContext:
 
     def publish(self, flow: http.HTTPFlow) -> None:
         """Refresh flow.metadata's public copy, comment and mark (on the event loop)."""
-        info(flow).update(self.public())
+        record(flow).update(self.public())
         flow.comment = self.story()
         if self.marked:
             flow.marked = self.marked
@@ -444,4 +568,4 @@ class RequestContext:
 
 def note(flow: http.HTTPFlow, step: str, decision: str) -> None:
     """Record a decision in the public copy of a flow no route serves (a refusal, an endpoint)."""
-    info(flow).setdefault("steps", []).append(f"{step}: {decision}")
+    record(flow).setdefault("steps", []).append(f"{step}: {decision}")

@@ -21,7 +21,6 @@ import ipaddress
 import json
 import logging
 import uuid
-import weakref
 from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +31,7 @@ from addons.core.peer import LocalClients
 from addons.registry import oci
 from addons.registry.auth import Credentials
 from addons.runmd.compile import Compiled
-from addons.proxy.context import info
+from addons.proxy.context import RequestContext, record
 from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
@@ -131,7 +130,6 @@ class CredentialsEndpoint:
         self.clients = clients or LocalClients()
         self.addons = [self.clients]
         self.login_files = login_files(compiled)
-        self._secrets: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = weakref.WeakKeyDictionary()
 
     def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
         """Only `/auth` is answered here (a plain call for every other request)."""
@@ -140,34 +138,35 @@ class CredentialsEndpoint:
         return self._answer(flow)
 
     async def _answer(self, flow: http.HTTPFlow) -> None:
-        info(flow)["endpoint"] = "auth"
+        record(flow)["endpoint"] = "auth"
         self.state.counters["auth_requests"] += 1
         if method_allowed(flow, ("GET",)):
             await self._auth(flow)
 
     def response(self, flow: http.HTTPFlow) -> None:
         """Put the credential in just before sending; the flow writer already saved the redacted one."""
-        secret = self._secrets.get(flow)
-        if secret is None or flow.response is None:
+        ctx = self.state.contexts.get(flow)
+        if ctx is None or ctx.secret_body is None or flow.response is None:
             return
         redacted = flow.response.content
-        flow.response.content = secret
+        flow.response.content = ctx.secret_body
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
         # The response is written to the client before the loop runs callbacks again.
-        loop.call_soon(self._redact, flow, redacted)
+        loop.call_soon(self._redact, flow, ctx, redacted)
 
-    def _redact(self, flow: http.HTTPFlow, redacted: bytes | None) -> None:
-        self._secrets.pop(flow, None)
+    @staticmethod
+    def _redact(flow: http.HTTPFlow, ctx: RequestContext, redacted: bytes | None) -> None:
+        ctx.secret_body = None
         if flow.response is not None and redacted is not None:
             flow.response.content = redacted
 
     async def _auth(self, flow: http.HTTPFlow) -> None:
         def refuse(status: int, message: str) -> None:
             flow.response = json_answer(status, failure(message))
-            info(flow)["refused"] = f"{status} {message}"
+            record(flow)["refused"] = f"{status} {message}"
             flow.comment = f"/auth refused: {message}"
 
         if not loopback_peer(flow):
@@ -179,7 +178,7 @@ class CredentialsEndpoint:
             self.state.counters["auth_refused"] += 1
             logger.warning("/auth refused to %s:%s: %s", conn.peername[0], conn.peername[1], refusal)
             flow.response = oci.error_response(403, "DENIED", "credentials are only given to root on this machine")
-            info(flow)["refused"] = f"403 {refusal}"
+            record(flow)["refused"] = f"403 {refusal}"
             flow.comment = f"/auth refused: {refusal}"
             return
         remote_url = flow.request.query.get("remote_url", "")
@@ -206,9 +205,12 @@ class CredentialsEndpoint:
         body = {"traceId": trace, "success": True, "data": {"auths": auths}}
         flow.response = json_answer(200, {"traceId": trace, "success": True, "data": {"auths": redacted}})
         if creds is not None:
-            self._secrets[flow] = json.dumps(body, indent=1).encode() + b"\n"
+            # The request's context, as a routed request's: it holds what must not be recorded.
+            self.state.contexts[flow] = RequestContext(
+                route="auth", route_id=-1, method=flow.request.method, name="", reference="", upstream=upstream,
+                secret_body=json.dumps(body, indent=1).encode() + b"\n")
         flow.comment = f"/auth for {upstream.ns}: {'credentials' if creds else 'anonymous'}"
-        info(flow)["auth"] = "credentials" if creds else "anonymous"
+        record(flow)["auth"] = "credentials" if creds else "anonymous"
 
     def credentials(self) -> Credentials | None:
         """Blocking: the first `.login` file that exists; None means anonymous."""

@@ -24,7 +24,7 @@ from addons.registry.oci import Upstream
 from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
-from addons.proxy.context import ANSWERED, RequestContext, info, listen_origin, note, show_served_from
+from addons.proxy.context import ANSWERED, RequestContext, listen_origin, note, record, show_served_from
 from addons.proxy.state import MirrorState
 
 
@@ -91,7 +91,7 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     flow.response = oci.error_response(status, code, message, method=flow.request.method)
     for k, v in (headers or {}).items():
         flow.response.headers[k] = v
-    meta = info(flow)
+    meta = record(flow)
     meta["refused"] = f"{status} {code}"
     meta["answered"] = "mirror"
     meta["why"] = message
@@ -221,7 +221,7 @@ class Proxy(ProxyPlugin):
             flow.response = oci.make_response(
                 200, b"{}", {"Content-Type": "application/json", oci.API_VERSION_HEADER: oci.API_VERSION}, req.method
             )
-            info(flow).update(route="ping", answered="mirror")
+            record(flow).update(route="ping", answered="mirror")
             flow.comment = f"ping\n{ANSWERED}"
             if (own := listen_origin(flow)) is not None:
                 show_served_from(flow, own)

@@ -62,7 +62,7 @@ class Pull(ProxyPlugin):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.stalls = StallWatch(self.state.settings, self.context)
+        self.stalls = StallWatch(self.state)
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -274,24 +274,19 @@ class Pull(ProxyPlugin):
         host = urlsplit(target).netloc
         ctx.note("pull", f"streaming from {'storage ' + host if target != url else 'the registry'}")
 
-    def watch(self, flow: http.HTTPFlow, ctx: RequestContext | None = None, digest: str | None = None) -> "Activity":
-        """Stream the body, counting it and noting when each chunk passes, so a stalled upstream
-        can be cut off and the flow tells how many bytes passed, how fast and from where (and
-        checking it against `digest` when given)."""
-        cut = lambda: handoff.abort_client(flow)  # noqa: E731
-        if ctx is not None and ctx.forward is not None:
-            ctx.streamed = Streamed(started=time.monotonic(),
-                                    source="storage" if ctx.forward.redirected else "registry")
+    def watch(self, flow: http.HTTPFlow, ctx: RequestContext, forward: Forward, digest: str | None = None) -> Activity:
+        """Stream the body, counting it and noting when each chunk passes in the context, so a
+        stalled upstream can be cut off and the flow tells how many bytes passed, how fast and
+        from where (and checking it against `digest` when given)."""
+        streamed = ctx.streamed = Streamed(started=time.monotonic(),
+                                           source="storage" if forward.redirected else "registry")
 
-            def done() -> None:
-                assert ctx.streamed is not None
-                ctx.note("pull", streamed_note(ctx.streamed))
-                ctx.publish(flow)
+        def done() -> None:
+            ctx.note("pull", streamed_note(streamed))
+            ctx.publish(flow)
 
-            activity = Activity(ctx.streamed, done, digest, cut)
-        else:
-            activity = Activity(None, None, digest, cut)
-        self.stalls.add(flow, activity)
+        activity = Activity(streamed, done, digest, lambda: handoff.abort_client(flow))
+        self.stalls.start()
         return activity
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -307,7 +302,7 @@ class Pull(ProxyPlugin):
         self.state.counters["blobs_streamed"] += 1
         whole = resp.status_code == 200 and "Range" not in ctx.pass_headers and self.state.settings.verify_blobs
         digest = checkable(ctx.reference) if whole and ctx.route == "blobs" else None
-        resp.stream = self.watch(flow, ctx, digest)
+        resp.stream = self.watch(flow, ctx, ctx.forward, digest)
         ctx.upstream_status = resp.status_code
         ctx.range = ranged(resp.status_code, resp.headers.get("Content-Range"))
         if resp.status_code >= 400:

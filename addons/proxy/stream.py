@@ -9,14 +9,13 @@ import asyncio
 import hashlib
 import logging
 import time
-import weakref
 from collections.abc import Callable
 
 from mitmproxy import http
 
 from addons.core.mitm import handoff
 from addons.proxy.context import RequestContext, Streamed, size_text
-from addons.proxy.state import Settings
+from addons.proxy.state import MirrorState
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +33,8 @@ class Activity:
         self.last = time.monotonic()
         self.done = False
         self.streamed = streamed
+        if streamed is not None:
+            streamed.last = self.last
         self._on_done = done
         self.digest = digest
         self.hasher = hashlib.new(digest.split(":", 1)[0]) if digest else None
@@ -44,6 +45,7 @@ class Activity:
     def __call__(self, chunk: bytes) -> bytes | list[bytes]:
         self.last = time.monotonic()
         if self.streamed is not None:
+            self.streamed.last = self.last
             self.streamed.bytes += len(chunk)
         if not chunk and not self.done:
             self.done = True  # mitmproxy calls it with b"" at the end of the body
@@ -90,18 +92,17 @@ class StallWatch:
     """Cuts the upstream connection of a streamed body that has not moved for the upstream timeout.
 
     mitmproxy itself waits 10 minutes; closing the connection makes it end the response
-    early, and the client sees a broken transfer (never a short blob with success).
+    early, and the client sees a broken transfer (never a short blob with success). The
+    streams it watches are the requests in flight whose context says their body is being
+    forwarded and has not ended; when the last chunk passed is in the context too.
     """
 
-    def __init__(self, settings: Settings, context: Callable[[http.HTTPFlow], RequestContext | None]) -> None:
-        self.settings = settings
-        self.context = context
-        self._watched: weakref.WeakKeyDictionary[http.HTTPFlow, Activity] = weakref.WeakKeyDictionary()
+    def __init__(self, state: MirrorState) -> None:
+        self.state = state
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, flow: http.HTTPFlow, activity: Activity) -> None:
-        """Watch `activity`, the stream function of `flow`'s body, until it is done."""
-        self._watched[flow] = activity
+    def start(self) -> None:
+        """Watch the streams in flight until none is left."""
         if self._task is None or self._task.done():
             try:
                 loop = asyncio.get_running_loop()
@@ -109,21 +110,25 @@ class StallWatch:
                 return
             self._task = loop.create_task(self._run())
 
+    def streams(self) -> list[tuple[http.HTTPFlow, RequestContext, Streamed]]:
+        """The live forwarded bodies that are still moving (or should be)."""
+        return [(flow, ctx, ctx.streamed) for flow, ctx in list(self.state.contexts.items())
+                if flow.live and ctx.forward is not None and ctx.streamed is not None
+                and not ctx.streamed.ended and not ctx.stalled]
+
     async def _run(self) -> None:
-        while self._watched:
-            await asyncio.sleep(min(1.0, self.settings.upstream_timeout / 4))
-            limit = self.settings.upstream_timeout
+        settings = self.state.settings
+        while self.streams():
+            await asyncio.sleep(min(1.0, settings.upstream_timeout / 4))
+            limit = settings.upstream_timeout
             now = time.monotonic()
-            for flow, activity in list(self._watched.items()):
-                if activity.done or not flow.live:
-                    self._watched.pop(flow, None)
-                elif now - activity.last > limit and handoff.client_has_unsent_bytes(flow):
-                    activity.last = now  # the client is slow, not the upstream (backpressure)
-                elif now - activity.last > limit:
-                    self._watched.pop(flow, None)
-                    ctx = self.context(flow)
-                    if ctx is not None:
-                        ctx.stalled = True
-                        ctx.note("pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
-                        ctx.publish(flow)
-                    handoff.abort_server_connection(flow)
+            for flow, ctx, streamed in self.streams():
+                if now - streamed.last <= limit:
+                    continue
+                if handoff.client_has_unsent_bytes(flow):
+                    streamed.last = now  # the client is slow, not the upstream (backpressure)
+                    continue
+                ctx.stalled = True
+                ctx.note("pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
+                ctx.publish(flow)
+                handoff.abort_server_connection(flow)

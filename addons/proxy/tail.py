@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from addons.registry import oci
-from addons.proxy.context import Forward, RequestContext, info, listen_origin, range_text, show_served_from
+from addons.proxy.context import Forward, RequestContext, has_record, listen_origin, range_text, read_record, record, show_served_from
 from addons.proxy.front import refuse
 from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
@@ -23,7 +23,7 @@ def _safe_path(flow: http.HTTPFlow) -> str:
 
 def summary(flow: http.HTTPFlow) -> str:
     """The one log line of a request: what was asked, the answer, and the decisions that shaped it."""
-    meta = flow.metadata.get("acr") or {}
+    meta = read_record(flow)
     req = flow.request
     status = flow.response.status_code if flow.response else "error"
     what = _safe_path(flow)
@@ -99,11 +99,11 @@ class ProxyTail:
         self.state = state
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response and flow.live and "answered" not in (flow.metadata.get("acr") or {}):
+        if flow.response and flow.live and "answered" not in read_record(flow):
             return self.own_answer(flow)
         if flow.response or flow.error or not flow.live:
             return
-        meta = flow.metadata.get("acr") or {}
+        meta = read_record(flow)
         if meta.get("forward"):
             return
         ctx = self.state.contexts.get(flow)
@@ -130,13 +130,13 @@ class ProxyTail:
         address rather than reverse mode's placeholder."""
         own = listen_origin(flow)
         if own is not None and flow.request.first_line_format == "relative":
-            info(flow)["answered"] = "mirror"
+            record(flow)["answered"] = "mirror"
             show_served_from(flow, own)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        if "acr" in flow.metadata:
+        if has_record(flow):
             logger.info(summary(flow))
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if "acr" in flow.metadata:
+        if has_record(flow):
             logger.info(summary(flow))

@@ -4,6 +4,7 @@ which the offline replay uses too)."""
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from mitmproxy import http
 from mitmproxy.test import taddons
 
 from addons.core.offline import REQUEST_HOOKS, Answer, AnswerAdapter, answering_session, run_hooks_now
+from addons.proxy.context import RequestRecord
 from addons.proxy.state import MirrorState
 
 
@@ -31,3 +33,17 @@ def install(state: MirrorState, answer: Callable[[requests.PreparedRequest], Ans
 def calls(adapter: AnswerAdapter) -> list[str]:
     """The requests the adapter was sent, as `METHOD /path?query`."""
     return [f"{r.method} {r.path_url}" for r in adapter.seen]
+
+
+def undeclared_keys(record: Any, declared: type = RequestRecord, at: str = "") -> list[str]:
+    """The keys of a request's record (and of its nested records) that its TypedDict does not declare."""
+    hints = typing.get_type_hints(declared)
+    out = []
+    for key, value in record.items():
+        if key not in hints:
+            out.append(at + key)
+            continue
+        nested = hints[key]
+        if typing.is_typeddict(nested) and isinstance(value, dict):
+            out += undeclared_keys(value, nested, f"{at}{key}.")
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 #: Served by the web UI and loaded by its page: tells the server which flow the UI shows when a
@@ -23,9 +24,12 @@ FOCUS_SCRIPT_PATH = "/acr-focus.js"
 FOCUS_HEADER = "X-Acr-Focus"
 
 
-def streamed_note(flow: Any) -> str:
+#: How far a flow's body was streamed (bytes, seconds, source), as the request's record keeps it.
+StreamedOf = Callable[[Any], Mapping[str, Any] | None]
+
+
+def streamed_note(streamed: Mapping[str, Any] | None) -> str:
     """What Download answers for a body that was streamed (mitmproxy keeps no copy of it)."""
-    streamed = ((getattr(flow, "metadata", {}) or {}).get("acr") or {}).get("streamed") or {}
     detail = ""
     if streamed:
         detail = f" ({streamed.get('bytes')} bytes in {streamed.get('seconds')} s from {streamed.get('source')})"
@@ -33,8 +37,10 @@ def streamed_note(flow: Any) -> str:
             "streamed body, so there is nothing to download.\n")
 
 
-def web_handlers(app: Any) -> int:
+def web_handlers(app: Any, streamed_of: StreamedOf) -> int:
     """Adjust mitmweb 11's tornado routes for the mirror; returns how many routes were changed.
+
+    `streamed_of(flow)` reads the request's record (this layer cannot import it).
 
     - Download of a streamed body (no content kept) answers a plain note instead of a 500.
     - The page loads FOCUS_SCRIPT, and `POST /commands/<name>` moves the view's focus to the flow
@@ -47,7 +53,7 @@ def web_handlers(app: Any) -> int:
     class StreamedContent(webapp.FlowContent):
         def get(self, flow_id: str, message: str) -> None:
             part = getattr(self.flow, message, None)
-            streamed = ((getattr(self.flow, "metadata", {}) or {}).get("acr") or {}).get("streamed")
+            streamed = streamed_of(self.flow)
             # A body mitmproxy streamed is None; one written past its layers is empty here.
             if part is not None and (getattr(part, "raw_content", b"") is None
                                      or (message == "response" and streamed and not part.raw_content)):
@@ -55,7 +61,7 @@ def web_handlers(app: Any) -> int:
                 self.set_header("Content-Disposition", f"attachment; filename={re_name(name)}.streamed.txt")
                 self.set_header("Content-Type", "text/plain; charset=utf-8")
                 self.set_header("X-Content-Type-Options", "nosniff")
-                self.write(streamed_note(self.flow))
+                self.write(streamed_note(streamed))
                 return
             super().get(flow_id, message)
 
