@@ -134,8 +134,8 @@ def test_the_wheel_it_installs_holds_the_package_and_its_templates(tmp_path: Pat
     (wheel,) = tmp_path.glob("lifec_registry-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "addons/cli.py" in names and "addons/node/hostswatch.py" in names
-    assert any(n.endswith("data/share/lifec-registry/mirror.runmd.template") for n in names)
-    assert any(n.endswith("data/share/lifec-registry/deploy/lifec-registry.service") for n in names)
+    assert {"addons/templates/mirror.runmd.template", "addons/templates/lifec-registry.service",
+            "addons/acr_addons.py"} <= set(names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "acr = addons.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

@@ -193,6 +193,6 @@ def test_the_configmap_pipeline_listens_on_loopback(manifests: dict[str, Any], t
         assert get["host"] == "127.0.0.1" and get["port"] == address.port and get["path"] == "/status"
 
 
-def test_the_deploy_folder_holds_the_two_files() -> None:
-    assert {p.name for p in DEPLOY.iterdir()} >= {"lifec-registry.service", "daemonset.yaml"}
-    assert service.template_path() == DEPLOY / "lifec-registry.service"
+def test_the_deploy_folder_holds_the_manifests_and_the_package_the_unit() -> None:
+    assert {p.name for p in DEPLOY.iterdir()} >= {"daemonset.yaml", "Containerfile"}
+    assert service.template_text().startswith("# lifec-registry: the registry mirror for containerd")
