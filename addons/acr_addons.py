@@ -9,6 +9,6 @@ in runmd order, exactly as `acr mirror start` does. Run it in reverse mode with
 """
 
 from addons.chain import AcrMirror
-from addons.core.mitm import ReadSize
+from addons.core.mitm.loop import ReadSize
 
 addons = [AcrMirror(), ReadSize()]

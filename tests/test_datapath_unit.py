@@ -34,8 +34,9 @@ from addons.chain import AcrMirror
 from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.proxy.login import Login
 from addons.registry.oci import Upstream
-from addons.proxy.front import summary
-from addons.proxy.pull import Pull, TokenScrub, same_origin
+from addons.proxy.tail import summary
+from addons.observe.tokenscrub import TokenScrub
+from addons.proxy.pull import Pull, same_origin
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
