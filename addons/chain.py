@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
+from addons.core.optioncheck import unknown_option
 from addons.core.mitm.master import put_first_in_chain
 from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
@@ -118,7 +119,7 @@ class AcrMirror:
             if path != self.loaded_path:
                 try:
                     self._load(path)
-                except RunmdError as e:
+                except (RunmdError, exceptions.OptionsError) as e:  # a bad file, or a bad value of a step's option
                     if not self._refuse_at_start(str(e)):
                         raise exceptions.OptionsError(str(e)) from None
 
@@ -152,8 +153,10 @@ class AcrMirror:
             return False
         self._refused = True
         logger.error("%s", message)
-        # mitmproxy exits on an error logged during startup, but a script may load after that check.
-        ctx.master.shutdown()
+        # mitmproxy's error check exits (status 1) when `running` starts after an error was
+        # logged; from `running` itself that check may have passed already.
+        if getattr(self, "_starting", False):
+            ctx.master.shutdown()
         return True
 
     def _default_runmd(self) -> None:
@@ -169,12 +172,17 @@ class AcrMirror:
         logger.info("acr_runmd is not set: serving ./mirror.runmd")
         try:
             self._load(str(path.resolve()))
-        except RunmdError as e:
+        except (RunmdError, exceptions.OptionsError) as e:
             self._refuse_at_start(str(e))
 
     def running(self) -> None:
+        self._starting = True
         if self.script and self.compiled is None and not self._refused:
             self._default_runmd()
+        if self.script and not self._refused and ctx.options.deferred:
+            # mitmproxy keeps an unknown `--set` aside for an addon still to come; every addon
+            # has declared its options by now, so what is left is a typo.
+            self._refuse_at_start(f"bad option: {unknown_option(min(ctx.options.deferred), ctx.options.keys())}")
         self._running = True
 
     @command.command("acr.teleports")

@@ -22,7 +22,7 @@ from addons.runmd.compile import Compiled
 from addons.runmd.engine import EXIT_USAGE
 from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
-from addons.serve import DEFAULT_WEB_PORT, ServeError, check_listen, hosts_dir_of, serve
+from addons.serve import DEFAULT_WEB_PORT, ServeError, check, check_listen, hosts_dir_of, serve
 
 if TYPE_CHECKING:
     from addons.runmd.engine import EngineSpec
@@ -235,6 +235,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
         except KeyError as e:
             raise CliError(str(e.args[0]), EXIT_USAGE) from None
     check_listen(address)
+    check(compiled, address, args)  # every option, before a runtime step changes anything
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
     try:
         ran = runtime.run(start_id)
@@ -273,7 +274,9 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
         except ValueError as e:
             raise CliError(str(e), EXIT_USAGE) from None
     if spec.proxies():
-        check_listen(listen_address(compiled, args.allow_remote))
+        address = listen_address(compiled, args.allow_remote)
+        check_listen(address)
+        check(compiled, address, args)  # the proxy child's options, before any event runs
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
