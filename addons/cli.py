@@ -235,7 +235,8 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
         except KeyError as e:
             raise CliError(str(e.args[0]), EXIT_USAGE) from None
     check_listen(address)
-    check(compiled, address, args)  # every option, before a runtime step changes anything
+    if args.set:  # each option, before a runtime step changes anything
+        check(compiled, address, args)
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
     try:
         ran = runtime.run(start_id)
@@ -276,7 +277,8 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     if spec.proxies():
         address = listen_address(compiled, args.allow_remote)
         check_listen(address)
-        check(compiled, address, args)  # the proxy child's options, before any event runs
+        if args.set:  # the proxy child's options, before any event runs
+            check(compiled, address, args)
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])

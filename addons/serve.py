@@ -128,7 +128,11 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         # Connection open/close lines drown the one line per request the mirror writes.
         logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     master = build(compiled, address, args)
-    if not getattr(args, "web", False) and master.options.termlog_verbosity != "debug":
+    opts = master.options
+    if getattr(args, "web", False):
+        logger.info("mitmweb on http://%s:%d/ (each flow's comment leads with the mirror's decision: "
+                    "try the filter ~marked for teleported tags)", opts.web_host, opts.web_port)
+    elif opts.termlog_verbosity != "debug":
         # A debug record walks the whole addon chain even when nothing prints it: made only
         # when something shows it (-v or termlog_verbosity=debug, mitmweb's event log).
         root.setLevel(logging.INFO)
@@ -165,5 +169,3 @@ def check_web(opts, args: argparse.Namespace) -> None:
         raise ServeError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
                          "so it only listens on this machine", EXIT_USAGE)
     check_listen(Address(opts.web_host, opts.web_port), "mitmweb")
-    logger.info("mitmweb on http://%s:%d/ (each flow's comment leads with the mirror's decision: "
-                "try the filter ~marked for teleported tags)", opts.web_host, opts.web_port)
