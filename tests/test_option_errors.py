@@ -28,8 +28,8 @@ BAD = [
     ("acr_upstream_timout=60", "bad option: unknown option acr_upstream_timout: did you mean acr_upstream_timeout?",
      "bad option: unknown option acr_upstream_timout: did you mean acr_upstream_timeout?"),
     ("bogus=1", f"bad option: unknown option bogus: {NONE}", f"bad option: unknown option bogus: {NONE}"),
-    ("acr_upstream_timeout=abc", "bad option: acr_upstream_timeout: expected seconds, got 'abc'",
-     "acr_upstream_timeout: expected seconds, got 'abc'"),
+    ("acr_upstream_timeout=abc", "bad option: acr_upstream_timeout: expected a duration like 30s, 500ms or 2m, got 'abc'",
+     "acr_upstream_timeout: expected a duration like 30s, 500ms or 2m, got 'abc'"),
     # mitmdump's, but of an addon the mirror's master leaves out
     ("anticache=true", f"bad option: unknown option anticache: {NONE}", None),
 ]
