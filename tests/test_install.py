@@ -1,7 +1,7 @@
 """The installed package is enough: the wheel installed three ways runs from a folder outside the
 checkout.
 
-One wheel is built (`pip wheel --no-deps`, offline) and installed with `--no-deps`:
+One wheel is built (`pip wheel --no-deps`, offline, from a copy of the sources) and installed with `--no-deps`:
 - into a fresh venv (no system site-packages);
 - with `pip install --user` on the venv's base Python, HOME and PYTHONUSERBASE in a temporary folder;
 - system-wide, standing in: `pip install --prefix` into a temporary folder, whose site-packages is on
@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.harness.wheel import build_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLAY = ROOT / "tests" / "replay"
@@ -55,10 +57,7 @@ def pip(*args: str, env: dict[str, str] | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    pip("wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT))
-    (built,) = out.glob("lifec_registry-*.whl")
-    return built
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def base_env(tmp: Path, bin_dir: Path) -> dict[str, str]:
