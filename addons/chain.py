@@ -85,6 +85,35 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
 
 
+class _Declared:
+    """A loader that only notes the names of the options an addon declares."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def add_option(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.names.add(name)
+
+    def add_command(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def declared_options() -> set[str]:
+    """The options the steps and the chain's own addons declare, whether a runmd has them or not:
+    their `load` only declares options, so it runs on a bare instance. A `load` whose defaults
+    read the instance (teleport's containerd config path) gives the options it declared first."""
+    declared = _Declared()
+    classes = {cls for kind in catalog.plugins().values() for cls in kind.values()} | set(catalog.roots().values())
+    classes |= {Endpoints, Metrics, ReplayCheck, LoginRefresh, hostswatch.HostsWatch}
+    for cls in classes:
+        if callable(getattr(cls, "load", None)):
+            try:
+                cls.load(cls.__new__(cls), declared)
+            except AttributeError:
+                pass
+    return declared.names
+
+
 def offline_request_path(compiled: Compiled, settings: Settings, session: Any, full: bool) -> list[Any]:
     """The request path again, for re-running recorded flows offline with a state of its own."""
     state = build_state(compiled, settings)
@@ -186,8 +215,13 @@ class AcrMirror:
             self._default_runmd()
         if self.script and not self._refused and ctx.options.deferred:
             # mitmproxy keeps an unknown `--set` aside for an addon still to come; every addon
-            # has declared its options by now, so what is left is a typo.
-            self._refuse_at_start(f"bad option: {unknown_option(min(ctx.options.deferred), ctx.options.keys())}")
+            # has declared its options by now: what is left is a step this runmd lacks, or a typo.
+            steps = declared_options()
+            for name in sorted(ctx.options.deferred):
+                if name not in steps:
+                    self._refuse_at_start(f"bad option: {unknown_option(name, set(ctx.options.keys()) | steps)}")
+                    break
+                logger.warning("option %s: no step of %s uses it", name, ctx.options.acr_runmd or "mirror.runmd")
         self._running = True
 
     @command.command("acr.teleports")

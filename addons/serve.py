@@ -61,7 +61,7 @@ def build(compiled: Compiled, address: Address, args: argparse.Namespace) -> Any
     addon refuses. mitmproxy builds a master in a running event loop."""
     from mitmproxy import options
 
-    from addons.chain import AcrMirror
+    from addons.chain import AcrMirror, declared_options
     from addons.core.mitm.loop import ReadSize
     from addons.core.mitm.master import mirror_master
     from addons.core.optioncheck import unknown_option
@@ -98,9 +98,11 @@ def build(compiled: Compiled, address: Address, args: argparse.Namespace) -> Any
             opts.set(*args.set, defer=True)
     except Exception as e:  # OptionsError and friends: one line, no traceback
         raise ServeError(f"bad option: {e}", EXIT_USAGE) from None
-    unknown = sorted(opts.deferred)
-    if unknown:
-        raise ServeError(f"bad option: {unknown_option(unknown[0], opts.keys())}", EXIT_USAGE)
+    steps = declared_options() if opts.deferred else set()
+    for name in sorted(opts.deferred):
+        if name not in steps:
+            raise ServeError(f"bad option: {unknown_option(name, set(opts.keys()) | steps)}", EXIT_USAGE)
+        logger.warning("option %s: no step of %s uses it", name, compiled.path)
     if getattr(args, "web", False):
         check_web(opts, args)
     return master
