@@ -14,6 +14,7 @@ from addons.node.containerd_config import ContainerdConfig
 from addons.node.host import Host
 from addons.node.https import Https
 from addons.node.install import Install
+from addons.node.listen import Listen, upstream_listens
 from addons.node.login_acr import LoginAcr
 from addons.node.mirror import Mirror
 from addons.node.node_check import NodeCheck
@@ -37,7 +38,7 @@ __all__ = ["Compiled", "attribute_names", "load", "parse_text", "plugins", "root
 
 #: Every plugin a runmd may name.
 PLUGINS: tuple[type[Plugin], ...] = (
-    LoginAcr, Install, Mirror, Host, Server, Https,
+    LoginAcr, Install, Mirror, Listen, Host, Server, Https,
     Manifests, Blobs, Tags, Login, Authn, Resolve, Discover, Teleport, Pull,
     Process, ContainerdConfig, NodeCheck, Event, Loop, Exit,
 )
@@ -66,6 +67,7 @@ def attribute_names() -> Mapping[str, tuple[str, ...]]:
 def compile_checked(doc: syntax.Document) -> Compiled:
     """Match the document to the plugins; a file whose engines cannot run does not load."""
     compiled = compile_document(doc, plugins(), roots())
+    upstream_listens(compiled)  # a misplaced `.listen` is an error of the file, not of the start
     if any(doc.roots("engine")):
         engine.check(compiled)
     return compiled

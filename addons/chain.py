@@ -7,6 +7,7 @@ lists them, and mitmproxy calls their hooks in runmd order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,18 @@ from addons.observe.endpoints import Endpoints
 from addons.proxy.credentials_endpoint import CredentialsEndpoint
 from addons.node.login_acr import LoginRefresh
 from addons.node import hostswatch
+from addons.node.listen import upstream_listens
 from addons.observe import record  # flow files scrubbed of credentials
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
+from addons.observe.probes import Probes  # GET /livez, /readyz
+from addons.observe.service_notify import ServiceNotify  # READY, WATCHDOG, STOPPING to systemd
 from addons.observe.tokenscrub import TokenScrub
 from addons.proxy.front import Proxy
 from addons.proxy.tail import ProxyTail
 from addons.proxy.routes import Route
 from addons.runmd.syntax import RunmdError, Step
+from addons.proxy.stale import StaleStore
 from addons.proxy.state import MirrorState, Settings
 from addons.teleport.discover import TeleportShared
 
@@ -44,7 +49,8 @@ def build_state(compiled: Compiled, settings: Settings | None = None) -> MirrorS
     for _, step in compiled.document.steps("mirror"):
         upstream = compiled.config(step)
         upstreams.setdefault(upstream.ns.lower(), upstream)
-    state = MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
+    listens = {u.address.port: u.upstream.ns.lower() for u in upstream_listens(compiled)}
+    state = MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings(), listen_upstreams=listens)
     state.teleport = TeleportShared.of(state, teleports=any(True for _ in compiled.document.steps("teleport")))
     return state
 
@@ -74,7 +80,9 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
         steps.append(addon)
     # /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
-    front: list[Any] = [CredentialsEndpoint(compiled, state), Endpoints(compiled, state)]
+    probes = Probes(compiled, state)
+    front: list[Any] = [CredentialsEndpoint(compiled, state), Endpoints(compiled, state), probes,
+                        ServiceNotify(probes.heartbeat, root.input)]
     front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
@@ -175,6 +183,8 @@ class AcrMirror:
     def _load(self, path: str) -> None:
         compiled = catalog.load(path)
         state = build_state(compiled)
+        if self.state is not None and self.state.home == compiled.home:
+            state.stale = self.state.stale  # a reloaded runmd keeps the tags' last answers
         children = build_addons(compiled, state)
         self._replace(children)
         self.compiled, self.state, self.loaded_path = compiled, state, path
@@ -209,7 +219,7 @@ class AcrMirror:
         except (RunmdError, exceptions.OptionsError) as e:
             self._refuse_at_start(str(e))
 
-    def running(self) -> None:
+    async def running(self) -> None:
         self._starting = True
         if self.script and self.compiled is None and not self._refused:
             self._default_runmd()
@@ -223,6 +233,11 @@ class AcrMirror:
                     break
                 logger.warning("option %s: no step of %s uses it", name, ctx.options.acr_runmd or "mirror.runmd")
         self._running = True
+        state, compiled = self.state, self.compiled
+        if state is not None and compiled is not None and state.stale is None:
+            # Only a serving mirror keeps answers (not a chain built for tests or offline
+            # re-runs); what a previous run kept is read off the event loop.
+            state.stale = await asyncio.to_thread(StaleStore, compiled.home / ".work" / "stale")
 
     @command.command("acr.teleports")
     def teleports(self, flows: Sequence[flow.Flow]) -> Sequence[str]:

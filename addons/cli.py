@@ -222,6 +222,27 @@ def listen_address(compiled: Compiled, allow_remote: bool) -> Address:
     return address
 
 
+def upstream_addresses(compiled: Compiled, allow_remote: bool) -> list[Address]:
+    """The `.listen` addresses of single upstreams (each also needs --allow-remote off loopback)."""
+    from addons.node.listen import upstream_listens
+
+    try:
+        listens = upstream_listens(compiled)
+    except RunmdError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    for u in listens:
+        if not u.address.loopback and not allow_remote:
+            raise CliError(f"{compiled.path}: '.listen {u.address}' is not a loopback address; whoever reaches it "
+                           "pulls with this node's credentials: pass --allow-remote if you mean it", EXIT_USAGE)
+    return [u.address for u in listens]
+
+
+def check_listens(compiled: Compiled, address: Address, allow_remote: bool) -> None:
+    """Fail before anything runs when the mirror cannot bind one of its addresses."""
+    for a in (address, *upstream_addresses(compiled, allow_remote)):
+        check_listen(a)
+
+
 def cmd_mirror_start(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     engine = select_engine(compiled, args.engine_name)
@@ -234,7 +255,7 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
             compiled.step(start_id)
         except KeyError as e:
             raise CliError(str(e.args[0]), EXIT_USAGE) from None
-    check_listen(address)
+    check_listens(compiled, address, args.allow_remote)
     if args.set:  # each option, before a runtime step changes anything
         check(compiled, address, args)
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
@@ -276,7 +297,7 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
             raise CliError(str(e), EXIT_USAGE) from None
     if spec.proxies():
         address = listen_address(compiled, args.allow_remote)
-        check_listen(address)
+        check_listens(compiled, address, args.allow_remote)
         if args.set:  # the proxy child's options, before any event runs
             check(compiled, address, args)
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
@@ -290,17 +311,25 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     for option in args.set or ():
         serve_argv += ["--set", option]
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
+    from addons.runmd.notify_relay import NotifyRelay
+
+    relay = NotifyRelay.from_env()
+    if relay is not None and not spec.proxies():
+        relay.ready()  # no proxy child will say it
     try:
-        return engine.Engine(spec, runtime, serve_argv).run(start_id)
+        return engine.Engine(spec, runtime, serve_argv, relay=relay).run(start_id)
     except (StepError, engine.EngineError) as e:
         raise CliError(str(e)) from None
+    finally:
+        if relay is not None:
+            relay.close()
 
 
 def cmd_mirror_serve(args: argparse.Namespace) -> int:
     """Serve the proxy only, no runtime step: what an engine runs and restarts."""
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
-    check_listen(address)
+    check_listens(compiled, address, args.allow_remote)
     from addons.core.mitm.loop import run
 
     return run(serve(compiled, address, args))
@@ -317,6 +346,21 @@ def cmd_containerd_configure(args: argparse.Namespace) -> int:
     except containerd_config.ConfigError as e:
         raise CliError(str(e)) from None
     for line in containerd_config.report(path, edit, backup, args.dry_run):
+        print(line)
+    return 0
+
+
+def cmd_stargz_configure(args: argparse.Namespace) -> int:
+    """Make the stargz snapshotter read each mirrored registry through this mirror."""
+    from addons.node import containerd_config, stargz_config
+
+    compiled = load(args.runmd)
+    path = Path(args.config)
+    try:
+        edit, backup = stargz_config.configure(path, stargz_config.entries(compiled), dry_run=args.dry_run)
+    except containerd_config.ConfigError as e:
+        raise CliError(str(e)) from None
+    for line in stargz_config.report(path, edit, backup, args.dry_run):
         print(line)
     return 0
 
@@ -408,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", parents=[common], help="write ./mirror.runmd from the template")
     init.add_argument("--mirror-address", default="localhost:8578", help="where the mirror listens (default: localhost:8578)")
     init.add_argument("--upstream", help="serve this registry URL instead of ACR, e.g. http://127.0.0.1:5000")
-    init.add_argument("--teleport-format", default="overlaybd", help="the streamable format (default: overlaybd)")
+    init.add_argument("--teleport-format", default="overlaybd",
+                      help="the streamable formats, in order of preference: overlaybd, estargz or both "
+                           "(default: overlaybd)")
     init.add_argument("--artifact-type", action="append", help="a referrer artifact type to discover (repeatable)")
     init.add_argument("--force", action="store_true", help="overwrite an existing mirror.runmd")
     init.set_defaults(func=cmd_init)
@@ -445,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     configure.add_argument(
         "--hosts-dir", help="the hosts folder (default: keep a config_path already set, else /etc/containerd/certs.d)"
     )
-    configure.add_argument("--snapshotter", choices=("overlaybd",), help="also declare this snapshotter and make it CRI's")
+    configure.add_argument("--snapshotter", choices=("overlaybd", "stargz"),
+                           help="also declare this streaming snapshotter and make it CRI's")
     configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     configure.set_defaults(func=cmd_containerd_configure)
 
@@ -457,6 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     obd_configure.add_argument("--config", default="/etc/overlaybd/overlaybd.json", help="default: /etc/overlaybd/overlaybd.json")
     obd_configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     obd_configure.set_defaults(func=cmd_overlaybd_configure)
+
+    stargz = sub.add_parser("stargz", help="the stargz snapshotter's own configuration (what streams eStargz images)")
+    stargz_sub = stargz.add_subparsers(dest="stargz_command", metavar="COMMAND", required=True)
+    sgz_configure = stargz_sub.add_parser(
+        "configure", parents=[common], help="make the stargz snapshotter read every mirrored registry through this mirror "
+                          "(edits its config.toml, keeps a backup)")
+    sgz_configure.add_argument("--config", default="/etc/containerd-stargz-grpc/config.toml",
+                               help="default: /etc/containerd-stargz-grpc/config.toml")
+    sgz_configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
+    sgz_configure.set_defaults(func=cmd_stargz_configure)
 
     # containerd's hosts.toml files the runmd asks for
     hosts = sub.add_parser("hosts", parents=[common], help="show, install or remove the hosts.toml files for containerd")

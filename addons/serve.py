@@ -62,6 +62,7 @@ def build(compiled: Compiled, address: Address, args: argparse.Namespace) -> Any
     from mitmproxy import options
 
     from addons.chain import AcrMirror, declared_options
+    from addons.node.listen import upstream_listens
     from addons.core.mitm.loop import ReadSize
     from addons.core.mitm.master import mirror_master
     from addons.core.optioncheck import unknown_option
@@ -72,7 +73,9 @@ def build(compiled: Compiled, address: Address, args: argparse.Namespace) -> Any
     else:
         master = mirror_master(opts)
     opts.update(
-        mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
+        # `.listen` addresses are further listeners of the same chain (the proxy root routes by port).
+        mode=[f"reverse:{PLACEHOLDER_TARGET}@{a.bind_host}:{a.port}"
+              for a in (address, *(u.address for u in upstream_listens(compiled)))],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
         listen_host=address.bind_host,
         listen_port=address.port,

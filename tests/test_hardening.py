@@ -52,7 +52,7 @@ from tests.harness.fakeserver import Fake, Seen, _Handler, relay
 from tests.harness.inprocess import drive
 from tests.harness.mirror import ACR, Mirror
 from tests.harness.procs import rss_kib, wait_for
-from tests.harness.ports import LOOPBACK, direct_session
+from tests.harness.ports import LOOPBACK, LoopbackConnection, direct_session
 from tests.harness.registry import Registry
 from tests.harness.tokenserver import TokenServer, decode_jwt
 
@@ -328,23 +328,35 @@ def test_upstream_throttling_and_failures_keep_status_and_retry_after(
                           {"Retry-After": "13", "WWW-Authenticate": 'Bearer realm="http://127.0.0.1:9/token"'})
         h.json(404, {"errors": [{"code": "NOT_FOUND", "message": "no"}]})
 
+    # One stand-in per status: a 429 (or a 503 with Retry-After) makes the mirror leave that
+    # registry alone until Retry-After has passed, so each status needs a registry of its own.
+    ups = {status: fake_server(upstream) for status in (429, 500, 503)}
     up = fake_server(upstream)
-    m = start(up.url)
+    m = start([up.url, *(u.url for u in ups.values())])
     expected = {429: (503, "TOOMANYREQUESTS"), 500: (500, "UPSTREAM_UNAVAILABLE"), 503: (503, "UPSTREAM_UNAVAILABLE")}
     with direct_session() as s:
         for status, (mapped, code) in expected.items():
-            for method, kind, ref in (("HEAD", "manifests", "v1"), ("GET", "manifests", "v1"),
-                                      ("GET", "blobs", digest), ("HEAD", "blobs", digest)):
-                before = len(up.seen(f"/s{status}/"))
-                r = s.request(method, f"{m.url}/v2/s{status}/{kind}/{ref}", headers=ACCEPT, timeout=15)
+            throttled = status != 500
+            for i, (method, kind, ref) in enumerate((("HEAD", "manifests", "v1"), ("GET", "manifests", "v1"),
+                                                     ("GET", "blobs", digest), ("HEAD", "blobs", digest))):
+                before = len(ups[status].seen(f"/s{status}/"))
+                r = s.request(method, f"{m.url}/v2/s{status}/{kind}/{ref}?ns={ns(ups[status].host)}",
+                              headers=ACCEPT, timeout=15)
+                sent = len(ups[status].seen(f"/s{status}/")) - before
+                if throttled and i > 0:
+                    # Backing off: refused at once with what is left of the window, nothing sent.
+                    oci_error(r, 503, "TOOMANYREQUESTS")
+                    assert 1 <= int(r.headers["Retry-After"]) <= int(retry_after[status]), (status, r.headers)
+                    assert sent == 0, "the mirror asked a registry that asked it to wait"
+                    continue
                 oci_error(r, mapped, code)
                 assert r.headers.get("Retry-After") == retry_after[status], (status, method, kind, r.headers)
-                assert len(up.seen(f"/s{status}/")) - before == 1, "the mirror retried a throttled upstream"
+                assert sent == 1, "the mirror retried a throttled upstream"
         # A registry that serves blobs itself and throttles the blob's one GET: still 503
         # with its Retry-After, no challenge.
-        ok = s.get(f"{m.url}/v2/ok/blobs/{digest}", timeout=15)
+        ok = s.get(f"{m.url}/v2/ok/blobs/{digest}?ns={ns(up.host)}", timeout=15)
         assert ok.status_code == 200 and ok.content == blob
-        r = s.get(f"{m.url}/v2/flaky/blobs/{digest}", timeout=15)
+        r = s.get(f"{m.url}/v2/flaky/blobs/{digest}?ns={ns(up.host)}", timeout=15)
         assert r.status_code == 503 and r.headers.get("Retry-After") == "13", (r.status_code, r.headers)
         assert "WWW-Authenticate" not in r.headers
         assert [x.method for x in up.seen("/flaky/")] == ["GET"]  # no probe: one request per blob
@@ -598,14 +610,18 @@ def test_auth_status_and_metrics_answer_loopback_clients_only(tmp_path: Path, pe
         req = tutils.treq(method=b"GET", path=path.encode(), authority=b"", host="127.0.0.1", port=9,
                           headers=mhttp.Headers(((b"Host", b"localhost:8578"),)), content=b"")
         flow = tflow.tflow(req=req)
-        flow.client_conn.peername = who
+        if who is None or isinstance(who, tuple):
+            flow.client_conn.peername = who
+        else:  # a real loopback connection: /auth looks its socket up in the kernel's table
+            flow.client_conn.peername, flow.client_conn.sockname = who.peername, who.sockname
         drive(mirror, flow)
         assert flow.response is not None, path
         return flow.response
 
     paths = ("/auth?remote_url=https://example.azurecr.io/v2/a/blobs/sha256:" + "a" * 64, "/status", "/metrics")
     for path in paths:
-        assert ask(path, ("127.0.0.1", 5)).status_code == 200, path  # the control
+        with LoopbackConnection() as control:
+            assert ask(path, control).status_code == 200, path  # the control
         r = ask(path, peer)
         assert r.status_code == 403, (path, peer, r.status_code)
         body = r.content or b""

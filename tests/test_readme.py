@@ -144,12 +144,84 @@ def test_every_subcommand_of_acr_help_is_in_the_readme_with_one_line() -> None:
     shown = subprocess.run([ACR, "--help"], capture_output=True, text=True, timeout=60).stdout
     commands = [c for c, _ in subcommands(cli.build_parser())]
     top = {c.split()[1] for c in commands}
-    assert top == {"init", "dump", "addon-path", "mirror", "service", "containerd", "overlaybd", "hosts"}
+    assert top == {"init", "dump", "addon-path", "mirror", "service", "containerd", "overlaybd", "stargz", "hosts"}
     for name in top:
         assert re.search(rf"^    {name} ", shown, re.M), name  # as `acr --help` lists them
     assert {"acr mirror start", "acr mirror serve", "acr hosts remove", "acr service install"} <= set(commands)
     for command in commands:
         assert len(re.findall(rf"^{re.escape(command)} +# ", section, re.M)) == 1, command
+
+
+# --- getting started with teleport ---------------------------------------------------------------------
+
+#: A node's mirror of two registries, each with its own address for the stargz snapshotter.
+STARGZ_RUNMD = """\
+``` start mirror
++ .runtime
+: .mirror       example.azurecr.io
+: .listen       localhost:8579
+: .mirror       docker.io
+: .listen       localhost:8580
+: .host         localhost:8578, resolve, pull
++ .proxy        localhost:8578
+: .manifests    head, get
+:   .login      access_token
+:   .authn      oauth2
+:   .resolve    application/vnd.oci.image.index.v1+json
+:   .discover   application/vnd.azure.artifact.streaming.v1
+:   .teleport   overlaybd, estargz, auto
+: .blobs        head, get
+:   .login      access_token
+:   .authn      oauth2
+:   .pull
+```
+"""
+
+
+def estargz_referrer() -> dict[str, object]:
+    """An eStargz copy made a referrer of its original, the way ACR links streamable copies."""
+    return {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.azure.artifact.streaming.v1",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": "sha256:" + "c" * 64, "size": 1469},
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": "sha256:" + "e" * 64, "size": 71303168,
+            "annotations": {"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "f" * 64,
+                            "io.containers.estargz.uncompressed-size": "72351744"},
+        }],
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": "sha256:" + "a" * 64, "size": 529},
+        "annotations": {"streaming.format": "estargz", "streaming.platform.os": "linux",
+                        "streaming.platform.arch": "amd64"},
+    }
+
+
+def test_the_estargz_referrer_shown_is_one_teleport_serves() -> None:
+    import json
+
+    from addons.registry.oci import Descriptor
+    from addons.teleport.teleport import estargz_layers_missing, referrer_format
+
+    doc = estargz_referrer()
+    check("estargz-referrer", "```json\n" + json.dumps(doc, indent=2) + "\n```\n")
+    body = json.dumps(doc).encode()
+    assert estargz_layers_missing(body) is None
+    d = Descriptor(str(doc["mediaType"]), "sha256:" + "b" * 64, len(body), doc["annotations"],  # type: ignore[arg-type]
+                   str(doc["artifactType"]))
+    assert referrer_format(d) == "estargz" and d.artifact_type in cli.DEFAULT_ARTIFACT_TYPES
+
+
+def test_acr_stargz_configure_shown_is_what_it_prints(tmp_path: Path) -> None:
+    check("stargz-runmd", "```text\n" + STARGZ_RUNMD + "```\n")
+    (tmp_path / "mirror.runmd").write_text(STARGZ_RUNMD)
+    config = tmp_path / "config.toml"
+    out = acr(tmp_path, "stargz", "configure", "--config", str(config), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    shown = out.stdout.replace(str(config), "/etc/containerd-stargz-grpc/config.toml")
+    check("stargz-configure", "```text\n$ acr stargz configure --dry-run\n" + shown + "```\n")
 
 
 # --- the demo's real output ---------------------------------------------------------------------
@@ -279,3 +351,37 @@ def test_mitmdump_serves_mirror_runmd_of_its_folder_without_acr_runmd(tmp_path: 
         kill_group(proc)
         out = proc.stdout.read() if proc.stdout else ""
     assert "acr_runmd is not set: serving ./mirror.runmd" in out
+
+
+def test_the_probe_answers_shown_are_real(tmp_path: Path) -> None:
+    """The probes and a non-root /auth, from curl against a real mirror with an unusable
+    credentials file; ports shown as the README's (8578 for the mirror, 5000 for the registry)."""
+    import shutil
+
+    from tests.harness.mirror import Mirror
+    from tests.harness.ports import ClosedPort
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("curl") is None:
+        pytest.skip("needs root, setpriv (util-linux) and curl")
+    with ClosedPort() as registry:
+        mirror = Mirror(tmp_path / "home", [registry.url], start=False)
+        (mirror.home / "access_token").write_text("\n")
+        blob = "sha256:" + "a" * 64
+        commands = [
+            ["curl", "-s", f"{mirror.url}/livez"],
+            ["curl", "-s", "-w", "%{http_code}\\n", f"{mirror.url}/readyz"],
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "curl", "-s", "-w", "\\n%{http_code}\\n",
+             f"{mirror.url}/auth?remote_url={registry.url}/v2/app/blobs/{blob}"],
+        ]
+        out = []
+        try:
+            mirror.start(timeout=60)
+            for argv in commands:
+                shown = " ".join(f"'{a}'" if "%" in a or "?" in a else a for a in argv)
+                result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+                out.append(f"$ {shown}\n{result.stdout}")
+        finally:
+            mirror.stop()
+    text = "".join(out).replace(str(mirror.port), "8578").replace(str(registry.port), "5000")
+    assert '"status": "ok"' in text and "access_token is unusable" in text and '"DENIED"' in text
+    check("probes", "```text\n" + text + "```\n")

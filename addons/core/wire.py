@@ -28,7 +28,7 @@ import ssl
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -46,6 +46,7 @@ IDLE_PER_ORIGIN = 16
 IDEMPOTENT = frozenset({"GET", "HEAD"})
 
 Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+R = TypeVar("R", bound=requests.Response)
 
 
 def whole_response(adapter: requests.adapters.HTTPAdapter, request: requests.PreparedRequest,
@@ -65,10 +66,10 @@ def whole_response(adapter: requests.adapters.HTTPAdapter, request: requests.Pre
 
 
 def in_memory_response(request: requests.PreparedRequest, status: int, reason: str,
-                       fields: Sequence[tuple[str, str]], body: bytes) -> requests.Response:
+                       fields: Sequence[tuple[str, str]], body: bytes, cls: type[R] = requests.Response) -> R:  # type: ignore[assignment]
     """A `requests` answer whose body is read already (`content`; `raw` is None), built without
     urllib3: half the CPU of `whole_response`. Repeated fields are joined with ", ", as urllib3 does."""
-    resp = requests.Response()
+    resp = cls()
     headers = CaseInsensitiveDict()
     for name, value in fields:
         headers[name] = f"{headers[name]}, {value}" if name in headers else value

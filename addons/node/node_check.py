@@ -17,9 +17,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from addons.node import overlaybd_config
-from addons.node.containerd_config import (DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS,
+from addons.node import overlaybd_config, stargz_config
+from addons.node.containerd_config import (ConfigError, DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS, STARGZ,
                                            Schema, parse_config_path)
+from addons.runmd.compile import Compiled
 from addons.runmd.runtime import RuntimePlugin
 from addons.runmd.runtime import Runtime
 
@@ -94,25 +95,35 @@ def table(data: dict, path: tuple[str, ...]) -> dict:
     return node if isinstance(node, dict) else {}
 
 
-def streaming_missing(data: dict, schema: Schema) -> tuple[list[str], str | None]:
-    """What this config.toml lacks for CRI to run overlaybd images, and the snapshotter's socket
-    as declared (`[proxy_plugins.overlaybd] address`)."""
+#: The CRI snapshotters that stream images, and the format each streams.
+STREAMING_SNAPSHOTTERS = {OVERLAYBD: "overlaybd", STARGZ: "estargz"}
+
+
+def cri_snapshotter(data: dict, schema: Schema) -> str:
+    """The snapshotter CRI unpacks images with (containerd's default: overlayfs)."""
+    value = table(data, schema.snapshotter).get("snapshotter")
+    return value if isinstance(value, str) and value else "overlayfs"
+
+
+def streaming_missing(data: dict, schema: Schema, snapshotter: str) -> tuple[list[str], str | None]:
+    """What this config.toml lacks for CRI to run images with the streaming `snapshotter`
+    (overlaybd or stargz), and that snapshotter's socket as declared (`[proxy_plugins.NAME] address`)."""
     missing: list[str] = []
     cri = table(data, schema.snapshotter)
     where = schema.dotted(schema.snapshotter)
-    snapshotter = cri.get("snapshotter")
-    if snapshotter != OVERLAYBD:
-        missing.append(f"CRI's snapshotter is {snapshotter or 'overlayfs'!r}, not 'overlaybd' ({where})")
+    current = cri_snapshotter(data, schema)
+    if current != snapshotter:
+        missing.append(f"CRI's snapshotter is {current!r}, not {snapshotter!r} ({where})")
     # containerd 1.x leaves the layer annotations out by default; 2.x passes them.
     annotations_off = cri.get("disable_snapshot_annotations", schema.version < 3)
     if annotations_off is not False:
-        missing.append(f"{where}.disable_snapshot_annotations is not false (overlaybd needs the layer annotations)")
-    plugin = table(data, ("proxy_plugins", OVERLAYBD))
+        missing.append(f"{where}.disable_snapshot_annotations is not false ({snapshotter} needs the layer annotations)")
+    plugin = table(data, ("proxy_plugins", snapshotter))
     address = plugin.get("address") if isinstance(plugin.get("address"), str) else None
     if not plugin:
-        missing.append("no [proxy_plugins.overlaybd] declares the overlaybd snapshotter")
+        missing.append(f"no [proxy_plugins.{snapshotter}] declares the {snapshotter} snapshotter")
     elif plugin.get("type") != "snapshot" or not address:
-        missing.append("[proxy_plugins.overlaybd] is not a snapshot plugin with an address")
+        missing.append(f"[proxy_plugins.{snapshotter}] is not a snapshot plugin with an address")
         address = None
     return missing, address
 
@@ -174,6 +185,26 @@ def check_overlaybd(data: dict, socket: Path, binaries: tuple[str, ...]) -> list
     return out
 
 
+def check_stargz(data: dict, path: Path, compiled: Compiled | None) -> Finding | None:
+    """Whether the stargz snapshotter, where containerd declares it, reads every mirrored
+    registry through this mirror (None where containerd has no stargz snapshotter)."""
+    if not (data.get("proxy_plugins") or {}).get(STARGZ) or compiled is None:
+        return None
+    fix = f"run 'acr stargz configure --config {path}' and restart it"
+    try:
+        wanted = stargz_config.entries(compiled)
+        lacking = stargz_config.missing_mirrors(path, wanted)
+    except ConfigError as e:
+        return Finding(False, f"the stargz snapshotter cannot read through this mirror: {e}")
+    if lacking is None:
+        return Finding(False, f"containerd declares the stargz snapshotter, but {path} does not exist, so its lazy reads "
+                              f"go straight to the registries, without this mirror's credentials: {fix}")
+    if lacking:
+        return Finding(False, f"the stargz snapshotter reads {', '.join(lacking)} straight from the registry, not "
+                              f"through this mirror ({path} names no mirror {', '.join(e.host for e in wanted if e.registry in lacking)}): {fix}")
+    return Finding(True, f"the stargz snapshotter reads through this mirror ({path})")
+
+
 def check_node(
     config: Path = DEFAULT_CONFIG,
     hosts_dir: str = DEFAULT_HOSTS_DIR,
@@ -183,12 +214,17 @@ def check_node(
     overlaybd_binaries: tuple[str, ...] = OVERLAYBD_BINARIES,
     overlaybd_json: Path = overlaybd_config.DEFAULT_CONFIG,
     auth_url: str | None = None,
+    stargz_toml: Path = stargz_config.DEFAULT_CONFIG,
+    compiled: Compiled | None = None,
 ) -> list[Finding]:
     found, version = check_containerd(containerd)
     findings = [found]
     config_findings, data = check_config(config, hosts_dir, version)
     findings += config_findings
     findings += check_overlaybd(data, overlaybd_socket, overlaybd_binaries)
+    stargz = check_stargz(data, stargz_toml, compiled)
+    if stargz is not None:
+        findings.append(stargz)
     if auth_url is not None:
         credentials = overlaybd_config.check_credentials(overlaybd_json, auth_url)
         if credentials is not None:
@@ -198,16 +234,19 @@ def check_node(
 
 class NodeCheck(RuntimePlugin):
     """`.node-check [CONFIG]`, with `: .overlaybd PATH` naming overlaybd's config (default
-    /etc/overlaybd/overlaybd.json), whose credentials must come from this mirror's `/auth`."""
+    /etc/overlaybd/overlaybd.json), whose credentials must come from this mirror's `/auth`, and
+    `: .stargz PATH` the stargz snapshotter's (default /etc/containerd-stargz-grpc/config.toml),
+    which must name this mirror for every registry."""
 
     plugin = "node-check"
-    attributes = ("overlaybd",)
+    attributes = ("overlaybd", "stargz")
 
     @classmethod
     def parse_attribute(cls, name: str, text: str) -> Path:
-        if name == "overlaybd":
+        if name in ("overlaybd", "stargz"):
+            default = overlaybd_config.DEFAULT_CONFIG if name == "overlaybd" else stargz_config.DEFAULT_CONFIG
             if not text or len(text.split()) > 1:
-                raise ValueError(f"expected the path of overlaybd's config, e.g. '.overlaybd {overlaybd_config.DEFAULT_CONFIG}'")
+                raise ValueError(f"expected the path of {name}'s config, e.g. '.{name} {default}'")
             return Path(text)
         raise ValueError(f"'.{cls.plugin}' has no attribute '.{name}'")
 
@@ -218,11 +257,12 @@ class NodeCheck(RuntimePlugin):
     def run(self, runtime: Runtime) -> None:
         path = self.config if self.config.is_absolute() else runtime.home / self.config
         hosts_dir = str(runtime.hosts_dir) if runtime.hosts_dir else DEFAULT_HOSTS_DIR
-        obd = overlaybd_config.DEFAULT_CONFIG
+        configs = {"overlaybd": overlaybd_config.DEFAULT_CONFIG, "stargz": stargz_config.DEFAULT_CONFIG}
         for attr in self.step.attributes:
-            obd = self.parse_attribute(attr.name, attr.input)
-        obd = obd if obd.is_absolute() else runtime.home / obd
-        findings = check_node(path, hosts_dir, overlaybd_json=obd, auth_url=overlaybd_config.auth_url(runtime.compiled))
+            configs[attr.name] = self.parse_attribute(attr.name, attr.input)
+        obd, sgz = (p if p.is_absolute() else runtime.home / p for p in (configs["overlaybd"], configs["stargz"]))
+        findings = check_node(path, hosts_dir, overlaybd_json=obd, auth_url=overlaybd_config.auth_url(runtime.compiled),
+                              stargz_toml=sgz, compiled=runtime.compiled)
         for f in findings:
             (logger.info if f.ok else logger.warning)("step %d: %s", self.step.id, f.message)
         missing = sum(not f.ok for f in findings)

@@ -100,5 +100,7 @@ class Endpoints:
             # Per hosts.toml the runmd asks for: does containerd go through the mirror (first)?
             "hosts_toml": hosts() if hosts is not None else [],
             "counters": dict(sorted(self.state.counters.items())),
+            **({"stale": self.state.stale.status()} if self.state.stale is not None else {}),
+            "backoff": {h: round(s, 1) for h, s in self.state.backoff.windows().items()},
             **({"teleport": gate.public()} if gate is not None else {}),
         }

@@ -121,6 +121,9 @@ class Metrics:
         self.upstream_latency = Histogram()
         self.first_byte = Histogram()
         self.streamed_bytes: collections.Counter[str] = collections.Counter()
+        #: Range answers (206) and the bytes they announced: the stargz snapshotter's lazy reads.
+        self.range_requests = 0
+        self.range_bytes = 0
         self.refused_scrapes = 0
         # The session every plugin and the token client use (MirrorState.session).
         state.session.hooks["response"].append(self.observe_upstream)
@@ -155,6 +158,11 @@ class Metrics:
             resp = flow.response
             if resp.timestamp_start and flow.request.timestamp_end:
                 self.first_byte.observe((source,), max(0.0, resp.timestamp_start - flow.request.timestamp_end))
+            part = meta.get("range")
+            if resp.status_code == 206 and part:
+                with self._lock:
+                    self.range_requests += 1
+                    self.range_bytes += part["end"] - part["start"] + 1
             if resp.status_code in (200, 206):
                 try:
                     size = int(resp.headers.get("content-length", ""))
@@ -223,6 +231,11 @@ class Metrics:
                self.first_byte.render("acr_blob_first_byte_seconds", ("source",)))
         family("acr_streamed_bytes_total", "counter", "Bytes of blobs streamed to clients, by source.",
                (f"acr_streamed_bytes_total{labels(('source',), (k,))} {v}" for k, v in streamed))
+        family("acr_range_requests_total", "counter",
+               "Blob Range answers (206) passed to clients, unchecked by digest (lazy reads, resumed transfers).",
+               [f"acr_range_requests_total {self.range_requests}"])
+        family("acr_range_bytes_total", "counter", "Bytes of blob Range answers (206) passed to clients.",
+               [f"acr_range_bytes_total {self.range_bytes}"])
         tokens = self.state.tokens
         fetches: collections.Counter[str] = collections.Counter()
         for (ns, _scope), n in list(tokens.fetches.items()):
@@ -231,6 +244,7 @@ class Metrics:
         family("acr_token_fetches_total", "counter", "Upstream tokens fetched, by upstream.",
                (f"acr_token_fetches_total{labels(('upstream',), (k,))} {v}" for k, v in sorted(fetches.items())))
         family("acr_tokens_cached", "gauge", "Upstream tokens held in the cache.", [f"acr_tokens_cached {cached}"])
+        self._outage_families(family)
         family("acr_events_total", "counter", "The mirror's internal event counters (as in /status).",
                (f"acr_events_total{labels(('event',), (k,))} {v}" for k, v in sorted(self.state.counters.items())))
         family("acr_metrics_refused_total", "counter", "Scrapes refused because the client was not on loopback.",
@@ -238,3 +252,42 @@ class Metrics:
         family("acr_start_time_seconds", "gauge", "When this mirror process started (POSIX seconds).",
                [f"acr_start_time_seconds {self.started:.3f}"])
         return "\n".join(out) + "\n"
+
+    def _outage_families(self, family: Any) -> None:
+        """Stale answers, back-off and shared lookups (addons.proxy.outage, backoff, core.flight)."""
+        hosts = {u.ns.lower() for u in self.state.upstreams.values()}
+
+        def upstream(host: str) -> str:
+            return host if host in hosts else "other"
+
+        store = self.state.stale
+        stale: collections.Counter[tuple[str, str]] = collections.Counter()
+        if store is not None:
+            for (host, reason), n in list(store.served.by.items()):
+                stale[(upstream(host), reason)] += n
+        family("acr_stale_answers_total", "counter",
+               "Tag lookups answered with the last answer because the upstream could not answer, by reason.",
+               (f"acr_stale_answers_total{labels(('upstream', 'reason'), k)} {v}" for k, v in sorted(stale.items())))
+        backoff = self.state.backoff
+        throttled: collections.Counter[str] = collections.Counter()
+        refusals: collections.Counter[str] = collections.Counter()
+        for host, n in list(backoff.throttled.items()):
+            throttled[upstream(host)] += n
+        for host, n in list(backoff.refusals.items()):
+            refusals[upstream(host)] += n
+        family("acr_upstream_throttled_total", "counter",
+               "Upstream answers asking the mirror to wait (429, or 503 with Retry-After), by upstream.",
+               (f"acr_upstream_throttled_total{labels(('upstream',), (k,))} {v}" for k, v in sorted(throttled.items())))
+        family("acr_backoff_refusals_total", "counter",
+               "Requests answered without asking the upstream because it asked the mirror to wait, by upstream.",
+               (f"acr_backoff_refusals_total{labels(('upstream',), (k,))} {v}" for k, v in sorted(refusals.items())))
+        windows = backoff.windows()
+        family("acr_upstream_backoff_seconds", "gauge", "Seconds of back-off left, by upstream.",
+               (f"acr_upstream_backoff_seconds{labels(('upstream',), (h,))} {max(0.0, windows.get(h, 0.0)):.3f}"
+                for h in sorted(hosts)))
+        shared = collections.Counter(self.state.flights.joined)
+        shared["token"] += self.state.tokens.joined
+        family("acr_shared_lookups_total", "counter",
+               "Lookups that joined an identical upstream request already in flight, by kind.",
+               (f"acr_shared_lookups_total{labels(('kind',), (k,))} {shared.get(k, 0)}"
+                for k in ("manifest", "referrers", "token")))

@@ -9,6 +9,7 @@ reaches a log line or a flow file.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from addons.proxy.context import RequestContext
@@ -45,6 +46,27 @@ class Authn(ProxyPlugin):
         if found:
             self._use(ctx, authorizer, header)
         return found
+
+    async def fetch(self, ctx: RequestContext) -> bool:
+        """A token not in the cache: fetched in a worker thread once for every request that
+        needs the same one, and awaited on the event loop, so that concurrent cold lookups
+        wait without holding a worker thread each (and then look up on the loop)."""
+        authorizer = self.authorizer(ctx)
+        credentials = authorizer.credentials
+        key = (ctx.upstream, authorizer.scope, authorizer.mode, credentials.identity if credentials else "")
+
+        async def work() -> str | None:
+            self.state.counters["worker_hops"] += 1
+            return await asyncio.to_thread(authorizer.header)
+
+        try:
+            header, _ = await self.state.flights.arun("token", key, work)
+        except UpstreamError as e:
+            ctx.fail("authn", e)
+            logger.debug("%s %s: %s", ctx.method, ctx.name, e.message)
+            return True
+        self._use(ctx, authorizer, header)
+        return True
 
     def run(self, ctx: RequestContext) -> None:
         authorizer = self.authorizer(ctx)

@@ -24,6 +24,7 @@ from addons.proxy.relay import BlobBody
 from addons.proxy.upstream import Authorizer, UpstreamError
 from addons.registry.auth import Credentials
 from addons.registry.oci import Descriptor, Manifest, Upstream
+from addons.registry.ranges import RangeRead
 
 #: The key of the public copy in flow.metadata.
 META = "acr"
@@ -94,6 +95,38 @@ class TeleportDecision:
 
 
 @dataclass
+class StaleAnswer:
+    """A tag answered from the last answer the mirror gave for it, because the upstream could not answer."""
+
+    #: Seconds since that answer was given.
+    age: float
+    #: Why the upstream could not: `refused`, `timeout`, `5xx`, `429` or `backoff`.
+    reason: str
+    #: The upstream's status, where it answered one.
+    status: int | None = None
+
+    def text(self) -> str:
+        """`stale 3m12s: upstream 502`, for the log line and mitmweb."""
+        why = {"refused": "upstream unreachable", "timeout": "upstream timed out", "backoff": "backing off"}
+        return f"stale {age_text(self.age)}: {why.get(self.reason) or f'upstream {self.status or self.reason}'}"
+
+    def public(self) -> dict[str, Any]:
+        return {"age": round(self.age, 3), "reason": self.reason, "status": self.status, "text": self.text()}
+
+
+def age_text(seconds: float) -> str:
+    """An age the way a person reads it: `45s`, `3m12s`, `2h05m`, `1d03h`."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+@dataclass
 class Forward:
     """Where `.pull` sends the flow for mitmproxy to stream, and with which header."""
 
@@ -139,6 +172,13 @@ def size_text(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" or value >= 10 else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def range_text(r: RangeRead | dict[str, Any]) -> str:
+    """`range 850 KiB of 68 MiB`: a Range answer, for the log line and mitmweb's comment."""
+    if isinstance(r, dict):
+        r = RangeRead(r["start"], r["end"], r.get("total"))
+    return f"range {size_text(r.length)}" + (f" of {size_text(r.total)}" if r.total is not None else "")
 
 
 def rate_text(n: int, seconds: float) -> str:
@@ -239,6 +279,8 @@ class RequestContext:
     hand_off: bool = False
     stalled: bool = False
     streamed: Streamed | None = None
+    #: The part of the blob a 206 answer carries (a Range read: passed unchecked by digest).
+    range: RangeRead | None = None
     # -- the answer ---------------------------------------------------------------------
     #: The response the steps decided on; the route puts it on the flow (on the event loop).
     answer: http.Response | None = None
@@ -252,6 +294,13 @@ class RequestContext:
     marked: str = ""
     #: The tag this digest was served for by a teleport (`name:tag`), for its follow-up GET.
     teleport_target_of: str | None = None
+    # -- outages --------------------------------------------------------------------------
+    #: The answer is the last one given for this tag, because the upstream could not answer.
+    stale: StaleAnswer | None = None
+    #: Seconds of back-off left when the mirror refused (or answered stale) without asking upstream.
+    backoff: float | None = None
+    #: This lookup joined an identical one already in flight (one upstream request for both).
+    shared: bool = False
 
     @property
     def by_digest(self) -> bool:
@@ -274,6 +323,8 @@ class RequestContext:
 
     def headline(self) -> str:
         """The decision in a few characters, for mitmweb's narrow comment column."""
+        if self.stale is not None:
+            return self.stale.text()
         if self.error is not None:
             return f"failed {self.answer.status_code if self.answer else self.error.status} {self.error.code}"
         if self.route == "manifests":
@@ -292,6 +343,8 @@ class RequestContext:
                 return f"blob HEAD {size_text(int(length))}" if length.isdigit() else "blob HEAD"
             if self.streamed is not None and self.streamed.cut:
                 return f"blob cut at {size_text(self.streamed.bytes)} {self.streamed.source}"
+            if self.range is not None:
+                return range_text(self.range)
             if self.streamed is not None and self.streamed.ended:
                 return f"blob {self.streamed.text()}"
             if self.stalled:
@@ -359,6 +412,8 @@ class RequestContext:
             out["stalled"] = True
         if self.streamed is not None:
             out["streamed"] = self.streamed.public()
+        if self.range is not None:
+            out["range"] = self.range.public()
         if self.teleport_target_of:
             out["teleport_target_of"] = self.teleport_target_of
         out["answered"] = "upstream" if self.forward is not None else "mirror"
@@ -368,6 +423,12 @@ class RequestContext:
             out["refused"] = self.refused
         if self.prefix:
             out["prefix"] = self.prefix
+        if self.stale is not None:
+            out["stale"] = self.stale.public()
+        if self.backoff is not None:
+            out["backoff"] = round(self.backoff, 3)
+        if self.shared:
+            out["shared"] = True
         if self.why:
             out["why"] = self.why
         out["steps"] = list(self.steps)

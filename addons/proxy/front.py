@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy.exceptions import OptionsError
 
-from addons.core.duration import seconds_option
+from addons.core.duration import parse_duration, seconds_option
 
 from addons.registry import oci
 from addons.registry.oci import Upstream
@@ -174,6 +175,11 @@ class Proxy(ProxyPlugin):
             "acr_connect_timeout", str, "5",
             "Seconds to wait for an upstream connection before answering the client with 502.",
         )
+        loader.add_option(
+            "acr_stale_max", str, "24h",
+            "How old a tag's last answer may be to answer for it while the registry cannot "
+            "(unreachable, timeout, 5xx, 429): a duration like 24h, 30m; 0 turns stale answers off.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         settings = self.state.settings
@@ -182,6 +188,15 @@ class Proxy(ProxyPlugin):
             self.state.tokens.timeout = settings.upstream_timeout
         if "acr_connect_timeout" in updated:
             settings.connect_timeout = seconds_option(ctx.options.acr_connect_timeout, "acr_connect_timeout")
+        if "acr_stale_max" in updated:
+            settings.stale_max = stale_max_option(ctx.options.acr_stale_max)
+
+    def _listened(self, flow: http.HTTPFlow) -> str | None:
+        """The upstream of the address this request came in on, when it has one (`.listen`)."""
+        if not self.state.listen_upstreams:
+            return None
+        sockname = flow.client_conn.sockname
+        return self.state.listen_upstreams.get(sockname[1]) if sockname else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -211,11 +226,15 @@ class Proxy(ProxyPlugin):
             if (own := listen_origin(flow)) is not None:
                 show_served_from(flow, own)
             return
-        upstream = self.state.upstream_for(chosen or ns)
+        listened = self._listened(flow)
+        if listened is not None and (chosen or ns or listened).lower() != listened:
+            return refuse(flow, 404, "NAME_UNKNOWN", f"this address serves only {listened}")
+        upstream = self.state.upstream_for(chosen or ns or listened)
         if upstream is None:
             if ns is None:
                 return refuse(flow, 404, "NAME_UNKNOWN",
-                              "no ns given and more than one upstream is configured (use ?ns= or /v2/<registry-host>/<name>)")
+                              "no ns given and more than one upstream is configured (use ?ns=, /v2/<registry-host>/<name> "
+                              "or a '.listen' address of the registry)")
             return refuse(flow, 404, "NAME_UNKNOWN", f"registry '{ns[:100]}' is not mirrored here")
         route = self.routes.get(target.kind)
         if route is None:
@@ -241,3 +260,13 @@ class Proxy(ProxyPlugin):
         ctx.note("proxy", f"{target.kind} {target.name}:{target.reference} via {upstream.ns}")
         self.state.contexts[flow] = ctx
         ctx.publish(flow)
+
+
+def stale_max_option(text: str) -> float:
+    """`acr_stale_max`: a duration, or 0 for never."""
+    if text.strip() in ("0", "0s"):
+        return 0.0
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise OptionsError(f"acr_stale_max: {e} (or 0 to turn stale answers off)") from None

@@ -4,10 +4,12 @@ A step is a stage of its route's chain: `ready` does its job from memory when it
 blocking: it runs on the event loop), `run` does it with upstream requests (blocking: it runs
 in a worker thread). A step whose upstream request is small and common (`.resolve`'s tag
 lookup) also has `fetch`, which makes it on the event loop when nothing on the way blocks
-(the token is cached). The route step (`.manifests`, `.blobs`, `.tags`) calls each step's
-`ready`, then `fetch`, in runmd order; the first one that must wait for blocking I/O hands
-itself and every later step to *one* worker thread. So a request whose every decision is
-cached costs no thread hop, a warm tag lookup none either, and any other request exactly one.
+(the token is cached); `.authn`'s `fetch` awaits a missing token on the loop, fetched once in
+a worker thread for every request that needs it. The route step (`.manifests`, `.blobs`,
+`.tags`) calls each step's `ready`, then `fetch`, in runmd order; the first one that must
+wait for blocking I/O hands itself and every later step to *one* worker thread. So a request
+whose every decision is cached costs no thread hop, a warm tag lookup none either, and any
+other request one (plus the token's, for the requests that start a token fetch).
 Steps read and write the request's `RequestContext` only; the route puts the answer on the
 flow once, on the event loop.
 """

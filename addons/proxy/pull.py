@@ -28,6 +28,7 @@ from mitmproxy.flow import Error as flow_error
 
 from addons.core.mitm import handoff
 from addons.registry import oci
+from addons.registry.ranges import ranged
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import parse_choice
 from addons.proxy.context import Forward, RequestContext, Streamed
@@ -226,6 +227,7 @@ class Pull(ProxyPlugin):
             answer.headers["Content-Length"] = str(body.length)  # make() set that of the empty body
         ctx.answer, ctx.body = answer, body
         ctx.upstream_status = resp.status_code
+        ctx.range = ranged(resp.status_code, resp.headers.get("Content-Range"))
         host = urlsplit(current).netloc
         ctx.note("pull", f"one GET from {'storage ' + host if redirected else 'the registry'}, body handed off")
 
@@ -307,6 +309,7 @@ class Pull(ProxyPlugin):
         digest = checkable(ctx.reference) if whole and ctx.route == "blobs" else None
         resp.stream = self.watch(flow, ctx, digest)
         ctx.upstream_status = resp.status_code
+        ctx.range = ranged(resp.status_code, resp.headers.get("Content-Range"))
         if resp.status_code >= 400:
             ctx.why = f"upstream answered {resp.status_code}"
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:

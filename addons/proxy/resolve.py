@@ -311,13 +311,14 @@ class Resolve(ProxyPlugin):
             url, headers, what = next(lookup)
             while True:
                 try:
-                    resp = await asend(self.state, "GET", url, headers=headers, auth=ctx.authorizer, what=what)
+                    resp = await asend(self.state, "GET", url, headers=headers, auth=ctx.authorizer, what=what, share="manifest")
                 except NeedsIO:
                     lookup.close()
                     return False
                 except UpstreamError as e:
                     url, headers, what = lookup.throw(e)
                     continue
+                ctx.shared = ctx.shared or resp.joined
                 url, headers, what = lookup.send(resp)
         except StopIteration as done:
             return done.value
@@ -328,10 +329,11 @@ class Resolve(ProxyPlugin):
             url, headers, what = next(lookup)
             while True:
                 try:
-                    resp = send(self.state, "GET", url, headers=headers, auth=ctx.authorizer, what=what)
+                    resp = send(self.state, "GET", url, headers=headers, auth=ctx.authorizer, what=what, share="manifest")
                 except UpstreamError as e:
                     url, headers, what = lookup.throw(e)
                     continue
+                ctx.shared = ctx.shared or resp.joined
                 url, headers, what = lookup.send(resp)
         except StopIteration:
             return

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from mitmproxy import http
 
+from addons.proxy import outage
 from addons.proxy.context import RequestContext, show_served_from
 from addons.proxy.plugin import ProxyPlugin, run_steps
 from addons.proxy.state import MirrorState
@@ -51,7 +52,9 @@ class Route(ProxyPlugin):
 
     async def _serve(self, flow: http.HTTPFlow, ctx: RequestContext) -> None:
         try:
-            await run_steps(ctx, self.steps, self.state)
+            if not outage.before(ctx, self.state):
+                await run_steps(ctx, self.steps, self.state)
+                outage.after(ctx, self.state)
         finally:
             if flow.live and not flow.response:
                 deliver(flow, ctx)

@@ -20,8 +20,11 @@ from typing import Any
 import requests
 from mitmproxy import http
 
+from addons.core.flight import Flights
+from addons.proxy.backoff import Backoff
 from addons.proxy.context import RequestContext
 from addons.proxy.manifest_cache import ManifestCache
+from addons.proxy.stale import StaleStore
 from addons.proxy.upstream import new_session
 from addons.registry.auth import TokenClient
 from addons.registry.oci import Upstream
@@ -45,6 +48,8 @@ class Settings:
     teleport_mode: str = ""
     #: containerd's config.toml that teleport's `auto` mode reads (`acr_containerd_config`).
     containerd_config: str = ""
+    #: How old a tag's last answer may be to answer for it while the upstream cannot (0: never).
+    stale_max: float = 24 * 3600.0
 
 
 @dataclass(slots=True)
@@ -52,6 +57,8 @@ class MirrorState:
     home: Path
     upstreams: dict[str, Upstream]
     settings: Settings = field(default_factory=Settings)
+    #: Listen port -> the upstream (ns) every request on that port goes to (`.listen` under a `.mirror`).
+    listen_upstreams: dict[int, str] = field(default_factory=dict)
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
     #: The one pooled HTTP session of the mirror's own upstream requests, token grants included.
     session: requests.Session = field(default_factory=new_session)
@@ -73,6 +80,12 @@ class MirrorState:
     contexts: weakref.WeakKeyDictionary[http.HTTPFlow, RequestContext] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+    #: Upstreams that asked the mirror to wait (429, 503 with Retry-After).
+    backoff: Backoff = field(default_factory=Backoff)
+    #: Identical upstream requests in flight, shared by their callers.
+    flights: Flights = field(default_factory=Flights)
+    #: The last answer per tag, for outages; None until the mirror serves (addons.chain.AcrMirror.running).
+    stale: StaleStore | None = None
 
     def __post_init__(self) -> None:
         self.tokens = TokenClient(session=self.session, timeout=self.settings.upstream_timeout)

@@ -4,11 +4,12 @@ request gets its one log line once its answer is complete."""
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 from mitmproxy import http
 
 from addons.registry import oci
-from addons.proxy.context import Forward, RequestContext, info, listen_origin, show_served_from
+from addons.proxy.context import Forward, RequestContext, info, listen_origin, range_text, show_served_from
 from addons.proxy.front import refuse
 from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
@@ -44,6 +45,10 @@ def summary(flow: http.HTTPFlow) -> str:
         parts.append(f"no teleport (snapshotter: {teleport.get('message', '')})")
     elif teleport.get("skipped") and teleport["skipped"] != "digest-pinned":
         parts.append(f"no teleport ({teleport['skipped']})")
+    if meta.get("stale"):
+        parts.append(f"({meta['stale']['text']})")
+    if meta.get("range"):
+        parts.append(range_text(meta["range"]))
     if meta.get("redirected"):
         parts.append("via storage")
     if meta.get("refused"):
@@ -112,6 +117,9 @@ class ProxyTail:
             return
         if not flow.response.stream:
             flow.response.stream = True  # a blob never sits in memory whole
+        if flow.response.status_code in (429, 503):
+            self.state.backoff.observe(urlsplit(ctx.forward.url).netloc, flow.response.status_code,
+                                       flow.response.headers.get("Retry-After"))
         if flow.response.status_code >= 400 and not ctx.why:
             ctx.why = f"upstream answered {flow.response.status_code}"
             ctx.publish(flow)

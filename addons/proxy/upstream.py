@@ -12,16 +12,18 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import requests
 from mitmproxy import http
 from requests.hooks import dispatch_hook
 from requests.structures import CaseInsensitiveDict
 
-from addons.core.wire import WireAdapter
+from addons.core.wire import WireAdapter, in_memory_response
+from addons.proxy.backoff import retry_after_header
 from addons.registry import oci
 from addons.registry.auth import AuthError, Credentials, TokenClient
 from addons.registry.oci import Upstream
@@ -41,6 +43,10 @@ class Shared(Protocol):
     settings: Any
     counters: Any
     session: requests.Session
+    #: addons.proxy.backoff.Backoff: which upstreams asked the mirror to wait
+    backoff: Any
+    #: addons.core.flight.Flights: identical requests in flight
+    flights: Any
 
 
 class NeedsIO(Exception):
@@ -65,6 +71,8 @@ class UpstreamError(Exception):
         self.retry_after = retry_after
         self.body = body
         self.headers = dict(headers or {})
+        #: The status the upstream answered, where it answered (the mapped one is `status`).
+        self.upstream_status: int | None = None
 
     def response(self, method: str) -> http.Response:
         if self.body is not None:
@@ -90,14 +98,18 @@ class UpstreamError(Exception):
             if status == 404:
                 fallback = "MANIFEST_UNKNOWN" if "manifest" in what else "BLOB_UNKNOWN" if "blob" in what else "NAME_UNKNOWN"
             words = f"{code}: {detail}" if code else "not found" if status == 404 else "client error"
-            return cls(
+            error = cls(
                 status, code or fallback, f"{what}: upstream {status} {words}", resp.headers.get("Retry-After"),
                 body=body, headers=passed_headers(resp),
             )
+            error.upstream_status = status
+            return error
         mapped = _GATEWAY.get(status, status if status >= 500 else 502)
         mine = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(status, "UPSTREAM_UNAVAILABLE")
         why = f" ({code}: {detail})" if code and detail else ""
-        return cls(mapped, mine, f"{what}: upstream answered {status}{why}", resp.headers.get("Retry-After"))
+        error = cls(mapped, mine, f"{what}: upstream answered {status}{why}", resp.headers.get("Retry-After"))
+        error.upstream_status = status
+        return error
 
 
 #: An upstream error body larger than this is not an OCI error document: it is not passed on.
@@ -164,6 +176,8 @@ class Authorizer:
     scope: str
     credentials: Credentials | None = field(repr=False)
     mode: str = "oauth2"
+    #: A 401 on the event loop dropped the token: the next request, with a new token, is the one retry.
+    renewed: bool = False
 
     def header(self) -> str | None:
         if self.mode == "anonymous":
@@ -194,6 +208,57 @@ class Authorizer:
         """Drop the cached token and fetch anew, under the challenge the 401 carried if any."""
         self.forget(www_authenticate)
         return self.header()
+
+
+class SharedResponse(requests.Response):
+    """One caller's copy of an answer shared by identical concurrent requests."""
+
+    #: This caller joined a request already in flight (another caller sent it).
+    joined: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An upstream answer read whole, from which every caller that shared it gets its own copy."""
+
+    request: requests.PreparedRequest
+    status: int
+    reason: str
+    fields: tuple[tuple[str, str], ...]
+    body: bytes
+    elapsed: datetime.timedelta
+
+    @classmethod
+    def of(cls, resp: requests.Response) -> Snapshot:
+        try:
+            body = resp.content
+        except (requests.RequestException, OSError):
+            raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{resp.url}: upstream body cut short") from None
+        finally:
+            resp.close()
+        return cls(resp.request, resp.status_code, resp.reason or "", tuple(resp.headers.items()), body or b"", resp.elapsed)
+
+    def copy(self, joined: bool) -> SharedResponse:
+        resp = in_memory_response(self.request, self.status, self.reason, self.fields, self.body, SharedResponse)
+        resp.elapsed, resp.joined = self.elapsed, joined
+        return resp
+
+
+def flight_key(method: str, url: str, headers: Mapping[str, str | None] | None, auth: Authorizer | None) -> Hashable:
+    """What makes two upstream requests identical: method, URL, headers, and whose token they carry."""
+    sent = tuple(sorted((k.lower(), v) for k, v in (headers or {}).items() if v is not None))
+    who = None if auth is None else (auth.upstream, auth.scope, auth.mode, auth.credentials.identity if auth.credentials else "")
+    return method, url, sent, who
+
+
+def backing_off(state: Shared, url: str, what: str) -> None:
+    """Refuse at once a request to a host that asked the mirror to wait (429, 503 + Retry-After)."""
+    if not state.backoff.active:
+        return
+    left = state.backoff.remaining(urlsplit(url).netloc)
+    if left > 0:
+        raise UpstreamError(503, "TOOMANYREQUESTS", f"{what}: upstream asked to wait, {retry_after_header(left)}s left",
+                            retry_after_header(left))
 
 
 def new_session() -> requests.Session:
@@ -231,6 +296,8 @@ def _prepare(s: requests.Session, method: str, url: str, headers: Mapping[str, s
 def _answered(state: Shared, s: requests.Session, resp: requests.Response, start: float) -> requests.Response:
     """What `Session.send` does with an answer: its time, and the response hooks (/metrics)."""
     state.counters["upstream_requests"] += 1
+    if resp.status_code in (429, 503):
+        state.backoff.observe(urlsplit(resp.url).netloc, resp.status_code, resp.headers.get("Retry-After"))
     resp.elapsed = datetime.timedelta(seconds=time.perf_counter() - start)
     return dispatch_hook("response", s.hooks, resp)
 
@@ -263,18 +330,33 @@ def send(
     stream: bool = False,
     what: str = "upstream",
     timeout: float | None = None,
+    share: str | None = None,
 ) -> requests.Response:
     """One upstream request with the mirror's timeouts, retried once after a 401 with a fresh token.
 
     `stream=True` for a body that may be large (a blob): it is read as it arrives. Otherwise the
     answer is read whole before this returns (at most addons.core.wire.WHOLE_BODY_LIMIT bytes),
-    and `resp.raw` reads it from memory.
+    and `resp.raw` reads it from memory. `share` (a kind: `manifest`, `referrers`) makes
+    concurrent identical requests one upstream request (see `shared`).
 
-    Raises UpstreamError for anything but an HTTP answer; the caller decides about statuses.
+    Raises UpstreamError for anything but an HTTP answer, and at once while the upstream asked
+    the mirror to back off; the caller decides about statuses.
     """
+    backing_off(state, url, what)
+    if share is None or stream:
+        return _send(state, method, url, headers, auth, stream, what, timeout)
+    key = flight_key(method, url, headers, auth)
+    snap, joined = state.flights.run(share, key, lambda: Snapshot.of(_send(state, method, url, headers, auth, False, what, timeout)))
+    return snap.copy(joined)
+
+
+def _send(state: Shared, method: str, url: str, headers: Mapping[str, str] | None, auth: Authorizer | None,
+          stream: bool, what: str, timeout: float | None) -> requests.Response:
     timeouts = _timeouts(state, timeout)
     base = dict(headers or {})
-    attempts = 2 if auth is not None else 1
+    attempts = 2 if auth is not None and not auth.renewed else 1
+    if auth is not None:
+        auth.renewed = False
     challenge: str | None = None
     s = state.session
     for attempt in range(attempts):
@@ -306,12 +388,28 @@ async def asend(
     auth: Authorizer | None = None,
     what: str = "upstream",
     timeout: float | None = None,
+    share: str | None = None,
 ) -> requests.Response:
     """`send` of a small answer on the event loop, when nothing on the way blocks: the token is
     in the cache and the transport can answer on the loop (`asend`). Otherwise, and after a 401
     (a new token is fetched blocking), it raises NeedsIO and the caller `send`s from its worker
     thread; the 401's challenge is learned first, so that the retry fetches the new token at once.
+    `share` as for `send`: a lookup on the loop and one in a worker thread share one request too.
     """
+    backing_off(state, url, what)
+    if share is None:
+        return await _asend(state, method, url, headers, auth, what, timeout)
+    key = flight_key(method, url, headers, auth)
+
+    async def work() -> Snapshot:
+        return Snapshot.of(await _asend(state, method, url, headers, auth, what, timeout))
+
+    snap, joined = await state.flights.arun(share, key, work)
+    return snap.copy(joined)
+
+
+async def _asend(state: Shared, method: str, url: str, headers: Mapping[str, str | None] | None,
+                 auth: Authorizer | None, what: str, timeout: float | None) -> requests.Response:
     s = state.session
     adapter = s.get_adapter(url)
     answer_on_loop = getattr(adapter, "asend", None)
@@ -333,5 +431,6 @@ async def asend(
         resp.close()
         state.counters["upstream_401_retries"] += 1
         auth.forget(resp.headers.get("WWW-Authenticate"))
+        auth.renewed = True
         raise NeedsIO(url)
     return resp

@@ -218,6 +218,8 @@ class TokenClient:
         self._challenges: dict[Upstream, list[Challenge]] = {}
         self._tokens: dict[_CacheKey, _Token] = {}
         self.fetches: collections.Counter[tuple[str, str]] = collections.Counter()
+        #: Callers that joined a token fetch already in flight instead of fetching their own.
+        self.joined = 0
         self.pings: collections.Counter[str] = collections.Counter()
 
     # -- single flight ---------------------------------------------------------
@@ -229,6 +231,8 @@ class TokenClient:
             leader = flight is None
             if leader:
                 flight = self._flights[key] = _Flight()
+            elif key[0] == "token":
+                self.joined += 1
         assert flight is not None
         if not leader:
             flight.done.wait()

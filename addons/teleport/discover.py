@@ -147,11 +147,11 @@ class ReferrersClient:
         self.state.counters["referrers_calls"] += 1
         try:
             resp = send(self.state, "GET", url, headers={"Accept": accept}, auth=auth, what=what,
-                        timeout=self.state.settings.discover_timeout)
+                        timeout=self.state.settings.discover_timeout, share="referrers")
         except UpstreamError as e:
             raise DiscoverError(reason_for(e), e.message) from None
         try:
-            body = resp.raw.read(MAX_INDEX_BYTES + 1, decode_content=True)
+            body = resp.content if resp.raw is None else resp.raw.read(MAX_INDEX_BYTES + 1, decode_content=True)
         except OSError:
             raise DiscoverError("upstream", f"{what}: body cut short") from None
         finally:
