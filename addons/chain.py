@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
+from addons.core.optioncheck import unknown_option
 from addons.core.mitm.master import put_first_in_chain
 from addons.runmd.compile import Compiled
 from addons.proxy.context import read_record
@@ -93,6 +94,35 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
 
 
+class _Declared:
+    """A loader that only notes the names of the options an addon declares."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def add_option(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.names.add(name)
+
+    def add_command(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def declared_options() -> set[str]:
+    """The options the steps and the chain's own addons declare, whether a runmd has them or not:
+    their `load` only declares options, so it runs on a bare instance. A `load` whose defaults
+    read the instance (teleport's containerd config path) gives the options it declared first."""
+    declared = _Declared()
+    classes = {cls for kind in catalog.plugins().values() for cls in kind.values()} | set(catalog.roots().values())
+    classes |= {Endpoints, Metrics, ReplayCheck, LoginRefresh, hostswatch.HostsWatch}
+    for cls in classes:
+        if callable(getattr(cls, "load", None)):
+            try:
+                cls.load(cls.__new__(cls), declared)
+            except AttributeError:
+                pass
+    return declared.names
+
+
 def offline_request_path(compiled: Compiled, settings: Settings, session: Any, full: bool) -> list[Any]:
     """The request path again, for re-running recorded flows offline with a state of its own."""
     state = build_state(compiled, settings)
@@ -132,7 +162,7 @@ class AcrMirror:
             if path != self.loaded_path:
                 try:
                     self._load(path)
-                except RunmdError as e:
+                except (RunmdError, exceptions.OptionsError) as e:  # a bad file, or a bad value of a step's option
                     if not self._refuse_at_start(str(e)):
                         raise exceptions.OptionsError(str(e)) from None
 
@@ -168,8 +198,10 @@ class AcrMirror:
             return False
         self._refused = True
         logger.error("%s", message)
-        # mitmproxy exits on an error logged during startup, but a script may load after that check.
-        ctx.master.shutdown()
+        # mitmproxy's error check exits (status 1) when `running` starts after an error was
+        # logged; from `running` itself that check may have passed already.
+        if getattr(self, "_starting", False):
+            ctx.master.shutdown()
         return True
 
     def _default_runmd(self) -> None:
@@ -185,12 +217,22 @@ class AcrMirror:
         logger.info("acr_runmd is not set: serving ./mirror.runmd")
         try:
             self._load(str(path.resolve()))
-        except RunmdError as e:
+        except (RunmdError, exceptions.OptionsError) as e:
             self._refuse_at_start(str(e))
 
     async def running(self) -> None:
+        self._starting = True
         if self.script and self.compiled is None and not self._refused:
             self._default_runmd()
+        if self.script and not self._refused and ctx.options.deferred:
+            # mitmproxy keeps an unknown `--set` aside for an addon still to come; every addon
+            # has declared its options by now: what is left is a step this runmd lacks, or a typo.
+            steps = declared_options()
+            for name in sorted(ctx.options.deferred):
+                if name not in steps:
+                    self._refuse_at_start(f"bad option: {unknown_option(name, set(ctx.options.keys()) | steps)}")
+                    break
+                logger.warning("option %s: no step of %s uses it", name, ctx.options.acr_runmd or "mirror.runmd")
         self._running = True
         state, compiled = self.state, self.compiled
         if state is not None and compiled is not None and state.stale is None:

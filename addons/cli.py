@@ -22,7 +22,7 @@ from addons.runmd.compile import Compiled
 from addons.runmd.engine import EXIT_USAGE
 from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
-from addons.serve import DEFAULT_WEB_PORT, ServeError, check_listen, hosts_dir_of, serve
+from addons.serve import DEFAULT_WEB_PORT, ServeError, check, check_listen, hosts_dir_of, serve
 
 if TYPE_CHECKING:
     from addons.runmd.engine import EngineSpec
@@ -52,15 +52,14 @@ class CliError(Exception):
         self.code = code
 
 
-def template_path() -> Path:
-    """The template beside the package (source checkout) or in the installed data folder."""
-    for candidate in (
-        Path(__file__).resolve().parent.parent / "mirror.runmd.template",
-        Path(sys.prefix) / "share" / "lifec-registry" / "mirror.runmd.template",
-    ):
-        if candidate.is_file():
-            return candidate
-    raise CliError("mirror.runmd.template is not installed")
+def template_text() -> str:
+    """mirror.runmd.template, from the package wherever it is installed."""
+    from addons.core.templates import template
+
+    try:
+        return template("mirror.runmd.template")
+    except OSError:
+        raise CliError("mirror.runmd.template is not installed (reinstall the package)") from None
 
 
 #: Why `acr init` writes `.pull client` for ACR (measured by scripts/bench_redirects.py).
@@ -107,7 +106,7 @@ def render_template(
         )
         runtime_notes = f"This mirror serves the Azure Container Registry `{host}`.\n"
         blob_pull, blob_pull_note = ".pull         client", ACR_BLOB_PULL_NOTE
-    return string.Template(template_path().read_text()).substitute(
+    return string.Template(template_text()).substitute(
         registry_host=host,
         runtime_notes=runtime_notes,
         login_acr_note=login_acr_note,
@@ -192,6 +191,14 @@ def cmd_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_addon_path(args: argparse.Namespace) -> int:
+    """Where the installed package keeps acr_addons.py, the script `mitmdump -s` loads."""
+    from importlib import resources
+
+    print(resources.files("addons").joinpath("acr_addons.py"))
+    return 0
+
+
 def load(path: str) -> Compiled:
     try:
         return _catalog().load(path)
@@ -249,6 +256,8 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
         except KeyError as e:
             raise CliError(str(e.args[0]), EXIT_USAGE) from None
     check_listens(compiled, address, args.allow_remote)
+    if args.set:  # each option, before a runtime step changes anything
+        check(compiled, address, args)
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
     try:
         ran = runtime.run(start_id)
@@ -287,7 +296,10 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
         except ValueError as e:
             raise CliError(str(e), EXIT_USAGE) from None
     if spec.proxies():
-        check_listens(compiled, listen_address(compiled, args.allow_remote), args.allow_remote)
+        address = listen_address(compiled, args.allow_remote)
+        check_listens(compiled, address, args.allow_remote)
+        if args.set:  # the proxy child's options, before any event runs
+            check(compiled, address, args)
     serve_argv = [sys.executable, "-m", "addons.cli", "--runmd", str(Path(compiled.path).resolve())]
     serve_argv += ["-v"] if args.verbose else []
     serve_argv += ["mirror", "serve"] + (["--allow-remote"] if args.allow_remote else [])
@@ -392,15 +404,15 @@ def add_web_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--web-port", type=int, default=DEFAULT_WEB_PORT, help=f"mitmweb's port (default: {DEFAULT_WEB_PORT})")
 
 
-def add_service_parser(sub) -> None:
+def add_service_parser(sub, common: argparse.ArgumentParser) -> None:
     from addons.node.service import DEFAULT_NAME, DEFAULT_UNIT_DIR
 
     svc = sub.add_parser("service", help="run the mirror as a systemd service")
     svc_sub = svc.add_subparsers(dest="service_command", metavar="COMMAND", required=True)
-    install = svc_sub.add_parser("install", help="write the systemd unit that runs 'acr mirror start' in a home folder")
+    install = svc_sub.add_parser("install", parents=[common], help="write the systemd unit that runs 'acr mirror start' in a home folder")
     install.add_argument("--home", help="the folder with mirror.runmd (default: the folder of --runmd)")
     install.add_argument("--enable", action="store_true", help="also run systemctl daemon-reload and enable --now")
-    uninstall = svc_sub.add_parser("uninstall", help="remove the systemd unit")
+    uninstall = svc_sub.add_parser("uninstall", parents=[common], help="remove the systemd unit")
     uninstall.add_argument("--disable", action="store_true", help="first run systemctl disable --now")
     for p in (install, uninstall):
         p.add_argument("--unit-dir", default=str(DEFAULT_UNIT_DIR), help=f"default: {DEFAULT_UNIT_DIR}")
@@ -416,16 +428,28 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"acr: {message} (see '{self.prog} --help')\n")
 
 
+def add_global_arguments(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The options every command takes, before or after its name (there without defaults, so
+    that one given before the command is kept)."""
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--runmd", default=default("mirror.runmd"), help="the runmd file (default: ./mirror.runmd)")
+    parser.add_argument("--registry", default=default(None), help="the ACR registry name, e.g. example for example.azurecr.io")
+    parser.add_argument("--registry-host", default=default("azurecr.io"), help="the registry's domain (default: azurecr.io)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False), help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="acr", description="lifec-registry: a registry mirror for containerd")
     parser.add_argument("--version", action="version", version=f"acr {__version__}")
-    parser.add_argument("--runmd", default="mirror.runmd", help="the runmd file (default: ./mirror.runmd)")
-    parser.add_argument("--registry", help="the ACR registry name, e.g. example for example.azurecr.io")
-    parser.add_argument("--registry-host", default="azurecr.io", help="the registry's domain (default: azurecr.io)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_global_arguments(parser)
+    # The same options after the command (`acr init --registry NAME`): given there, they win.
+    common = OneLineParser(add_help=False)
+    add_global_arguments(common, defaults=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    init = sub.add_parser("init", help="write ./mirror.runmd from the template")
+    init = sub.add_parser("init", parents=[common], help="write ./mirror.runmd from the template")
     init.add_argument("--mirror-address", default="localhost:8578", help="where the mirror listens (default: localhost:8578)")
     init.add_argument("--upstream", help="serve this registry URL instead of ACR, e.g. http://127.0.0.1:5000")
     init.add_argument("--teleport-format", default="overlaybd",
@@ -435,12 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--force", action="store_true", help="overwrite an existing mirror.runmd")
     init.set_defaults(func=cmd_init)
 
-    dump_p = sub.add_parser("dump", help="print the numbered steps of mirror.runmd")
+    dump_p = sub.add_parser("dump", parents=[common], help="print the numbered steps of mirror.runmd")
     dump_p.set_defaults(func=cmd_dump)
+    script = sub.add_parser("addon-path", help="print the path of the mitmproxy script: mitmdump -s \"$(acr addon-path)\"")
+    script.set_defaults(func=cmd_addon_path)
 
     mirror = sub.add_parser("mirror", help="run the mirror")
     mirror_sub = mirror.add_subparsers(dest="mirror_command", metavar="COMMAND", required=True)
-    start = mirror_sub.add_parser("start", help="run the runtime steps, then serve until SIGINT/SIGTERM")
+    start = mirror_sub.add_parser("start", parents=[common], help="run the runtime steps, then serve until SIGINT/SIGTERM")
     start.add_argument("--id", type=int, default=0, help="start at step N (see 'acr dump')")
     start.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
     start.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
@@ -448,18 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--engine-name", help="the engine to run when the file has several ('``` NAME' of its block)")
     add_web_arguments(start)
     start.set_defaults(func=cmd_mirror_start)
-    serve_p = mirror_sub.add_parser("serve", help="serve the proxy only, no runtime steps (what an engine supervises)")
+    serve_p = mirror_sub.add_parser("serve", parents=[common], help="serve the proxy only, no runtime steps (what an engine supervises)")
     serve_p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback listen address")
     serve_p.add_argument("--set", action="append", metavar="OPTION=VALUE", help="set a mitmproxy or acr_ option")
     add_web_arguments(serve_p)
     serve_p.set_defaults(func=cmd_mirror_serve)
-    add_service_parser(sub)
+    add_service_parser(sub, common)
 
     # containerd's own config.toml
     containerd = sub.add_parser("containerd", help="containerd's own configuration")
     containerd_sub = containerd.add_subparsers(dest="containerd_command", metavar="COMMAND", required=True)
     configure = containerd_sub.add_parser(
-        "configure", help="point containerd's CRI config_path at the hosts folder (edits config.toml, keeps a backup)"
+        "configure", parents=[common], help="point containerd's CRI config_path at the hosts folder (edits config.toml, keeps a backup)"
     )
     configure.add_argument("--config", default="/etc/containerd/config.toml", help="default: /etc/containerd/config.toml")
     configure.add_argument(
@@ -473,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     overlaybd = sub.add_parser("overlaybd", help="overlaybd's own configuration (what streams teleported images)")
     overlaybd_sub = overlaybd.add_subparsers(dest="overlaybd_command", metavar="COMMAND", required=True)
     obd_configure = overlaybd_sub.add_parser(
-        "configure", help="make overlaybd ask this mirror's /auth for registry credentials (edits overlaybd.json, keeps a backup)"
+        "configure", parents=[common], help="make overlaybd ask this mirror's /auth for registry credentials (edits overlaybd.json, keeps a backup)"
     )
     obd_configure.add_argument("--config", default="/etc/overlaybd/overlaybd.json", help="default: /etc/overlaybd/overlaybd.json")
     obd_configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
@@ -482,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     stargz = sub.add_parser("stargz", help="the stargz snapshotter's own configuration (what streams eStargz images)")
     stargz_sub = stargz.add_subparsers(dest="stargz_command", metavar="COMMAND", required=True)
     sgz_configure = stargz_sub.add_parser(
-        "configure", help="make the stargz snapshotter read every mirrored registry through this mirror "
+        "configure", parents=[common], help="make the stargz snapshotter read every mirrored registry through this mirror "
                           "(edits its config.toml, keeps a backup)")
     sgz_configure.add_argument("--config", default="/etc/containerd-stargz-grpc/config.toml",
                                help="default: /etc/containerd-stargz-grpc/config.toml")
@@ -490,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     sgz_configure.set_defaults(func=cmd_stargz_configure)
 
     # containerd's hosts.toml files the runmd asks for
-    hosts = sub.add_parser("hosts", help="show, install or remove the hosts.toml files for containerd")
+    hosts = sub.add_parser("hosts", parents=[common], help="show, install or remove the hosts.toml files for containerd")
     hosts.add_argument("hosts_command", choices=("show", "install", "remove"), metavar="{show,install,remove}")
     hosts.add_argument("--hosts-dir", help="containerd's hosts folder (default: /etc/containerd/certs.d)")
     hosts.add_argument(

@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from addons.core.address import Address
 from addons.runmd.compile import Compiled
@@ -54,23 +55,18 @@ def hosts_dir_of(args: argparse.Namespace) -> Path:
     return Path(getattr(args, "hosts_dir", None) or DEFAULT_HOSTS_DIR)
 
 
-async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
-    """Run mitmproxy in-process with the runmd's chain until SIGINT or SIGTERM."""
+def build(compiled: Compiled, address: Address, args: argparse.Namespace) -> Any:
+    """The master (mitmdump's, or mitmweb's with `--web`) with the runmd's chain and every option
+    set, `--set` included; ServeError (one line) for an option nobody declared or a value its
+    addon refuses. mitmproxy builds a master in a running event loop."""
     from mitmproxy import options
 
-    from addons.chain import AcrMirror
+    from addons.chain import AcrMirror, declared_options
     from addons.node.listen import upstream_listens
     from addons.core.mitm.loop import ReadSize
     from addons.core.mitm.master import mirror_master
+    from addons.core.optioncheck import unknown_option
 
-    # From here on mitmproxy's termlog prints every log line; ours would print them twice.
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(logging.DEBUG)
-    if not args.verbose:
-        # Connection open/close lines drown the one line per request the mirror writes.
-        logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     opts = options.Options()
     if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
         master = web_master(opts, args)
@@ -100,17 +96,47 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
             # forward-proxy (absolute-form) traffic; clients negotiate h2 over TLS when offered.
             opts.update(certs=certs_option(compiled), http2=False)
         if args.set:
-            # Each step declares its own options: one the runmd's steps do not use is kept
-            # aside (and said), one nobody knows is an error.
+            # Each step declares its own options in `load`: one still unknown once the whole
+            # chain is loaded is a typo, or belongs to a step this runmd does not have.
             opts.set(*args.set, defer=True)
-            for name in sorted(opts.deferred):
-                if not name.startswith("acr_"):
-                    raise ServeError(f"bad option: unknown option {name}", EXIT_USAGE)
-                logger.warning("option %s: no step of %s uses it", name, compiled.path)
     except Exception as e:  # OptionsError and friends: one line, no traceback
         raise ServeError(f"bad option: {e}", EXIT_USAGE) from None
+    steps = declared_options() if opts.deferred else set()
+    for name in sorted(opts.deferred):
+        if name not in steps:
+            raise ServeError(f"bad option: {unknown_option(name, set(opts.keys()) | steps)}", EXIT_USAGE)
+        logger.warning("option %s: no step of %s uses it", name, compiled.path)
     if getattr(args, "web", False):
         check_web(opts, args)
+    return master
+
+
+def check(compiled: Compiled, address: Address, args: argparse.Namespace) -> None:
+    """What `serve` would refuse, found before the first runtime step changes anything: the
+    master is built as `serve` builds it, in an event loop of its own, and discarded."""
+    from addons.core.mitm.master import discard
+
+    async def build_and_discard() -> None:
+        await discard(build(compiled, address, args))
+
+    asyncio.run(build_and_discard())
+
+
+async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
+    """Run mitmproxy in-process with the runmd's chain until SIGINT or SIGTERM."""
+    # From here on mitmproxy's termlog prints every log line; ours would print them twice.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG)
+    if not args.verbose:
+        # Connection open/close lines drown the one line per request the mirror writes.
+        logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
+    master = build(compiled, address, args)
+    opts = master.options
+    if getattr(args, "web", False):
+        logger.info("mitmweb on http://%s:%d/ (each flow's comment leads with the mirror's decision: "
+                    "try the filter ~marked for teleported tags)", opts.web_host, opts.web_port)
     elif opts.termlog_verbosity != "debug":
         # A debug record walks the whole addon chain even when nothing prints it: made only
         # when something shows it (-v or termlog_verbosity=debug, mitmweb's event log).
@@ -149,5 +175,3 @@ def check_web(opts, args: argparse.Namespace) -> None:
         raise ServeError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
                          "so it only listens on this machine", EXIT_USAGE)
     check_listen(Address(opts.web_host, opts.web_port), "mitmweb")
-    logger.info("mitmweb on http://%s:%d/ (each flow's comment leads with the mirror's decision: "
-                "try the filter ~marked for teleported tags)", opts.web_host, opts.web_port)

@@ -20,6 +20,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import requests
+
+from tests.harness.wheel import SOURCES, build_wheel
 from ruamel.yaml import YAML
 
 from addons.node import service
@@ -132,24 +134,23 @@ def test_the_containerfile_installs_the_repo_and_starts_the_mirror() -> None:
     (mirror,) = daemonset()["spec"]["template"]["spec"]["containers"]
     assert json.loads(entry.group(1)) == mirror["command"] == ["acr", "--runmd", f"{NODE_HOME}/mirror.runmd", "mirror", "start"]
     assert re.search(r"^RUN python -m pip install --no-cache-dir /src", text, re.M)
-    # What it copies exists in the repository (the build context is its root).
-    for line in re.findall(r"^COPY (.+) /src/?\S*$", text, re.M):
-        for name in line.split():
-            assert (ROOT / name).exists(), name
+    # What it copies exists in the repository (the build context is its root), and is what the
+    # tests build their wheel from.
+    copied = [name for line in re.findall(r"^COPY (.+) /src/?\S*$", text, re.M) for name in line.split()]
+    assert all((ROOT / name).exists() for name in copied), copied
+    assert sorted(copied) == sorted(SOURCES)
 
 
 def test_the_wheel_it_installs_holds_the_package_and_its_templates(tmp_path: Path) -> None:
     """What `pip install /src` in the Containerfile installs: built here the same way, offline."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    (wheel,) = tmp_path.glob("lifec_registry-*.whl")
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "addons/cli.py" in names and "addons/node/hostswatch.py" in names
-    assert any(n.endswith("data/share/lifec-registry/mirror.runmd.template") for n in names)
-    assert any(n.endswith("data/share/lifec-registry/deploy/lifec-registry.service") for n in names)
+    assert {"addons/templates/mirror.runmd.template", "addons/templates/lifec-registry.service",
+            "addons/acr_addons.py"} <= set(names)
+    # The package as it is in the repository, nothing an earlier build left behind.
+    package = {str(p.relative_to(ROOT)) for p in (ROOT / "addons").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert {n for n in names if n.startswith("addons/")} == package
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "acr = addons.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 

@@ -144,7 +144,7 @@ def test_every_subcommand_of_acr_help_is_in_the_readme_with_one_line() -> None:
     shown = subprocess.run([ACR, "--help"], capture_output=True, text=True, timeout=60).stdout
     commands = [c for c, _ in subcommands(cli.build_parser())]
     top = {c.split()[1] for c in commands}
-    assert top == {"init", "dump", "mirror", "service", "containerd", "overlaybd", "stargz", "hosts"}
+    assert top == {"init", "dump", "addon-path", "mirror", "service", "containerd", "overlaybd", "stargz", "hosts"}
     for name in top:
         assert re.search(rf"^    {name} ", shown, re.M), name  # as `acr --help` lists them
     assert {"acr mirror start", "acr mirror serve", "acr hosts remove", "acr service install"} <= set(commands)

@@ -8,19 +8,20 @@ one login (the mirror's) serves both containerd and overlaybd.
 
 The field names are overlaybd's own (`GlobalConfig` and `CredentialConfig` in its
 src/config.h: `credentialConfig` with `mode`, `path`, `timeout`). The file is the operator's:
-every other key stays as it was, the first original is kept beside it as a backup, and the
-new file replaces the old one atomically, as `acr containerd configure` does. A JSON file that
+only those two values change and every other byte stays (core/jsonedit), the first original is
+kept beside it as a backup, and the new file replaces the old one atomically, as `acr containerd
+configure` does. A JSON file that
 is not overlaybd's config is refused and left alone.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from addons.core import jsonedit
 from addons.node.containerd_config import ConfigError, read, unified_diff, write
 from addons.node.https import cert_file
 from addons.runmd.compile import Compiled
@@ -69,12 +70,6 @@ def parse(text: str) -> dict[str, Any]:
     return doc
 
 
-def _indent(text: str) -> int:
-    """The file's indentation (overlaybd's example uses 4 spaces), so the rewrite looks the same."""
-    m = re.search(r"\n([ ]+)\S", text)
-    return len(m.group(1)) if m else 4
-
-
 def credential_url(doc: dict[str, Any]) -> str | None:
     """The URL overlaybd asks for credentials, or None when it reads them from a file."""
     cred = doc.get("credentialConfig") or {}
@@ -82,15 +77,13 @@ def credential_url(doc: dict[str, Any]) -> str | None:
 
 
 def configure_text(text: str, auth_url: str) -> Edit:
-    """Point `credentialConfig` at `auth_url` in HTTP mode; every other key stays."""
+    """Point `credentialConfig` at `auth_url` in HTTP mode; every other byte of the file stays."""
     doc = parse(text)
-    cred = dict(doc.get("credentialConfig") or {})
+    cred = doc.get("credentialConfig") or {}
     before = (cred.get("mode"), cred.get("path"))
     if before == ("http", auth_url):
         return Edit(text, text)
-    cred["mode"], cred["path"] = "http", auth_url
-    doc["credentialConfig"] = cred
-    new = json.dumps(doc, indent=_indent(text), ensure_ascii=False) + "\n"
+    new = jsonedit.set_members(text, ("credentialConfig",), {"mode": "http", "path": auth_url})
     was = f"{before[0]} {before[1]}" if before[0] else "not set (credentialFilePath)"
     return Edit(text, new, [f"credentialConfig: {was} -> http {auth_url}"])
 

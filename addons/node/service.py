@@ -1,6 +1,6 @@
 """`acr service install|uninstall`: the mirror as a systemd service on a node.
 
-The unit (scripts/deploy/lifec-registry.service, filled in here) runs `acr --runmd
+The unit (addons/templates/lifec-registry.service, filled in here) runs `acr --runmd
 HOME/mirror.runmd mirror start` in HOME and restarts it when it fails. It is the same command
 the Kubernetes DaemonSet (scripts/deploy/daemonset.yaml) runs, so a node behaves the same
 whichever way it got the mirror. The runmd is checked before anything is written: a service that
@@ -19,6 +19,7 @@ from pathlib import Path
 
 from addons.runmd.compile import Compiled
 from addons.core.files import atomic_write
+from addons.core.templates import template
 from addons.runmd.syntax import RunmdError
 
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
@@ -30,14 +31,12 @@ class ServiceError(Exception):
     """One line for the operator."""
 
 
-def template_path() -> Path:
-    for candidate in (
-        Path(__file__).resolve().parents[2] / "scripts" / "deploy" / "lifec-registry.service",
-        Path(sys.prefix) / "share" / "lifec-registry" / "deploy" / "lifec-registry.service",
-    ):
-        if candidate.is_file():
-            return candidate
-    raise ServiceError("the unit template lifec-registry.service is not installed")
+def template_text() -> str:
+    """The unit template, from the package wherever it is installed."""
+    try:
+        return template("lifec-registry.service")
+    except OSError:
+        raise ServiceError("the unit template lifec-registry.service is not installed (reinstall the package)") from None
 
 
 def acr_executable() -> str:
@@ -94,7 +93,7 @@ def check_home(home: Path, load: Callable[[Path], Compiled]) -> Path:
 def render_unit(home: Path, acr: str) -> str:
     home = home.resolve()
     argv = command(acr, home)
-    return string.Template(template_path().read_text()).substitute(
+    return string.Template(template_text()).substitute(
         home=str(home),
         runmd=str(home / RUNMD),
         command=" ".join(systemd_quote(a) for a in argv),

@@ -11,7 +11,7 @@ Three tools, each for one job:
   bodies, metadata, comment): how `scripts/record` turns a loopback recording into an
   ACR-shaped one.
 * `ReplayCheck`: the chain's decisions, re-made offline over flows read with
-  `mitmdump -n -r client.mitm -s acr_addons.py --set acr_runmd=... [--set acr_replay_upstream=upstream.mitm]`.
+  `mitmdump -n -r client.mitm -s "$(acr addon-path)" --set acr_runmd=... [--set acr_replay_upstream=upstream.mitm]`.
   Read flows are not live, so the plugins leave them alone; this addon instead sends a live copy
   of each recorded client request through a fresh chain built from the runmd, whose upstream
   requests are answered from the upstream recording (in memory, nothing leaves the machine), and

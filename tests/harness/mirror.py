@@ -95,7 +95,10 @@ class Mirror:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 30.0) -> None:
+        # With `--set`, `acr mirror start` builds the master once to check the options before
+        # its runtime steps, and the engine's proxy child builds it again: on a busy machine that
+        # can take longer than 15 s.
         cmd = [ACR, "--runmd", str(self.runmd_path), "mirror", "start", *self.args]
         if "--hosts-dir" not in self.args:
             # `.host` installs hosts.toml: never into the machine's /etc/containerd/certs.d.

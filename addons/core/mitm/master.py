@@ -44,6 +44,17 @@ def mirror_master(options: Any) -> Any:
     return master
 
 
+async def discard(master: Any) -> None:
+    """Undo what building a master did to this process (its `done` event, the termlog's and the
+    error check's log handlers) when it was built only to check its options and never runs."""
+    from mitmproxy.addons import errorcheck
+
+    await master.done()
+    for addon in master.addons.chain:
+        if isinstance(addon, errorcheck.ErrorCheck):
+            addon.logger.uninstall()
+
+
 def put_first_in_chain(master: Any, addon: Any, after: str = "") -> bool:
     """
     Put `addon` first in the master's addon chain, or second when the addon named `after` is
