@@ -506,6 +506,10 @@ def test_mirror_refreshes_the_login_while_serving(aad: AadStandIn, token_server:
     push_image(token_registry, repo_name, "v1", image)
     push_image(token_registry, f"{repo_name}-later", "v1", image)
     token_server.knobs.refresh_expires_in = 4  # the refresher must act within seconds
+    # The token server checks expiry against a clock of the test's: still until moved below,
+    # so a slow machine cannot expire a token before the mirror had the time to replace it.
+    checked_at = [time.time()]
+    token_server.knobs.clock = lambda: checked_at[0]
     fake_az(tmp_path / "bin", az_payload(aad))
     m = mirror_factory(
         token_registry.url, runmd=MIRROR.format(registry=token_registry.url),
@@ -517,7 +521,8 @@ def test_mirror_refreshes_the_login_while_serving(aad: AadStandIn, token_server:
     tokens = {first}
     # A pull now: the mirror reads the first refresh token (and caches an access token for this repository).
     manifest = f"/v2/{repo_name}/manifests/v1?ns={token_registry.host}"
-    assert m.get(manifest, headers={"Accept": ACCEPT_ALL_MANIFESTS}).status_code == 200
+    early = m.get(manifest, headers={"Accept": ACCEPT_ALL_MANIFESTS})
+    assert early.status_code == 200, (early.text, m.log_text()[-3000:])
     deadline = time.monotonic() + 15
     while len(tokens) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -528,7 +533,7 @@ def test_mirror_refreshes_the_login_while_serving(aad: AadStandIn, token_server:
     # The mirror pulls with whatever token is current: the token server's clock moves to just
     # before the newest token's expiry, past that of every older one.
     newest = max(jwt_expiry(t.strip()) or 0 for t in tokens)
-    token_server.knobs.clock = lambda: newest - 0.5
+    checked_at[0] = newest - 0.5
     assert sorted(jwt_expiry(t.strip()) or 0 for t in tokens)[-2] < newest - 0.5
     # Another repository needs a new access token: only the current refresh token gets one.
     r = m.get(manifest.replace(repo_name, f"{repo_name}-later"), headers={"Accept": ACCEPT_ALL_MANIFESTS})
