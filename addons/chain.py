@@ -23,6 +23,7 @@ from addons.observe.endpoints import Endpoints
 from addons.node.login_acr import LoginRefresh
 from addons.node import hostswatch
 from addons.observe import record  # flow files scrubbed of credentials
+from addons.observe.logs import LogFormat  # acr_log_format: text or JSON lines
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
 from addons.proxy.front import Proxy, ProxyTail
@@ -68,7 +69,7 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
         steps.append(addon)
     # /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
-    front: list[Any] = [Endpoints(compiled, state)]
+    front: list[Any] = [LogFormat(), Endpoints(compiled, state)]
     front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from addons import __version__
 
+from addons.core import logformat
 from addons.core.files import atomic_write
 from addons.core.address import Address
 from addons.runmd.compile import Compiled
@@ -36,8 +37,8 @@ DEFAULT_ARTIFACT_TYPES = (
     "application/vnd.azure.artifact.streaming.link.v1",
     "application/vnd.containerd.overlaybd.native.v1+json",
 )
-#: containerd's `ns` never carries a scheme; reverse mode needs a target, so a closed port.
-PLACEHOLDER_TARGET = "http://127.0.0.1:9"
+#: The option that picks the log format (addons.observe.logs), read early from `--set`.
+LOG_FORMAT_OPTION = "acr_log_format"
 
 
 def _catalog() -> Any:
@@ -353,7 +354,7 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
     from mitmproxy import options
 
     from addons.chain import AcrMirror
-    from addons.core import mitm
+    from addons.core import mirror_mode, mitm
 
     # From here on mitmproxy's termlog prints every log line; ours would print them twice.
     root = logging.getLogger()
@@ -368,15 +369,17 @@ async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) 
         master = web_master(opts, args)
     else:
         master = mitm.mirror_master(opts)
+    mirror = AcrMirror(compiled)
+    upstreams = [u.base_url for u in mirror.state.upstreams.values()] if mirror.state else []
     opts.update(
-        mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
+        mode=[mirror_mode.spec(upstreams, address.bind_host, address.port)],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
         listen_host=address.bind_host,
         listen_port=address.port,
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled), mitm.ReadSize())
+    master.addons.add(mirror, mitm.ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:
@@ -598,11 +601,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_format = logformat.from_sets(getattr(args, "set", None) or (), LOG_FORMAT_OPTION)
+    except ValueError as e:
+        print(f"acr: bad option: {LOG_FORMAT_OPTION}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logformat.formatter(log_format))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         return args.func(args)
     except CliError as e:

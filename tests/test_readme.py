@@ -157,7 +157,7 @@ def test_every_subcommand_of_acr_help_is_in_the_readme_with_one_line() -> None:
 
 def normalize_demo(text: str) -> str:
     """Ports, clock times and durations vary; containerd fetches the blobs in parallel, in any order."""
-    text = re.sub(r"\[\d\d:\d\d:\d\d\.\d+\] ", "", text)
+    text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ", "", text)
     text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
     lines = re.sub(r"\d+\.\d+ s\b", "N s", text).splitlines()
     blobs = iter(sorted(line for line in lines if " GET blobs " in line))

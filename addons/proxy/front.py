@@ -26,6 +26,7 @@ from addons.core.address import Address, parse_address
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.syntax import Root, Step
 from addons.proxy.context import ANSWERED, Forward, RequestContext, info, listen_origin, note, show_served_from
+from addons.proxy.logfields import client_digest, request_fields
 from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
 
@@ -260,15 +261,9 @@ def summary(flow: http.HTTPFlow) -> str:
     if meta.get("route") and meta.get("route") != "ping":
         what = f"{meta['route']} {meta.get('name')}{':' if meta.get('reference') else ''}{meta.get('reference', '')}"
     parts = [f"{req.method} {what} -> {status}"]
-    resolved = meta.get("resolved")
     teleport = meta.get("teleport") or {}
-    # The digest the client got: the registry's own for an answer passed on (a schema1
-    # conversion has another), none for an error, the original one when teleported.
-    answered = flow.response.headers.get(oci.CONTENT_DIGEST_HEADER) if flow.response else None
-    if resolved and ("to" in teleport or (not answered and flow.response is not None and flow.response.status_code < 400)):
-        parts.append(resolved["digest"])
-    elif answered and meta.get("route") == "manifests":
-        parts.append(answered)
+    if digest := client_digest(flow, meta):
+        parts.append(digest)
     if "to" in teleport:
         parts.append(f"teleported to {teleport['to']}")
     elif teleport.get("skipped") == "snapshotter":
@@ -361,8 +356,8 @@ class ProxyTail:
 
     def response(self, flow: http.HTTPFlow) -> None:
         if "acr" in flow.metadata:
-            logger.info(summary(flow))
+            logger.info(summary(flow), extra=request_fields(flow).extra())
 
     def error(self, flow: http.HTTPFlow) -> None:
         if "acr" in flow.metadata:
-            logger.info(summary(flow))
+            logger.info(summary(flow), extra=request_fields(flow).extra())
