@@ -29,11 +29,11 @@ _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\
 _IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
-def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run promtool; a machine without it fails the test with what to install."""
+def promtool(*args: str, cwd: Path | None = None, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run promtool (`input` on its stdin); a machine without it fails the test with what to install."""
     exe = shutil.which("promtool")
     assert exe, "promtool is not installed: apt-get install prometheus (scripts/setup installs it)"
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run([exe, *args], cwd=cwd, input=input, capture_output=True, text=True, timeout=60)
 
 
 def grafana_to_promql(expr: str) -> str:
