@@ -16,18 +16,20 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
-from addons.core import mitm
+from addons.core.mitm.master import put_first_in_chain
 from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints
+from addons.proxy.credentials_endpoint import CredentialsEndpoint
 from addons.node.login_acr import LoginRefresh
 from addons.node import hostswatch
 from addons.observe import record  # flow files scrubbed of credentials
 from addons.observe.logs import LogFormat  # acr_log_format: text or JSON lines
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
-from addons.proxy.front import Proxy, ProxyTail
-from addons.proxy.pull import TokenScrub
+from addons.observe.tokenscrub import TokenScrub
+from addons.proxy.front import Proxy
+from addons.proxy.tail import ProxyTail
 from addons.proxy.routes import Route
 from addons.runmd.syntax import RunmdError, Step
 from addons.proxy.state import MirrorState, Settings
@@ -69,8 +71,8 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
         steps.append(addon)
     # /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
-    front: list[Any] = [LogFormat(), Endpoints(compiled, state)]
-    front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
+    front: list[Any] = [CredentialsEndpoint(compiled, state), Endpoints(compiled, state)]
+    front += [LogFormat(), Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
     if any(True for _ in compiled.document.steps("host")):
@@ -107,7 +109,7 @@ class AcrMirror:
     def load(self, loader) -> None:
         # First in the master's chain, ahead of the flow writer and mitmweb (see TokenScrub).
         if ctx.master.addons.get(TokenScrub.name) is None:
-            mitm.put_first_in_chain(ctx.master, TokenScrub())
+            put_first_in_chain(ctx.master, TokenScrub())
         record.install(ctx.master)  # `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
 
@@ -158,7 +160,7 @@ class AcrMirror:
     def _default_runmd(self) -> None:
         """`mitmdump -s acr_addons.py` without acr_runmd: ./mirror.runmd, or refuse to serve.
 
-        Without a chain every request would go to reverse mode's placeholder address."""
+        Without a chain every request would go to reverse mode's one target as it came."""
         path = Path("mirror.runmd")
         if not path.is_file():
             self._refuse_at_start(

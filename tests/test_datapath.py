@@ -62,7 +62,7 @@ UNBUFFERED = {"PYTHONUNBUFFERED": "1"}  # the mirror's log lines reach the file 
 #: the proxy writes once.
 _STARTUP = re.compile(r"^\S+ \w+ (acr|addons\.runmd\.\w+|addons\.node\.(?!hostswatch)\w+): |listening at|"
                       r"loaded an ACR refresh token|loaded user |teleport \((auto|always|never)\): |^\s*$")
-_SUMMARY = re.compile(r"^\S+ INFO addons\.proxy\.front: (GET|HEAD) ")
+_SUMMARY = re.compile(r"^\S+ INFO addons\.proxy\.tail: (GET|HEAD) ")
 
 
 # --- small helpers ----------------------------------------------------------------------

@@ -29,7 +29,7 @@ RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
 def record(msg: str, level: int = logging.INFO, **attrs: Any) -> logging.LogRecord:
-    r = logging.LogRecord("addons.proxy.front", level, __file__, 1, msg, (), None)
+    r = logging.LogRecord("addons.proxy.tail", level, __file__, 1, msg, (), None)
     r.created = 1765166407.684  # 2025-12-08T04:00:07.684Z
     r.__dict__.update(attrs)
     return r
@@ -37,10 +37,10 @@ def record(msg: str, level: int = logging.INFO, **attrs: Any) -> logging.LogReco
 
 def test_text_lines_have_one_format() -> None:
     assert TextFormatter().format(record("GET /v2/ -> 200")) == \
-        "2025-12-08T04:00:07.684Z INFO addons.proxy.front: GET /v2/ -> 200"
+        "2025-12-08T04:00:07.684Z INFO addons.proxy.tail: GET /v2/ -> 200"
     # mitmproxy's connection lines carry the client address.
     line = TextFormatter().format(record("client connect", logging.DEBUG, client=("127.0.0.1", 50123)))
-    assert line == "2025-12-08T04:00:07.684Z DEBUG addons.proxy.front: [127.0.0.1:50123] client connect"
+    assert line == "2025-12-08T04:00:07.684Z DEBUG addons.proxy.tail: [127.0.0.1:50123] client connect"
 
 
 @pytest.mark.parametrize("level, name", [
@@ -57,7 +57,7 @@ def test_json_line_of_a_request_has_its_fields() -> None:
                            duration=0.0123)
     out = json.loads(JsonFormatter().format(record('HEAD manifests library/alpine:3 -> 200 "quoted"\n', **fields.extra())))
     assert out == {"time": "2025-12-08T04:00:07.684Z", "level": "INFO",
-                   "msg": 'HEAD manifests library/alpine:3 -> 200 "quoted"\n', "logger": "addons.proxy.front",
+                   "msg": 'HEAD manifests library/alpine:3 -> 200 "quoted"\n', "logger": "addons.proxy.tail",
                    "method": "HEAD", "status": 200, "kind": "manifests", "repository": "library/alpine",
                    "reference": "3", "digest": "sha256:ab", "teleport": "no-referrer",
                    "upstream": "example.azurecr.io", "duration": 0.0123}
@@ -122,7 +122,7 @@ def test_json_logs_of_a_real_mirror(replay_server: Any, mirror_factory: Any) -> 
         assert RFC3339_UTC.match(line["time"]) and line["level"] in ("DEBUG", "INFO", "WARN", "ERROR"), line
         assert isinstance(line["msg"], str) and line["msg"]
     loggers = {line["logger"] for line in lines}
-    assert {"mitmproxy.proxy.mode_servers", "addons.proxy.front", "addons.runmd.runtime"} <= loggers, loggers
+    assert {"mitmproxy.proxy.mode_servers", "addons.proxy.tail", "addons.runmd.runtime"} <= loggers, loggers
     tag = next(line for line in lines if line.get("kind") == "manifests" and line.get("reference") == SESSION["tag"])
     assert tag["method"] == "HEAD" and tag["status"] == 200 and tag["teleport"] == "teleported"
     assert tag["repository"] == SESSION["repository"] and tag["upstream"] == ns

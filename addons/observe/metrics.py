@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from addons.observe.endpoints import loopback_peer
+from addons.proxy.credentials_endpoint import loopback_peer
 from addons.proxy.context import info
 from addons.registry import oci
 from addons.registry.auth import Credentials, jwt_expiry
