@@ -22,6 +22,7 @@ from addons.core import logformat
 from addons.core.logformat import JsonFormatter, RequestFields, TextFormatter
 from addons.observe.logs import LogFormat
 from tests.harness.replay import http_pull, replay_runmd
+from tests.test_readme import check
 from tests.test_metrics import SESSION, replay_server  # noqa: F401  (the recorded upstream)
 
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARN|ERROR) [\w.]+: \S")
@@ -132,6 +133,15 @@ def test_json_logs_of_a_real_mirror(replay_server: Any, mirror_factory: Any) -> 
     assert any(line.get("kind") == "metrics" for line in lines)
     serving = next(line["msg"] for line in lines if line["logger"] == "mitmproxy.proxy.mode_servers")
     assert serving.startswith(f"registry mirror of http://{ns} listening at 127.0.0.1:{mirror.port}"), serving
+    raw = next(line for line in mirror.log_text().splitlines() if json.loads(line) == tag)
+    check("json-log", f"```json\n{raw}\n```\n", normalize_log)
+
+
+def normalize_log(text: str) -> str:
+    """Times, durations and ports vary from run to run."""
+    text = re.sub(r'"time":"[^"]+"', '"time":"T"', text)
+    text = re.sub(r'"duration":[0-9.e-]+', '"duration":D', text)
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
 
 
 def test_text_logs_of_a_real_mirror_have_one_format(replay_server: Any, mirror_factory: Any) -> None:  # noqa: F811

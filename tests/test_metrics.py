@@ -27,6 +27,7 @@ from addons.proxy.upstream import session
 from addons.registry.auth import Credentials
 from tests.harness.promtool import SCRAPE_SERIES, metric_names, promtool
 from tests.test_monitoring import dashboard_expressions, rule_expressions
+from tests.test_readme import check
 from tests.harness.replay import (REPLAY_DIR, UPSTREAM_FLOWS, ReplayServer, http_pull, replay_runmd,
                                   session_info)
 
@@ -86,6 +87,18 @@ def parse_exposition(text: str, openmetrics: bool = False) -> Samples:
                 values = [v for _, v in sorted(buckets)]
                 assert values == sorted(values), f"{family.name} buckets not cumulative"
     return out
+
+
+#: The families the README shows from a live scrape: the ones whose values one pull fixes.
+README_FAMILIES = ("acr_requests_total", "acr_teleport_decisions_total", "acr_streamed_bytes_total",
+                   "acr_upstream_throttled_total")
+
+
+def readme_excerpt(text: str) -> str:
+    """The lines of README_FAMILIES' families in a scrape, in its order."""
+    keep = [line for line in text.splitlines()
+            if any(re.match(rf"^(# (HELP|TYPE) )?{name}[ {{]", line) for name in README_FAMILIES)]
+    return "\n".join(keep) + "\n"
 
 
 def exported_names(samples: Samples) -> set[str]:
@@ -280,6 +293,7 @@ def test_metrics_after_a_teleported_pull(replay_server: ReplayServer, mirror_fac
     exported = exported_names(s) | SCRAPE_SERIES
     for where, expr in dashboard_expressions() + rule_expressions():
         assert metric_names(expr) <= exported, (where, metric_names(expr) - exported)
+    check("metrics", "```text\n" + readme_excerpt(r.text) + "```\n", lambda t: re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", t))
     # The scrapes themselves are counted for the next one; /status is unaffected.
     again = parse_exposition(mirror.get("/metrics").text)
     assert again['acr_requests_total{route="metrics",method="GET",status="200"}'] == 2
