@@ -11,14 +11,16 @@ stderr handler and mitmproxy's termlog.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 FORMATS = ("text", "json")
-#: The attribute of a log record that carries a request's fields (`logger.info(..., extra=...)`).
+#: The attribute of a log record that carries a request's fields (`logger.info(..., extra=...)`):
+#: a `RequestFields`, or a function that makes them, called only by a format that shows them.
 REQUEST_ATTR = "acr_request"
 #: mitmproxy's ALERT (INFO + 1) is an INFO that a UI should draw attention to.
 _LEVELS = ((logging.ERROR, "ERROR"), (logging.WARNING, "WARN"), (logging.INFO, "INFO"))
@@ -52,9 +54,15 @@ def level_name(levelno: int) -> str:
     return "DEBUG"
 
 
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def rfc3339(created: float) -> str:
-    """`2026-12-08T04:00:07.684Z`: UTC, milliseconds."""
-    return datetime.fromtimestamp(created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """`2026-12-08T04:00:07.684Z`: UTC, milliseconds (the second's text made once per second)."""
+    second = int(created)
+    return f"{_utc_second(second)}.{int((created - second) * 1000):03d}Z"
 
 
 def _client(record: logging.LogRecord) -> str | None:
@@ -92,8 +100,10 @@ class JsonFormatter(logging.Formatter):
         if client := _client(record):
             out["client"] = client
         fields = getattr(record, REQUEST_ATTR, None)
+        if callable(fields):
+            fields = fields()
         if isinstance(fields, RequestFields):
-            out.update((k, v) for k, v in dataclasses.asdict(fields).items() if v is not None)
+            out.update((k, v) for k, v in vars(fields).items() if v is not None)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, separators=(",", ":"))

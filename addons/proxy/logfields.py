@@ -4,12 +4,13 @@ same record the text line (`front.summary`) and mitmweb show."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 from mitmproxy import http
 
-from addons.core.logformat import RequestFields
+from addons.core.logformat import REQUEST_ATTR, RequestFields
 from addons.proxy.context import META
 from addons.registry import oci
 
@@ -51,3 +52,8 @@ def request_fields(flow: http.HTTPFlow) -> RequestFields:
         duration=round(max(end - req.timestamp_start, 0.0), 6) if req.timestamp_start else None,
         error=flow.error.msg if flow.error else None,
     )
+
+
+def log_extra(flow: http.HTTPFlow) -> dict[str, Any]:
+    """The `extra=` of a request's log line: its fields, made only when the format shows them."""
+    return {REQUEST_ATTR: functools.partial(request_fields, flow)}

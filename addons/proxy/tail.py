@@ -10,7 +10,7 @@ from mitmproxy import http
 
 from addons.proxy.context import Forward, RequestContext, info, listen_origin, show_served_from
 from addons.proxy.front import refuse
-from addons.proxy.logfields import client_digest, request_fields
+from addons.proxy.logfields import client_digest, log_extra
 from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
 
@@ -125,8 +125,8 @@ class ProxyTail:
 
     def response(self, flow: http.HTTPFlow) -> None:
         if "acr" in flow.metadata:
-            logger.info(summary(flow), extra=request_fields(flow).extra())
+            logger.info(summary(flow), extra=log_extra(flow))
 
     def error(self, flow: http.HTTPFlow) -> None:
         if "acr" in flow.metadata:
-            logger.info(summary(flow), extra=request_fields(flow).extra())
+            logger.info(summary(flow), extra=log_extra(flow))
