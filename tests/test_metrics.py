@@ -108,6 +108,11 @@ def exported_names(samples: Samples) -> set[str]:
     return {name + suffix for name, kind in samples.kinds.items() for suffix in suffixes[kind]}
 
 
+def samples_of(m: Metrics) -> Samples:
+    """What a scrape of `m` would show now, parsed."""
+    return parse_exposition(m.exposition()[0].decode())
+
+
 @pytest.fixture
 def metrics(tmp_path: Path) -> Metrics:
     compiled = catalog.parse_text(RUNMD, str(tmp_path / "mirror.runmd"))
@@ -148,7 +153,7 @@ def test_metrics_only_for_loopback_clients(metrics: Metrics, peer: tuple[str, in
     f = scrape(metrics, peer=peer)
     assert f.response is not None and f.response.status_code == 403
     assert b"acr_" not in f.response.content
-    samples = parse_exposition(metrics.exposition()[0].decode())
+    samples = samples_of(metrics)
     assert samples["acr_metrics_refused_total"] == 1
 
 
@@ -175,7 +180,7 @@ def test_requests_teleports_and_streamed_bytes_are_counted(metrics: Metrics) -> 
         read_back = answered({"route": "manifests"})
         read_back.live = False  # a flow read from a file is not counted
         metrics.response(read_back)
-    s = parse_exposition(metrics.exposition()[0].decode())
+    s = samples_of(metrics)
     assert s['acr_requests_total{route="manifests",method="HEAD",status="200"}'] == 1
     assert s['acr_requests_total{route="manifests",method="GET",status="200"}'] == 2
     assert s['acr_requests_total{route="manifests",method="GET",status="404"}'] == 1
@@ -198,7 +203,7 @@ def test_upstream_latency_comes_from_the_mirrors_session(metrics: Metrics) -> No
     metrics.observe_upstream(resp)
     resp.request = requests.Request("GET", "https://acct.blob.core.windows.net/c/d?sig=x").prepare()
     metrics.observe_upstream(resp)
-    s = parse_exposition(metrics.exposition()[0].decode())
+    s = samples_of(metrics)
     assert s['acr_upstream_request_duration_seconds_bucket{kind="manifests",le="0.05"}'] == 1
     assert s['acr_upstream_request_duration_seconds_bucket{kind="manifests",le="0.025"}'] == 0
     assert s['acr_upstream_responses_total{upstream="127.0.0.1:5000",kind="manifests",status="200"}'] == 1
@@ -324,10 +329,10 @@ def test_credential_expiry_comes_from_the_credentials_a_request_used(metrics: Me
         flows.append(f)
     with taddons.context(metrics):
         metrics.response(flows[0])
-        s = parse_exposition(metrics.exposition()[0].decode())
+        s = samples_of(metrics)
         assert s[f'acr_credential_expiry_timestamp_seconds{{upstream="{upstream.ns}"}}'] == 1_900_000_000
         metrics.response(flows[1])  # a password says nothing about its expiry: the last known stays
-    s = parse_exposition(metrics.exposition()[0].decode())
+    s = samples_of(metrics)
     assert s[f'acr_credential_expiry_timestamp_seconds{{upstream="{upstream.ns}"}}'] == 1_900_000_000
 
 
@@ -340,7 +345,7 @@ def test_throttling_upstream_answers_are_counted(metrics: Metrics) -> None:
         resp.headers.update(headers)
         resp.request = requests.Request("GET", "http://127.0.0.1:5000/v2/a/manifests/v1").prepare()
         metrics.observe_upstream(resp)
-    s = parse_exposition(metrics.exposition()[0].decode())
+    s = samples_of(metrics)
     assert s['acr_upstream_throttled_total{upstream="127.0.0.1:5000"}'] == 2
 
 
@@ -349,6 +354,6 @@ def test_range_reads_are_counted_with_their_bytes(metrics: Metrics) -> None:
         for status, size in ((206, b"4096"), (206, b"100"), (200, b"1000")):
             metrics.response(answered({"route": "blobs", "forward": True}, status,
                                       headers=http.Headers(((b"content-length", size),)), content=None))
-    s = parse_exposition(metrics.exposition()[0].decode())
+    s = samples_of(metrics)
     assert s["acr_range_requests_total"] == 2 and s["acr_range_bytes_total"] == 4196
     assert s['acr_streamed_bytes_total{source="registry"}'] == 5196
