@@ -1,14 +1,18 @@
-"""`GET /metrics`: Prometheus text format, loopback only, and counts that match what happened.
+"""`GET /metrics`: Prometheus text format or OpenMetrics, loopback only, and counts that match
+what happened.
 
-The hooks are driven through mitmproxy's test utilities; one test scrapes a real `acr mirror
-start` after a pull served by the recorded ACR session (tests/replay, `mitmdump --server-replay`),
-so requests, the teleport decision, upstream latency, streamed bytes and the token fetch are
-all real.
+The scrape endpoint itself is driven through mitmproxy's test utilities; the counts are read
+from a real `acr mirror start` after real requests: to docker-registry (a Range read included,
+and a login with a JWT refresh token for the credential's expiry), and a pull served by the
+recorded ACR session (tests/replay, `mitmdump --server-replay`), so requests, teleport decisions,
+upstream latency, streamed bytes and the token fetch are all real. Scrapes are read with
+prometheus_client's parsers, and `promtool check metrics` lints the live one.
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,18 +24,19 @@ from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
 from addons import catalog
-from addons.chain import AcrMirror, build_addons, build_state
+from addons.chain import build_addons, build_state
 from addons.observe.metrics import Metrics, request_kind
-from addons.proxy.context import RequestContext
-from addons.proxy.upstream import session
-from addons.registry.auth import Credentials
+from tests.harness.images import ACCEPT_ALL_MANIFESTS, make_image, push_image
 from tests.harness.promtool import SCRAPE_SERIES, metric_names, promtool
+from tests.harness.registry import Registry
+from tests.harness.tokenserver import TokenServer
 from tests.test_monitoring import dashboard_expressions, rule_expressions
 from tests.test_readme import check
 from tests.harness.replay import (REPLAY_DIR, UPSTREAM_FLOWS, ReplayServer, http_pull, replay_runmd,
                                   session_info)
 
 SESSION = session_info()
+ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}
 RUNMD = replay_runmd("http://127.0.0.1:5000", "127.0.0.1:8578")
 
 _KEY = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?$')
@@ -157,43 +162,47 @@ def test_metrics_only_for_loopback_clients(metrics: Metrics, peer: tuple[str, in
     assert samples["acr_metrics_refused_total"] == 1
 
 
-def answered(meta: dict[str, Any], status: int = 200, method: str = "GET", **resp: Any) -> http.HTTPFlow:
-    f = tflow.tflow(req=tutils.treq(method=method.encode()), resp=tutils.tresp(status_code=status, **resp))
-    f.metadata["acr"] = meta
-    f.live = True
-    return f
-
-
-def test_requests_teleports_and_streamed_bytes_are_counted(metrics: Metrics) -> None:
-    with taddons.context(metrics):
-        metrics.response(answered({"route": "manifests", "teleport": {"from": "a", "to": "b"}}, method="HEAD"))
-        metrics.response(answered({"route": "manifests", "teleport": {"skipped": "no-referrer"}}))
-        metrics.response(answered({"route": "manifests", "teleport": {"skipped": "digest-pinned"}}))
-        metrics.response(answered({"route": "manifests"}, 404))
-        blob = answered({"route": "blobs", "forward": True, "redirected": True},
-                        headers=http.Headers(((b"content-length", b"1048576"),)), content=None)
-        metrics.response(blob)
-        metrics.response(answered({"refused": "404 NAME_UNKNOWN"}, 404))
-        err = answered({"route": "blobs", "forward": True})
-        err.response, err.error = None, tflow.terr()
-        metrics.error(err)
-        read_back = answered({"route": "manifests"})
-        read_back.live = False  # a flow read from a file is not counted
-        metrics.response(read_back)
-    s = samples_of(metrics)
-    assert s['acr_requests_total{route="manifests",method="HEAD",status="200"}'] == 1
-    assert s['acr_requests_total{route="manifests",method="GET",status="200"}'] == 2
-    assert s['acr_requests_total{route="manifests",method="GET",status="404"}'] == 1
-    assert s['acr_requests_total{route="unrouted",method="GET",status="404"}'] == 1
-    assert s['acr_requests_total{route="blobs",method="GET",status="error"}'] == 1
-    assert s['acr_teleport_decisions_total{reason="teleported"}'] == 1
-    assert s['acr_teleport_decisions_total{reason="no-referrer"}'] == 1
-    assert s['acr_streamed_bytes_total{source="storage"}'] == 1048576
-    assert s['acr_blob_first_byte_seconds_count{source="storage"}'] == 1
+def test_requests_and_decisions_of_real_requests_are_counted(registry: Registry, repo_name: str,
+                                                              mirror_factory: Any) -> None:
+    """What a real mirror counted for requests it served from a real docker-registry (the
+    records come from the requests themselves, whatever carries them inside the mirror)."""
+    image = make_image({"counted": repo_name.encode()})
+    push_image(registry, repo_name, "v1", image)
+    mirror = mirror_factory(registry.url)
+    q = f"?ns={quote(registry.host, safe='')}"
+    base = f"/v2/{repo_name}"
+    layer = image.layers[0]
+    assert mirror.head(f"{base}/manifests/v1{q}", headers=ACCEPT).status_code == 200
+    assert mirror.get(f"{base}/manifests/{image.digest}{q}", headers=ACCEPT).status_code == 200
+    assert mirror.get(f"{base}/manifests/nope{q}", headers=ACCEPT).status_code == 404
+    assert mirror.get(f"{base}/manifests/v1?ns=not-mirrored.example", headers=ACCEPT).status_code == 404
+    assert mirror.get(f"{base}/blobs/{layer.digest}{q}").content == layer.data
+    part = mirror.get(f"{base}/blobs/{layer.digest}{q}", headers={"Range": "bytes=2-9"})
+    assert part.status_code == 206 and part.content == layer.data[2:10]
+    s = parse_exposition(mirror.get("/metrics").text)
+    assert {k: v for k, v in s.items() if k.startswith("acr_requests_total")} == {canonical(k): v for k, v in {
+        'acr_requests_total{route="manifests",method="HEAD",status="200"}': 1,
+        'acr_requests_total{route="manifests",method="GET",status="200"}': 1,
+        'acr_requests_total{route="manifests",method="GET",status="404"}': 1,
+        'acr_requests_total{route="unrouted",method="GET",status="404"}': 1,
+        'acr_requests_total{route="blobs",method="GET",status="200"}': 1,
+        'acr_requests_total{route="blobs",method="GET",status="206"}': 1,
+    }.items()}
+    assert s["acr_range_requests_total"] == 1 and s["acr_range_bytes_total"] == 8
+    assert s['acr_request_duration_seconds_count{route="blobs"}'] == 2
+    # One decision per manifest answered 200: the tag's (why it is not teleported depends on the
+    # node and the registry) and the digest's, which is never teleported.
+    decisions = {k: v for k, v in s.items() if k.startswith("acr_teleport_decisions_total")}
+    assert sum(decisions.values()) == 2 and decisions['acr_teleport_decisions_total{reason="digest-pinned"}'] == 1
+    assert s['acr_streamed_bytes_total{source="registry"}'] == layer.size + 8
+    assert s['acr_blob_first_byte_seconds_count{source="registry"}'] == 2
+    assert 'acr_streamed_bytes_total{source="storage"}' not in s
+    again = parse_exposition(mirror.get("/metrics").text)
+    assert again['acr_requests_total{route="metrics",method="GET",status="200"}'] == 1
 
 
 def test_upstream_latency_comes_from_the_mirrors_session(metrics: Metrics) -> None:
-    assert metrics.observe_upstream in session(metrics.state).hooks["response"]
+    assert metrics.observe_upstream in metrics.state.session.hooks["response"]
     resp = requests.Response()
     resp.status_code = 200
     resp.request = requests.Request("GET", "http://127.0.0.1:5000/v2/a/manifests/v1").prepare()
@@ -227,8 +236,7 @@ def test_request_kinds_are_a_closed_set(url: str, kind: str) -> None:
 
 
 def test_openmetrics_when_the_scrape_asks_for_it(metrics: Metrics) -> None:
-    with taddons.context(metrics):
-        metrics.response(answered({"route": "manifests", "teleport": {"skipped": 'a"b\\c'}}))
+    metrics.teleports.labels('a"b\\c').inc()
     f = scrape(metrics, accept="application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
     assert f.response is not None and f.response.headers["Content-Type"] == OPENMETRICS
     assert (f.response.text or "").endswith("# EOF\n")
@@ -241,13 +249,39 @@ def test_openmetrics_when_the_scrape_asks_for_it(metrics: Metrics) -> None:
 def test_two_mirrors_in_one_process_count_apart(tmp_path: Path) -> None:
     compiled = catalog.parse_text(RUNMD, str(tmp_path / "mirror.runmd"))
     one, two = Metrics(build_state(compiled)), Metrics(build_state(compiled))
-    with taddons.context(one):
-        one.response(answered({"route": "manifests"}))
-    assert parse_exposition(scrape(one).response.text)['acr_requests_total{route="manifests",method="GET",status="200"}'] == 1  # type: ignore[union-attr]
-    assert 'route="manifests"' not in (scrape(two).response.text or "")  # type: ignore[union-attr]
+    one.requests.labels("manifests", "GET", "200").inc()
+    assert samples_of(one)['acr_requests_total{route="manifests",method="GET",status="200"}'] == 1
+    assert 'route="manifests"' not in two.exposition()[0].decode()
     from prometheus_client import REGISTRY
 
     assert not any(name.startswith("acr_") for name in REGISTRY._names_to_collectors)
+
+
+def test_throttling_upstream_answers_are_counted(metrics: Metrics) -> None:
+    import datetime
+
+    for status, headers in ((429, {}), (503, {"Retry-After": "3"}), (503, {}), (200, {})):
+        resp = requests.Response()
+        resp.status_code, resp.elapsed = status, datetime.timedelta(milliseconds=5)
+        resp.headers.update(headers)
+        resp.request = requests.Request("GET", "http://127.0.0.1:5000/v2/a/manifests/v1").prepare()
+        metrics.observe_upstream(resp)
+    assert samples_of(metrics)['acr_upstream_throttled_total{upstream="127.0.0.1:5000"}'] == 2
+
+
+def test_credential_expiry_is_the_refresh_tokens(token_server: TokenServer, token_registry: Registry,
+                                                 repo_name: str, mirror_factory: Any) -> None:
+    """A real mirror logged in with an ACR-style refresh token (a JWT): its expiry per upstream."""
+    import jwt
+
+    push_image(token_registry, repo_name, "v1", make_image({"expiry": repo_name.encode()}))
+    refresh = token_server.issue_refresh_token()
+    mirror = mirror_factory(token_registry.url, credentials=refresh)
+    q = f"?ns={quote(token_registry.host, safe='')}"
+    assert mirror.head(f"/v2/{repo_name}/manifests/v1{q}", headers=ACCEPT).status_code == 200
+    s = parse_exposition(mirror.get("/metrics").text)
+    expiry = jwt.decode(refresh, options={"verify_signature": False})["exp"]
+    assert s[f'acr_credential_expiry_timestamp_seconds{{upstream="{token_registry.host}"}}'] == expiry
 
 
 def test_metrics_stand_among_the_front_addons(tmp_path: Path) -> None:
@@ -303,57 +337,3 @@ def test_metrics_after_a_teleported_pull(replay_server: ReplayServer, mirror_fac
     again = parse_exposition(mirror.get("/metrics").text)
     assert again['acr_requests_total{route="metrics",method="GET",status="200"}'] == 2
     assert mirror.get("/status").json()["status"] == "ok"
-
-
-def test_acr_mirror_options_still_load(tmp_path: Path) -> None:
-    compiled = catalog.parse_text(RUNMD, str(tmp_path / "mirror.runmd"))
-    with taddons.context(AcrMirror(compiled)) as tctx:
-        assert "acr_replay_upstream" in tctx.options and "acr_replay_report" in tctx.options
-
-
-def jwt_with_exp(exp: int) -> str:
-    """An unsigned JWT whose payload carries `exp` (what ACR refresh tokens are)."""
-    import base64
-    import json
-
-    part = lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()  # noqa: E731
-    return f"{part({'alg': 'none'})}.{part({'exp': exp})}.sig"
-
-
-def test_credential_expiry_comes_from_the_credentials_a_request_used(metrics: Metrics) -> None:
-    upstream = next(iter(metrics.state.upstreams.values()))
-    flows = []
-    for creds in (Credentials.refresh_token(jwt_with_exp(1_900_000_000)), Credentials("user", "password")):
-        f = answered({"route": "manifests"})
-        metrics.state.contexts[f] = RequestContext("manifests", 1, "GET", "a", "v1", upstream, credentials=creds)
-        flows.append(f)
-    with taddons.context(metrics):
-        metrics.response(flows[0])
-        s = samples_of(metrics)
-        assert s[f'acr_credential_expiry_timestamp_seconds{{upstream="{upstream.ns}"}}'] == 1_900_000_000
-        metrics.response(flows[1])  # a password says nothing about its expiry: the last known stays
-    s = samples_of(metrics)
-    assert s[f'acr_credential_expiry_timestamp_seconds{{upstream="{upstream.ns}"}}'] == 1_900_000_000
-
-
-def test_throttling_upstream_answers_are_counted(metrics: Metrics) -> None:
-    import datetime
-
-    for status, headers in ((429, {}), (503, {"Retry-After": "3"}), (503, {}), (200, {})):
-        resp = requests.Response()
-        resp.status_code, resp.elapsed = status, datetime.timedelta(milliseconds=5)
-        resp.headers.update(headers)
-        resp.request = requests.Request("GET", "http://127.0.0.1:5000/v2/a/manifests/v1").prepare()
-        metrics.observe_upstream(resp)
-    s = samples_of(metrics)
-    assert s['acr_upstream_throttled_total{upstream="127.0.0.1:5000"}'] == 2
-
-
-def test_range_reads_are_counted_with_their_bytes(metrics: Metrics) -> None:
-    with taddons.context(metrics):
-        for status, size in ((206, b"4096"), (206, b"100"), (200, b"1000")):
-            metrics.response(answered({"route": "blobs", "forward": True}, status,
-                                      headers=http.Headers(((b"content-length", size),)), content=None))
-    s = samples_of(metrics)
-    assert s["acr_range_requests_total"] == 2 and s["acr_range_bytes_total"] == 4196
-    assert s['acr_streamed_bytes_total{source="registry"}'] == 5196

@@ -36,7 +36,6 @@ from addons.proxy.context import info
 from addons.registry import oci
 from addons.registry.auth import Credentials, jwt_expiry
 from addons.proxy.state import MirrorState
-from addons.proxy.upstream import session
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +73,13 @@ class StateCollector:
     def collect(self) -> Iterable[Metric]:
         fetches = CounterMetricFamily("acr_token_fetches", "Upstream tokens fetched, by upstream.", labels=["upstream"])
         cached = GaugeMetricFamily("acr_tokens_cached", "Upstream tokens held in the cache.")
-        tokens = self.state.services.get("tokens")
+        tokens = self.state.tokens
         per_upstream: dict[str, int] = {}
-        if tokens is not None:
-            for (ns, _scope), n in list(tokens.fetches.items()):
-                per_upstream[ns] = per_upstream.get(ns, 0) + n
+        for (ns, _scope), n in list(tokens.fetches.items()):
+            per_upstream[ns] = per_upstream.get(ns, 0) + n
         for ns, n in sorted(per_upstream.items()):
             fetches.add_metric([ns], n)
-        cached.add_metric([], len(tokens.tokens()) if tokens is not None else 0)
+        cached.add_metric([], len(tokens.tokens()))
         events = CounterMetricFamily("acr_events", "The mirror's internal event counters (as in /status).", labels=["event"])
         for event, n in sorted(self.state.counters.items()):
             events.add_metric([event], n)
@@ -146,8 +144,8 @@ class Metrics:
         r.register(StateCollector(state))
         #: The expiry read from each set of credentials seen, so a token is decoded once.
         self._expiry: dict[Credentials, float | None] = {}
-        # The session every plugin and the token client use (addons.proxy.upstream.session).
-        session(state).hooks["response"].append(self.observe_upstream)
+        # The session every plugin and the token client use (MirrorState.session).
+        state.session.hooks["response"].append(self.observe_upstream)
 
     # -- observations ---------------------------------------------------------------------
 
