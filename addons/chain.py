@@ -27,6 +27,8 @@ from addons.observe import record  # flow files scrubbed of credentials
 from addons.observe.logs import LogFormat  # acr_log_format: text or JSON lines
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
+from addons.observe.probes import Probes  # GET /livez, /readyz
+from addons.observe.service_notify import ServiceNotify  # READY, WATCHDOG, STOPPING to systemd
 from addons.observe.tokenscrub import TokenScrub
 from addons.proxy.front import Proxy
 from addons.proxy.tail import ProxyTail
@@ -74,7 +76,9 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
         steps.append(addon)
     # /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
-    front: list[Any] = [CredentialsEndpoint(compiled, state), Endpoints(compiled, state)]
+    probes = Probes(compiled, state)
+    front: list[Any] = [CredentialsEndpoint(compiled, state), Endpoints(compiled, state), probes,
+                        ServiceNotify(probes.heartbeat, root.input)]
     front += [LogFormat(), Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))

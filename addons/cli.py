@@ -281,10 +281,18 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
     for option in args.set or ():
         serve_argv += ["--set", option]
     runtime = Runtime.for_document(compiled, Path(args.hosts_dir) if args.hosts_dir else None)
+    from addons.runmd.notify_relay import NotifyRelay
+
+    relay = NotifyRelay.from_env()
+    if relay is not None and not spec.proxies():
+        relay.ready()  # no proxy child will say it
     try:
-        return engine.Engine(spec, runtime, serve_argv).run(start_id)
+        return engine.Engine(spec, runtime, serve_argv, relay=relay).run(start_id)
     except (StepError, engine.EngineError) as e:
         raise CliError(str(e)) from None
+    finally:
+        if relay is not None:
+            relay.close()
 
 
 def cmd_mirror_serve(args: argparse.Namespace) -> int:

@@ -100,11 +100,25 @@ def test_the_daemonset_runs_with_the_least_privilege() -> None:
         assert not sc.get("privileged")
 
 
-def test_the_daemonset_probes_status_on_loopback() -> None:
+def test_the_daemonset_probes_livez_and_readyz_on_loopback() -> None:
+    """The kubelet probes the pod IP unless told otherwise; the mirror answers probes on loopback only."""
     (mirror,) = daemonset()["spec"]["template"]["spec"]["containers"]
-    for kind in ("livenessProbe", "readinessProbe"):
+    expected = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+    for kind, path in expected.items():
         get = mirror[kind]["httpGet"]
-        assert (get["host"], get["port"], get["path"]) == ("127.0.0.1", 8578, "/status"), kind
+        assert (get["host"], get["port"], get["path"]) == ("127.0.0.1", 8578, path), kind
+        # A probe that waits longer than the mirror's own limit (acr_probe_timeout, 5 s) sees its 503.
+        assert mirror[kind]["timeoutSeconds"] >= 5, kind
+    startup = mirror["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "the ACR login before serving gets 5 minutes"
+    runmd = next(doc for name, doc in documents() if name == "daemonset.yaml:ConfigMap")["data"]["mirror.runmd"]
+    assert "+ .proxy          127.0.0.1:8578" in runmd
+
+
+def test_the_unit_is_type_notify_with_a_watchdog() -> None:
+    text = service.render_unit(Path("/var/lib/lifec-registry"), ACR)
+    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30s"):
+        assert f"\n{line}\n" in text, line
 
 
 def containerfile() -> str:

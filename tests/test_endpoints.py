@@ -12,6 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -30,6 +35,7 @@ from addons.node.login_acr import write_meta
 from addons.proxy.front import Proxy
 from tests.harness.inprocess import drive
 from tests.harness.mirror import Mirror
+from tests.harness.ports import LoopbackConnection
 
 BLOB = "sha256:" + "b" * 64
 # A refresh token as ACR hands them out: a JWT (here with exp 2001-09-09).
@@ -106,11 +112,33 @@ def mirror_in(home: Path, text: str = RUNMD, credentials: Optional[str] = REFRES
     return AcrMirror(catalog.parse_text(text, str(home / "mirror.runmd")))
 
 
-def make_flow(path: str, method: str = "GET", peer: tuple[Any, ...] = ("127.0.0.1", 40000)) -> http.HTTPFlow:
+#: The real connections the flows of a test stand for.
+_held: list[LoopbackConnection] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    yield
+    while _held:
+        _held.pop().close()
+
+
+def connection(client_host: str = "127.0.0.1") -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """(peername, sockname) of a real connection from `client_host`, open until the test ends."""
+    conn = LoopbackConnection(client_host)
+    _held.append(conn)
+    return conn.peername, conn.sockname
+
+
+def make_flow(path: str, method: str = "GET", peer: tuple[Any, ...] | None = None) -> http.HTTPFlow:
+    """A request to the mirror; from a real loopback connection of this (root) process unless `peer`."""
     req = tutils.treq(method=method.encode(), path=path.encode(), authority=b"", host="127.0.0.1", port=9,
                       headers=http.Headers(((b"Host", b"localhost:8578"),)), content=b"")
     flow = tflow.tflow(req=req)
-    flow.client_conn.peername = peer
+    if peer is None:
+        flow.client_conn.peername, flow.client_conn.sockname = connection()
+    else:
+        flow.client_conn.peername = peer
     return flow
 
 
@@ -193,19 +221,23 @@ def test_auth_without_credentials_is_anonymous(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "peer, allowed",
     [
-        (("127.0.0.1", 1), True),
-        (("127.9.8.7", 1), True),
-        (("::1", 1, 0, 0), True),
-        (("::ffff:127.0.0.1", 1, 0, 0), True),
+        ("127.0.0.1", True),
+        ("127.9.8.7", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
         (("10.1.2.3", 1), False),
         (("::ffff:10.1.2.3", 1, 0, 0), False),
         (("192.168.0.7", 1), False),
         (("fe80::1%eth0", 1, 0, 2), False),
     ],
 )
-def test_auth_is_for_loopback_clients_only(tmp_path: Path, peer: tuple[Any, ...], allowed: bool) -> None:
+def test_auth_is_for_loopback_clients_only(tmp_path: Path, peer: Any, allowed: bool) -> None:
+    """Loopback in every spelling, over real connections (the client's socket is root's)."""
     mirror = mirror_in(tmp_path)
-    flow = drive(mirror, make_flow(auth_url(f"https://example.azurecr.io/v2/a/blobs/{BLOB}"), peer=peer))
+    flow = make_flow(auth_url(f"https://example.azurecr.io/v2/a/blobs/{BLOB}"), peer=None if allowed else peer)
+    if allowed:
+        flow.client_conn.peername, flow.client_conn.sockname = connection(peer)
+    flow = drive(mirror, flow)
     assert loopback_peer(flow) is allowed
     if allowed:
         assert flow.response.status_code == 200
@@ -338,3 +370,94 @@ def test_auth_through_a_running_mirror_keeps_flow_files_clean(tmp_path: Path,
     auth = [fl for fl in recorded if fl.request.path.startswith("/auth")]
     assert len(auth) == 1 and json.loads(auth[0].response.content)["data"]["auths"]["example.azurecr.io"]["password"] == REDACTED
     assert REFRESH not in m.log_text()
+
+
+# --- /auth only for root ---------------------------------------------------------------------------
+
+
+def test_socket_table_addresses_are_parsed_for_ipv4_and_ipv6() -> None:
+    import ipaddress
+    import sys
+
+    from addons.core.peer import find_owner, parse_address
+
+    if sys.byteorder != "little":
+        pytest.skip("the table's words are in host byte order; these samples are a little-endian host's")
+    ip = ipaddress.ip_address
+    assert parse_address("0100007F:1F90") == (ip("127.0.0.1"), 8080)
+    assert parse_address("0302A8C0:0050") == (ip("192.168.2.3"), 80)
+    assert parse_address("00000000000000000000000001000000:2182") == (ip("::1"), 8578)
+    assert parse_address("B80D0120000000000000000001000000:01BB") == (ip("2001:db8::1"), 443)
+    # An IPv4 client of a dual-stack socket: ::ffff:127.0.0.1, compared as 127.0.0.1.
+    assert parse_address("0000000000000000FFFF00000100007F:9C40") == (ip("127.0.0.1"), 40000)
+    table = [
+        "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode",
+        "   0: 0100007F:2182 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1 0 100 0 0 10 0",
+        "   1: 0100007F:2182 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 222 1 0 20 4 30 10 -1",
+        "   2: 0100007F:9C40 0100007F:2182 01 00000000:00000000 00:00000000 00000000 65534        0 333 1 0 20 4 30 10 -1",
+    ]
+    owner = find_owner(table, (ip("127.0.0.1"), 40000), (ip("127.0.0.1"), 8578))
+    assert owner is not None and (owner.uid, owner.inode) == (65534, 333)
+    assert find_owner(table, (ip("127.0.0.1"), 40001), (ip("127.0.0.1"), 8578)) is None
+
+
+def run_as(user: str | None, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """argv as root, or as `user` (uid and groups dropped with setpriv, as a hostNetwork pod running as nobody)."""
+    prefix = [] if user is None else ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups"]
+    return subprocess.run(prefix + argv, capture_output=True, text=True, timeout=60)
+
+
+def curl(url: str) -> list[str]:
+    return ["curl", "-sS", "--noproxy", "*", "-w", "\\n%{http_code}", url]
+
+
+@pytest.mark.e2e
+def test_auth_gives_the_credential_to_root_only(tmp_path: Path, mirror_factory: Callable[..., Mirror]) -> None:
+    """overlaybd runs as root; any other local user, connecting to the same loopback port, gets 403."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("curl") is None:
+        pytest.skip("needs root, setpriv (util-linux) and curl")
+    text = RUNMD.replace("localhost:8578", "127.0.0.1:{port}")
+    m = mirror_factory("http://127.0.0.1:5000", runmd=text, credentials=REFRESH,
+                       args=["--hosts-dir", str(tmp_path / "certs.d")])
+    remote = f"https://example.azurecr.io/v2/library/busybox/blobs/{BLOB}"
+    url = m.url + auth_url(remote)
+    denied = run_as("nobody", curl(url))
+    body, _, status = denied.stdout.rpartition("\n")
+    assert status == "403", denied
+    assert json.loads(body)["errors"][0]["code"] == "DENIED"
+    assert REFRESH not in denied.stdout and ACR_REFRESH_TOKEN_USER not in denied.stdout
+    allowed = run_as(None, curl(url))
+    body, _, status = allowed.stdout.rpartition("\n")
+    assert status == "200", allowed
+    assert overlaybd_credentials(body.encode(), remote) == (ACR_REFRESH_TOKEN_USER, REFRESH)
+    counters = m.get("/status").json()["counters"]
+    assert counters["auth_refused"] == 1 and counters["auth_requests"] == 2
+    log = m.log_text()
+    assert "/auth refused to 127.0.0.1:" in log and "the client runs as uid 65534, not root" in log
+    assert REFRESH not in log and REFRESH.split(".")[2] not in log
+
+
+@pytest.mark.e2e
+def test_auth_executables_narrow_root_to_the_listed_programs(tmp_path: Path, mirror_factory: Callable[..., Mirror]) -> None:
+    if os.geteuid() != 0 or shutil.which("curl") is None:
+        pytest.skip("needs root and curl")
+    listed = os.path.realpath(shutil.which("curl") or "")
+    text = RUNMD.replace("localhost:8578", "127.0.0.1:{port}")
+    m = mirror_factory("http://127.0.0.1:5000", runmd=text, credentials=REFRESH,
+                       sets=[f"acr_auth_executables={listed}"], args=["--hosts-dir", str(tmp_path / "certs.d")])
+    url = m.url + auth_url(f"https://example.azurecr.io/v2/app/blobs/{BLOB}")
+    assert run_as(None, curl(url)).stdout.endswith("\n200")
+    # This test's Python, root as well, is not listed.
+    r = m.get(auth_url(f"https://example.azurecr.io/v2/app/blobs/{BLOB}"))
+    assert r.status_code == 403 and r.json()["errors"][0]["code"] == "DENIED"
+    assert REFRESH not in r.text
+    assert f"{os.path.realpath(sys.executable)} is not in acr_auth_executables" in m.log_text()
+
+
+def test_auth_executables_must_be_absolute(tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+
+    mirror = mirror_in(tmp_path)
+    with taddons.context(mirror) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="not an absolute path"):
+            tctx.configure(next(a for a in mirror.addons if isinstance(a, CredentialsEndpoint)).clients, acr_auth_executables=["curl"])

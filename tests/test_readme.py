@@ -279,3 +279,37 @@ def test_mitmdump_serves_mirror_runmd_of_its_folder_without_acr_runmd(tmp_path: 
         kill_group(proc)
         out = proc.stdout.read() if proc.stdout else ""
     assert "acr_runmd is not set: serving ./mirror.runmd" in out
+
+
+def test_the_probe_answers_shown_are_real(tmp_path: Path) -> None:
+    """The probes and a non-root /auth, from curl against a real mirror with an unusable
+    credentials file; ports shown as the README's (8578 for the mirror, 5000 for the registry)."""
+    import shutil
+
+    from tests.harness.mirror import Mirror
+    from tests.harness.ports import ClosedPort
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("curl") is None:
+        pytest.skip("needs root, setpriv (util-linux) and curl")
+    with ClosedPort() as registry:
+        mirror = Mirror(tmp_path / "home", [registry.url], start=False)
+        (mirror.home / "access_token").write_text("\n")
+        blob = "sha256:" + "a" * 64
+        commands = [
+            ["curl", "-s", f"{mirror.url}/livez"],
+            ["curl", "-s", "-w", "%{http_code}\\n", f"{mirror.url}/readyz"],
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "curl", "-s", "-w", "\\n%{http_code}\\n",
+             f"{mirror.url}/auth?remote_url={registry.url}/v2/app/blobs/{blob}"],
+        ]
+        out = []
+        try:
+            mirror.start(timeout=60)
+            for argv in commands:
+                shown = " ".join(f"'{a}'" if "%" in a or "?" in a else a for a in argv)
+                result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+                out.append(f"$ {shown}\n{result.stdout}")
+        finally:
+            mirror.stop()
+    text = "".join(out).replace(str(mirror.port), "8578").replace(str(registry.port), "5000")
+    assert '"status": "ok"' in text and "access_token is unusable" in text and '"DENIED"' in text
+    check("probes", "```text\n" + text + "```\n")

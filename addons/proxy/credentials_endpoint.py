@@ -4,8 +4,9 @@ overlaybd's `credentialConfig.mode = "http"` asks here for the credentials of th
 about to read. The answer is the JSON overlaybd's `ImageAuthResponse` parses: `{"traceId",
 "success", "data": {"auths": {HOST: {"username", "password"}}}}`, HOST being the host[:port] of
 `remote_url` exactly as overlaybd wrote it (it matches keys against `host`, `host/ns`, ... of the
-URL). Only registries this mirror serves get an answer, and only clients on loopback: the answer
-is the node's registry credential. Answered ahead of the `+ .proxy` root, like the observers'
+URL). Only registries this mirror serves get an answer, and only clients on loopback whose socket
+belongs to root (and, with `acr_auth_executables`, to one of those programs: core.peer): the
+answer is the node's registry credential. Answered ahead of the `+ .proxy` root, like the observers'
 `/status` and `/metrics`, which share the loopback check and the JSON answer from here.
 
 The credential in an answer is put into the response only in this addon's `response` hook, which
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
+from addons.core.peer import LocalClients
 from addons.registry import oci
 from addons.registry.auth import Credentials
 from addons.runmd.compile import Compiled
@@ -122,9 +124,12 @@ class CredentialsEndpoint:
 
     name = "acr-auth"
 
-    def __init__(self, compiled: Compiled, state: MirrorState) -> None:
+    def __init__(self, compiled: Compiled, state: MirrorState, clients: LocalClients | None = None) -> None:
         self.compiled = compiled
         self.state = state
+        #: Who may have the credential (root; with `acr_auth_executables`, those programs).
+        self.clients = clients or LocalClients()
+        self.addons = [self.clients]
         self.login_files = login_files(compiled)
         self._secrets: weakref.WeakKeyDictionary[http.HTTPFlow, bytes] = weakref.WeakKeyDictionary()
 
@@ -168,6 +173,15 @@ class CredentialsEndpoint:
         if not loopback_peer(flow):
             self.state.counters["auth_refused"] += 1
             return refuse(403, "credentials are only given to clients on this machine")
+        conn = flow.client_conn
+        refusal = await asyncio.to_thread(self.clients.refusal, conn.peername, conn.sockname)
+        if refusal is not None:
+            self.state.counters["auth_refused"] += 1
+            logger.warning("/auth refused to %s:%s: %s", conn.peername[0], conn.peername[1], refusal)
+            flow.response = oci.error_response(403, "DENIED", "credentials are only given to root on this machine")
+            info(flow)["refused"] = f"403 {refusal}"
+            flow.comment = f"/auth refused: {refusal}"
+            return
         remote_url = flow.request.query.get("remote_url", "")
         if not remote_url:
             return refuse(400, "expected ?remote_url=URL")

@@ -34,6 +34,7 @@ from typing import Any
 
 from addons.runmd.compile import Compiled
 from addons.runmd.children import ChildrenStopping, describe_exit
+from addons.runmd.notify_relay import NotifyRelay
 from addons.core.duration import format_duration, parse_duration
 from addons.runmd.plugin import Plugin, split_list
 from addons.runmd.syntax import Block, Document, Root, RunmdError, Step
@@ -256,6 +257,7 @@ class Engine:
     def __init__(
         self, spec: EngineSpec, runtime: Runtime, serve_argv: Sequence[str], *,
         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], bool] | None = None,
+        relay: NotifyRelay | None = None,
     ) -> None:
         self.spec = spec
         self.runtime = runtime
@@ -265,6 +267,8 @@ class Engine:
         #: gives its own, so the back-off is checked without waiting for it.
         self.clock = clock
         self.sleep = sleep or runtime.children.sleep
+        #: Passes the proxy child's systemd notifications on (see addons.runmd.notify_relay).
+        self.relay = relay
 
     @property
     def stopping(self) -> bool:
@@ -274,6 +278,8 @@ class Engine:
         """Stop the child that runs now and end the engine cleanly (SIGTERM/SIGINT handler)."""
         if not self.stopping:
             logger.info("engine %s: stopping", self.spec.label)
+            if self.relay is not None:
+                self.relay.stopping()
         self.runtime.children.stop()
 
     def run(self, start_id: int = 0, *, handle_signals: bool = True) -> int:
@@ -340,6 +346,8 @@ class Engine:
         spec = self.spec
         titles = ", ".join(f"'{b.title}'" for b in action.blocks)
         logger.info("engine %s: step %d: .event %s (%s)", spec.label, action.step.id, action.step.input, titles)
+        if self.relay is not None:
+            self.relay.status(f"event {action.step.input}")
         roots = list(action.roots())
         self.runtime.run(first_id, roots)
         proxies = [r for r in roots if r.kind == "proxy"]
@@ -349,11 +357,14 @@ class Engine:
     def _serve(self, root: Root) -> None:
         children = self.runtime.children
         try:
-            proc = children.spawn(self.serve_argv, capture=False)
+            proc = children.spawn(self.serve_argv, capture=False,
+                                  env=self.relay.child_env() if self.relay is not None else None)
         except OSError as e:
             raise EngineError(f"cannot start the proxy ({self.serve_argv[0]}): {e.strerror or e}") from None
         logger.info("engine %s: proxy %d serving on %s (pid %d)", self.spec.label, root.id, root.input, proc.pid)
         code = children.wait(proc, grace=5.0)
+        if self.relay is not None:
+            self.relay.proxy_exited(f"the proxy {describe_exit(code)}")
         if self.stopping:
             logger.info("engine %s: proxy stopped (pid %d)", self.spec.label, proc.pid)
             return

@@ -114,3 +114,36 @@ def direct_session() -> requests.Session:
     s = requests.Session()
     s.trust_env = False
     return s
+
+
+class LoopbackConnection:
+    """A real TCP connection from `client_host` to a server socket on this machine, held open
+    until `close()`: for hooks driven in-process over a flow that stands for it, where `/auth`
+    looks the client's socket up in the kernel's table (a made-up address is not found there).
+    `::ffff:127.0.0.1` makes an IPv4 client of a dual-stack IPv6 server."""
+
+    def __init__(self, client_host: str = LOOPBACK) -> None:
+        v6 = ":" in client_host
+        mapped = client_host.startswith("::ffff:")
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        self._server = socket.socket(family)
+        self._server.bind(("::" if mapped else client_host if v6 else LOOPBACK, 0))
+        self._server.listen(1)
+        self._client = socket.socket(family)
+        self._client.bind((client_host, 0))
+        port = self._server.getsockname()[1]
+        self._client.connect((client_host if mapped else self._server.getsockname()[0], port))
+        self._accepted, peer = self._server.accept()
+        #: The client's address and the server's, as the server sees them (mitmproxy's peername, sockname).
+        self.peername: tuple = peer
+        self.sockname: tuple = self._accepted.getsockname()
+
+    def close(self) -> None:
+        for s in (self._accepted, self._client, self._server):
+            s.close()
+
+    def __enter__(self) -> "LoopbackConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
