@@ -28,6 +28,7 @@ from addons.node.login_acr import LoginRefresh
 from addons.node import hostswatch
 from addons.node.listen import upstream_listens
 from addons.observe import record  # flow files scrubbed of credentials
+from addons.observe.logs import LogFormat  # acr_log_format: text or JSON lines
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
 from addons.observe.probes import Probes  # GET /livez, /readyz
@@ -84,7 +85,7 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     probes = Probes(compiled, state)
     front: list[Any] = [CredentialsEndpoint(compiled, state), Endpoints(compiled, state), probes,
                         ServiceNotify(probes.heartbeat, root.input)]
-    front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
+    front += [LogFormat(), Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
     if any(True for _ in compiled.document.steps("host")):
@@ -207,7 +208,7 @@ class AcrMirror:
     def _default_runmd(self) -> None:
         """`mitmdump -s acr_addons.py` without acr_runmd: ./mirror.runmd, or refuse to serve.
 
-        Without a chain every request would go to reverse mode's placeholder address."""
+        Without a chain every request would go to reverse mode's one target as it came."""
         path = Path("mirror.runmd")
         if not path.is_file():
             self._refuse_at_start(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from addons import __version__
 
+from addons.core import logformat
 from addons.core.files import atomic_write
 from addons.core.address import Address
 from addons.runmd.compile import Compiled
@@ -34,6 +35,8 @@ DEFAULT_ARTIFACT_TYPES = (
     "application/vnd.azure.artifact.streaming.link.v1",
     "application/vnd.containerd.overlaybd.native.v1+json",
 )
+#: The option that picks the log format (addons.observe.logs), read early from `--set`.
+LOG_FORMAT_OPTION = "acr_log_format"
 
 
 def _catalog() -> Any:
@@ -557,11 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_format = logformat.from_sets(getattr(args, "set", None) or (), LOG_FORMAT_OPTION)
+    except ValueError as e:
+        print(f"acr: bad option: {LOG_FORMAT_OPTION}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logformat.formatter(log_format))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     try:
         return args.func(args)
     except (CliError, ServeError) as e:

@@ -21,8 +21,6 @@ from addons.runmd.engine import EXIT_USAGE
 
 logger = logging.getLogger("acr")
 
-#: containerd's `ns` never carries a scheme; reverse mode needs a target, so a closed port.
-PLACEHOLDER_TARGET = "http://127.0.0.1:9"
 #: The flow list's columns in `--web`: the URL is where the answer came from (the registry or
 #: storage), the comment leads with what the mirror decided.
 WEB_COLUMNS = ["icon", "method", "path", "status", "size", "time", "comment"]
@@ -62,6 +60,7 @@ def build(compiled: Compiled, address: Address, args: argparse.Namespace) -> Any
     from mitmproxy import options
 
     from addons.chain import AcrMirror, declared_options
+    from addons.core import mirror_mode
     from addons.node.listen import upstream_listens
     from addons.core.mitm.loop import ReadSize
     from addons.core.mitm.master import mirror_master
@@ -72,17 +71,21 @@ def build(compiled: Compiled, address: Address, args: argparse.Namespace) -> Any
         master = web_master(opts, args)
     else:
         master = mirror_master(opts)
+    mirror = AcrMirror(compiled)
+    upstreams = [u.base_url for u in mirror.state.upstreams.values()] if mirror.state else []
     opts.update(
+        # The log's start line and mitmweb's status bar name the registries the mirror serves;
         # `.listen` addresses are further listeners of the same chain (the proxy root routes by port).
-        mode=[f"reverse:{PLACEHOLDER_TARGET}@{a.bind_host}:{a.port}"
-              for a in (address, *(u.address for u in upstream_listens(compiled)))],
+        mode=[mirror_mode.spec(upstreams, address.bind_host, address.port),
+              *(mirror_mode.spec([u.upstream.base_url], u.address.bind_host, u.address.port)
+                for u in upstream_listens(compiled))],
         # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
         listen_host=address.bind_host,
         listen_port=address.port,
         connection_strategy="lazy",
         termlog_verbosity="debug" if args.verbose else "info",
     )
-    master.addons.add(AcrMirror(compiled), ReadSize())
+    master.addons.add(mirror, ReadSize())
     try:
         opts.update(acr_runmd=str(Path(compiled.path).resolve()))
         if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:

@@ -423,12 +423,12 @@ def raw_request(port: int, data: bytes) -> tuple[int, bytes]:
 
 
 def test_mitmdump_with_acr_addons_serves_the_same_chain(tmp_path: Path) -> None:
-    port = free_port()
-    (tmp_path / "mirror.runmd").write_text(_runmd(port, upstream_port=free_port()))
+    port, upstream_port = free_port(), free_port()
+    (tmp_path / "mirror.runmd").write_text(_runmd(port, upstream_port=upstream_port))
     argv = [
         MITMDUMP,
         "-s", str(ROOT / "acr_addons.py"),
-        "--mode", f"reverse:http://127.0.0.1:9@127.0.0.1:{port}",
+        "--mode", f"reverse:http://127.0.0.1:{upstream_port}@127.0.0.1:{port}",
         "--set", "connection_strategy=lazy",
         "--set", f"acr_runmd={tmp_path / 'mirror.runmd'}",
     ]
@@ -440,7 +440,7 @@ def test_mitmdump_with_acr_addons_serves_the_same_chain(tmp_path: Path) -> None:
         assert status == 400
         (error,) = json.loads(body)["errors"]
         assert error["code"] and error["message"]
-        # A routed request that no step answers is refused by the tail, never sent to the placeholder.
+        # A routed request that no step answers is refused by the tail, never sent to the reverse target.
         status, _, _ = get(port, "/v2/library/alpine/manifests/latest?ns=other.example.com")
         assert status == 404
         assert stop(proc, signal.SIGTERM, tmp_path) == 0

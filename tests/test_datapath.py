@@ -59,8 +59,11 @@ from tests.harness.tokenserver import TokenServer
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}  # docker-registry hides OCI manifests from clients that do not accept them
 UNBUFFERED = {"PYTHONUNBUFFERED": "1"}  # the mirror's log lines reach the file at once
 #: Lines of the mirror's log that are not about one request.
-_STARTUP = re.compile(r"^(INFO|WARNING) |listening at|loaded an ACR refresh token|loaded user |teleport \((auto|always|never)\): |^\s*$")
-_SUMMARY = re.compile(r"^\[[\d:.]+\] (GET|HEAD) ")
+#: The engine's and the runtime steps' lines (written before and after serving), and the ones
+#: the proxy writes once.
+_STARTUP = re.compile(r"^\S+ \w+ (acr|addons\.runmd\.\w+|addons\.node\.(?!hostswatch)\w+): |listening at|"
+                      r"loaded an ACR refresh token|loaded user |teleport \((auto|always|never)\): |^\s*$")
+_SUMMARY = re.compile(r"^\S+ INFO addons\.proxy\.tail: (GET|HEAD) ")
 
 
 # --- small helpers ----------------------------------------------------------------------
@@ -179,7 +182,7 @@ def test_containerd_pulls_private_images_with_a_refresh_token(
     # One line per request for the simple pull: HEAD tag, GET manifest, GET config, GET layer.
     lines = request_lines(m.log_text())
     assert len(lines) == 4 and all(_SUMMARY.match(line) for line in lines), lines
-    assert [line.split()[1] for line in lines].count("HEAD") == 1, lines
+    assert [line.split(": ", 1)[1].split()[0] for line in lines].count("HEAD") == 1, lines
 
     multi = f"{token_registry.host}/{repo_name}:multi"
     result = containerd.pull(multi, hosts_dir=tmp_hosts_dir)

@@ -193,8 +193,9 @@ def test_the_configmap_pipeline_listens_on_loopback(manifests: dict[str, Any], t
         assert get["host"] == "127.0.0.1" and get["port"] == address.port and get["path"] == "/status"
 
 
-def test_the_deploy_folder_holds_the_daemonset_and_the_containerfile() -> None:
-    # Exactly these: each is checked here or in tests/test_deploy.py; a new file needs its test.
-    assert sorted(p.name for p in DEPLOY.iterdir()) == ["Containerfile", "daemonset.yaml"]
+def test_the_deploy_folder_holds_the_daemonset_the_containerfile_and_the_monitoring() -> None:
+    # Exactly these: each is checked here, in tests/test_deploy.py or (the dashboard and the alert
+    # rules in grafana/ and prometheus/) in tests/test_monitoring.py; a new file needs its test.
+    assert sorted(p.name for p in DEPLOY.iterdir()) == ["Containerfile", "daemonset.yaml", "grafana", "prometheus"]
     # The unit is a template `acr service install` fills in, so it ships inside the package.
     assert service.template_text().startswith("# lifec-registry: the registry mirror for containerd")

@@ -581,7 +581,7 @@ def test_the_listener_is_loopback_unless_allow_remote_which_warns(
     assert listening_addresses(remote.serving_pid(), remote.port) == {"00000000"}
     assert remote.get("/v2/").status_code == 200
     warnings = [line for line in remote.log_text().splitlines() if "every client that reaches it pulls" in line]
-    assert warnings and all(line.startswith("WARNING") for line in warnings), remote.log_text()[-2000:]
+    assert warnings and all(" WARN acr: " in line for line in warnings), remote.log_text()[-2000:]
 
 
 ENDPOINTS_RUNMD = """\

@@ -1,9 +1,12 @@
-"""`GET /metrics`: Prometheus text format, loopback only, and counts that match what happened.
+"""`GET /metrics`: Prometheus text format or OpenMetrics, loopback only, and counts that match
+what happened.
 
 The scrape endpoint itself is driven through mitmproxy's test utilities; the counts are read
-from a real `acr mirror start` after real requests: to docker-registry, and a pull served by the
+from a real `acr mirror start` after real requests: to docker-registry (a Range read included,
+and a login with a JWT refresh token for the credential's expiry), and a pull served by the
 recorded ACR session (tests/replay, `mitmdump --server-replay`), so requests, teleport decisions,
-upstream latency, streamed bytes and the token fetch are all real.
+upstream latency, streamed bytes and the token fetch are all real. Scrapes are read with
+prometheus_client's parsers, and `promtool check metrics` lints the live one.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ import pytest
 import requests
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
+from prometheus_client.openmetrics import parser as om_parser
+from prometheus_client.parser import text_string_to_metric_families
 
 from addons import catalog
 from addons.chain import build_addons, build_state
-from addons.observe.metrics import CONTENT_TYPE, Histogram, Metrics, request_kind
+from addons.observe.metrics import Metrics, request_kind
 from tests.harness.images import ACCEPT_ALL_MANIFESTS, make_image, push_image
+from tests.harness.promtool import SCRAPE_SERIES, metric_names, promtool
 from tests.harness.registry import Registry
+from tests.harness.tokenserver import TokenServer
+from tests.test_monitoring import dashboard_expressions, rule_expressions
+from tests.test_readme import check
 from tests.harness.replay import (REPLAY_DIR, UPSTREAM_FLOWS, ReplayServer, http_pull, replay_runmd,
                                   session_info)
 
@@ -30,49 +39,83 @@ SESSION = session_info()
 ACCEPT = {"Accept": ACCEPT_ALL_MANIFESTS}
 RUNMD = replay_runmd("http://127.0.0.1:5000", "127.0.0.1:8578")
 
-#: One sample line of the text format 0.0.4: name, optional labels, value.
-SAMPLE_RE = re.compile(
-    r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?P<labels>\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})?'
-    r" (?P<value>[-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|\+Inf|-Inf|NaN))$"
-)
+_KEY = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
-def parse_exposition(text: str) -> dict[str, float]:
-    """Check every line of an exposition and return {'name{labels}': value}."""
-    assert text.endswith("\n")
-    samples: dict[str, float] = {}
-    typed: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            assert len(line.split(" ", 3)) == 4, line
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge", "histogram", "summary", "untyped") and name not in typed, line
-            typed[name] = kind
-            continue
-        m = SAMPLE_RE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        family = re.sub(r"_(bucket|sum|count)$", "", m["name"]) if m["name"] not in typed else m["name"]
-        assert family in typed, f"{m['name']} has no TYPE line"
-        if typed[family] == "counter":
-            assert m["name"].endswith("_total"), m["name"]
-        key = m["name"] + (m["labels"] or "")
-        assert key not in samples, f"duplicate sample {key}"
-        samples[key] = float(m["value"])
-    # Histograms: cumulative buckets, +Inf equal to _count.
-    for family in (f for f, k in typed.items() if k == "histogram"):
-        series: dict[str, list[tuple[float, float]]] = {}
-        for key, value in samples.items():
-            m = re.match(rf"^{family}_bucket\{{(?P<rest>.*)le=\"(?P<le>[^\"]+)\"\}}$", key)
-            if m:
-                series.setdefault(m["rest"], []).append((float(m["le"].replace("+Inf", "inf")), value))
-        for rest, buckets in series.items():
-            values = [v for _, v in sorted(buckets)]
-            assert values == sorted(values), f"{family} buckets not cumulative"
-            labels = "{" + rest.rstrip(",") + "}" if rest else ""
-            assert values[-1] == samples[f"{family}_count{labels}"]
-    return samples
+def escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def canonical(key: str) -> str:
+    """`name{b="2",a="1"}` as `name{a="1",b="2"}`: samples are looked up in any label order."""
+    m = _KEY.match(key)
+    assert m, key
+    pairs = sorted(_LABEL.findall(m["labels"] or ""))
+    return m["name"] + ("{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}" if pairs else "")
+
+
+class Samples(dict):
+    """A scrape's samples by `name{labels}`, read by prometheus_client's own parser."""
+
+    def __getitem__(self, key: str) -> float:
+        return super().__getitem__(canonical(key))
+
+    def families(self) -> set[str]:
+        return set(self.kinds)
+
+
+def parse_exposition(text: str, openmetrics: bool = False) -> Samples:
+    """Parse a scrape with the library's parser (OpenMetrics' strict one when asked), and check
+    what it does not: counters are named `_total`, histogram buckets are cumulative."""
+    parse = om_parser.text_string_to_metric_families if openmetrics else text_string_to_metric_families
+    out = Samples()
+    out.kinds = {}
+    for family in parse(text):
+        out.kinds[family.name] = family.type
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            if family.type == "counter":
+                assert sample.name.endswith("_total"), sample.name
+            labels = ",".join(f'{k}="{escape(v)}"' for k, v in sample.labels.items())
+            key = canonical(f"{sample.name}{{{labels}}}")
+            assert key not in out, f"duplicate sample {key}"
+            dict.__setitem__(out, key, sample.value)
+        if family.type == "histogram":
+            series: dict[tuple, list[tuple[float, float]]] = {}
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                    series.setdefault(rest, []).append((float(sample.labels["le"]), sample.value))
+            for rest, buckets in series.items():
+                values = [v for _, v in sorted(buckets)]
+                assert values == sorted(values), f"{family.name} buckets not cumulative"
+    return out
+
+
+#: The families the README shows from a live scrape: the ones whose values one pull fixes.
+README_FAMILIES = ("acr_requests_total", "acr_teleport_decisions_total", "acr_streamed_bytes_total",
+                   "acr_upstream_throttled_total")
+
+
+def readme_excerpt(text: str) -> str:
+    """The lines of README_FAMILIES' families in a scrape, in its order."""
+    keep = [line for line in text.splitlines()
+            if any(re.match(rf"^(# (HELP|TYPE) )?{name}[ {{]", line) for name in README_FAMILIES)]
+    return "\n".join(keep) + "\n"
+
+
+def exported_names(samples: Samples) -> set[str]:
+    """The series names a scrape's families give a query: `_total` of a counter, `_bucket`,
+    `_sum` and `_count` of a histogram (also for a family with no sample yet)."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {name + suffix for name, kind in samples.kinds.items() for suffix in suffixes[kind]}
+
+
+def samples_of(m: Metrics) -> Samples:
+    """What a scrape of `m` would show now, parsed."""
+    return parse_exposition(m.exposition()[0].decode())
 
 
 @pytest.fixture
@@ -81,8 +124,11 @@ def metrics(tmp_path: Path) -> Metrics:
     return Metrics(build_state(compiled))
 
 
-def scrape(m: Metrics, method: str = "GET", peer: tuple[str, int] = ("127.0.0.1", 50000), path: bytes = b"/metrics") -> http.HTTPFlow:
+def scrape(m: Metrics, method: str = "GET", peer: tuple[str, int] = ("127.0.0.1", 50000), path: bytes = b"/metrics",
+           accept: str = "") -> http.HTTPFlow:
     f = tflow.tflow(req=tutils.treq(method=method.encode(), path=path))
+    if accept:
+        f.request.headers["Accept"] = accept
     f.client_conn.peername = peer
     f.live = True
     with taddons.context(m):
@@ -90,10 +136,14 @@ def scrape(m: Metrics, method: str = "GET", peer: tuple[str, int] = ("127.0.0.1"
     return f
 
 
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
+
+
 def test_metrics_answer_in_the_text_format(metrics: Metrics) -> None:
     f = scrape(metrics)
     assert f.response is not None and f.response.status_code == 200
-    assert f.response.headers["Content-Type"] == CONTENT_TYPE
+    assert f.response.headers["Content-Type"] == TEXT_FORMAT
     samples = parse_exposition(f.response.text or "")
     assert samples["acr_tokens_cached"] == 0 and samples["acr_metrics_refused_total"] == 0
     head = scrape(metrics, "HEAD")
@@ -108,7 +158,7 @@ def test_metrics_only_for_loopback_clients(metrics: Metrics, peer: tuple[str, in
     f = scrape(metrics, peer=peer)
     assert f.response is not None and f.response.status_code == 403
     assert b"acr_" not in f.response.content
-    samples = parse_exposition(metrics.render())
+    samples = samples_of(metrics)
     assert samples["acr_metrics_refused_total"] == 1
 
 
@@ -127,20 +177,25 @@ def test_requests_and_decisions_of_real_requests_are_counted(registry: Registry,
     assert mirror.get(f"{base}/manifests/nope{q}", headers=ACCEPT).status_code == 404
     assert mirror.get(f"{base}/manifests/v1?ns=not-mirrored.example", headers=ACCEPT).status_code == 404
     assert mirror.get(f"{base}/blobs/{layer.digest}{q}").content == layer.data
+    part = mirror.get(f"{base}/blobs/{layer.digest}{q}", headers={"Range": "bytes=2-9"})
+    assert part.status_code == 206 and part.content == layer.data[2:10]
     s = parse_exposition(mirror.get("/metrics").text)
-    assert {k: v for k, v in s.items() if k.startswith("acr_requests_total")} == {
+    assert {k: v for k, v in s.items() if k.startswith("acr_requests_total")} == {canonical(k): v for k, v in {
         'acr_requests_total{route="manifests",method="HEAD",status="200"}': 1,
         'acr_requests_total{route="manifests",method="GET",status="200"}': 1,
         'acr_requests_total{route="manifests",method="GET",status="404"}': 1,
         'acr_requests_total{route="unrouted",method="GET",status="404"}': 1,
         'acr_requests_total{route="blobs",method="GET",status="200"}': 1,
-    }
+        'acr_requests_total{route="blobs",method="GET",status="206"}': 1,
+    }.items()}
+    assert s["acr_range_requests_total"] == 1 and s["acr_range_bytes_total"] == 8
+    assert s['acr_request_duration_seconds_count{route="blobs"}'] == 2
     # One decision per manifest answered 200: the tag's (why it is not teleported depends on the
     # node and the registry) and the digest's, which is never teleported.
     decisions = {k: v for k, v in s.items() if k.startswith("acr_teleport_decisions_total")}
     assert sum(decisions.values()) == 2 and decisions['acr_teleport_decisions_total{reason="digest-pinned"}'] == 1
-    assert s['acr_streamed_bytes_total{source="registry"}'] == layer.size
-    assert s['acr_blob_first_byte_seconds_count{source="registry"}'] == 1
+    assert s['acr_streamed_bytes_total{source="registry"}'] == layer.size + 8
+    assert s['acr_blob_first_byte_seconds_count{source="registry"}'] == 2
     assert 'acr_streamed_bytes_total{source="storage"}' not in s
     again = parse_exposition(mirror.get("/metrics").text)
     assert again['acr_requests_total{route="metrics",method="GET",status="200"}'] == 1
@@ -157,7 +212,7 @@ def test_upstream_latency_comes_from_the_mirrors_session(metrics: Metrics) -> No
     metrics.observe_upstream(resp)
     resp.request = requests.Request("GET", "https://acct.blob.core.windows.net/c/d?sig=x").prepare()
     metrics.observe_upstream(resp)
-    s = parse_exposition(metrics.render())
+    s = samples_of(metrics)
     assert s['acr_upstream_request_duration_seconds_bucket{kind="manifests",le="0.05"}'] == 1
     assert s['acr_upstream_request_duration_seconds_bucket{kind="manifests",le="0.025"}'] == 0
     assert s['acr_upstream_responses_total{upstream="127.0.0.1:5000",kind="manifests",status="200"}'] == 1
@@ -180,12 +235,53 @@ def test_request_kinds_are_a_closed_set(url: str, kind: str) -> None:
     assert request_kind(url, {"r"}) == kind
 
 
-def test_histogram_and_label_escaping() -> None:
-    h = Histogram((0.1, 1.0))
-    h.observe(('a"b\\c\nd',), 0.5)
-    lines = list(h.render("x_seconds", ("k",)))
-    assert lines[0] == 'x_seconds_bucket{k="a\\"b\\\\c\\nd",le="0.1"} 0'
-    assert lines[1].endswith('le="1"} 1') and lines[2].endswith('le="+Inf"} 1')
+def test_openmetrics_when_the_scrape_asks_for_it(metrics: Metrics) -> None:
+    metrics.teleports.labels('a"b\\c').inc()
+    f = scrape(metrics, accept="application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5")
+    assert f.response is not None and f.response.headers["Content-Type"] == OPENMETRICS
+    assert (f.response.text or "").endswith("# EOF\n")
+    s = parse_exposition(f.response.text or "", openmetrics=True)
+    assert s['acr_teleport_decisions_total{reason="a\\"b\\\\c"}'] == 1  # label values escaped and read back
+    assert s.kinds["acr_requests"] == "counter" and s.kinds["acr_request_duration_seconds"] == "histogram"
+    assert scrape(metrics, accept="text/html").response.headers["Content-Type"] == TEXT_FORMAT  # type: ignore[union-attr]
+
+
+def test_two_mirrors_in_one_process_count_apart(tmp_path: Path) -> None:
+    compiled = catalog.parse_text(RUNMD, str(tmp_path / "mirror.runmd"))
+    one, two = Metrics(build_state(compiled)), Metrics(build_state(compiled))
+    one.requests.labels("manifests", "GET", "200").inc()
+    assert samples_of(one)['acr_requests_total{route="manifests",method="GET",status="200"}'] == 1
+    assert 'route="manifests"' not in two.exposition()[0].decode()
+    from prometheus_client import REGISTRY
+
+    assert not any(name.startswith("acr_") for name in REGISTRY._names_to_collectors)
+
+
+def test_throttling_upstream_answers_are_counted(metrics: Metrics) -> None:
+    import datetime
+
+    for status, headers in ((429, {}), (503, {"Retry-After": "3"}), (503, {}), (200, {})):
+        resp = requests.Response()
+        resp.status_code, resp.elapsed = status, datetime.timedelta(milliseconds=5)
+        resp.headers.update(headers)
+        resp.request = requests.Request("GET", "http://127.0.0.1:5000/v2/a/manifests/v1").prepare()
+        metrics.observe_upstream(resp)
+    assert samples_of(metrics)['acr_upstream_throttled_total{upstream="127.0.0.1:5000"}'] == 2
+
+
+def test_credential_expiry_is_the_refresh_tokens(token_server: TokenServer, token_registry: Registry,
+                                                 repo_name: str, mirror_factory: Any) -> None:
+    """A real mirror logged in with an ACR-style refresh token (a JWT): its expiry per upstream."""
+    import jwt
+
+    push_image(token_registry, repo_name, "v1", make_image({"expiry": repo_name.encode()}))
+    refresh = token_server.issue_refresh_token()
+    mirror = mirror_factory(token_registry.url, credentials=refresh)
+    q = f"?ns={quote(token_registry.host, safe='')}"
+    assert mirror.head(f"/v2/{repo_name}/manifests/v1{q}", headers=ACCEPT).status_code == 200
+    s = parse_exposition(mirror.get("/metrics").text)
+    expiry = jwt.decode(refresh, options={"verify_signature": False})["exp"]
+    assert s[f'acr_credential_expiry_timestamp_seconds{{upstream="{token_registry.host}"}}'] == expiry
 
 
 def test_metrics_stand_among_the_front_addons(tmp_path: Path) -> None:
@@ -213,7 +309,7 @@ def test_metrics_after_a_teleported_pull(replay_server: ReplayServer, mirror_fac
     result = http_pull(mirror.url, ns, SESSION["repository"], SESSION["tag"], SESSION["platform"])
     assert not result.errors, mirror.log_text()[-2000:]
     r = mirror.get("/metrics")
-    assert r.status_code == 200 and r.headers["Content-Type"] == CONTENT_TYPE
+    assert r.status_code == 200 and r.headers["Content-Type"] == TEXT_FORMAT
     s = parse_exposition(r.text)
     assert s['acr_requests_total{route="manifests",method="HEAD",status="200"}'] == 1
     assert s['acr_requests_total{route="blobs",method="GET",status="200"}'] == len(SESSION["blobs"])
@@ -224,7 +320,20 @@ def test_metrics_after_a_teleported_pull(replay_server: ReplayServer, mirror_fac
     for kind in ("ping", "token", "manifests", "referrers", "blobs"):
         assert s[f'acr_upstream_request_duration_seconds_count{{kind="{kind}"}}'] >= 1, kind
     assert s[f'acr_upstream_responses_total{{upstream="{ns}",kind="blobs",status="307"}}'] == len(SESSION["blobs"])
-    # The scrape itself is counted for the next one; /status is unaffected.
+    assert s['acr_request_duration_seconds_count{route="blobs"}'] == len(SESSION["blobs"])
+    assert s['acr_range_requests_total'] == 0 and s['acr_range_bytes_total'] == 0
+    # Prometheus' own linter on the live scrape, in both formats the mirror speaks.
+    lint = promtool("check", "metrics", input=r.text)
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), lint.stdout + lint.stderr
+    om = mirror.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["Content-Type"] == OPENMETRICS
+    assert parse_exposition(om.text, openmetrics=True)['acr_teleport_decisions_total{reason="teleported"}'] == 1
+    # Every metric the dashboard and the alert rules read is one this mirror exports.
+    exported = exported_names(s) | SCRAPE_SERIES
+    for where, expr in dashboard_expressions() + rule_expressions():
+        assert metric_names(expr) <= exported, (where, metric_names(expr) - exported)
+    check("metrics", "```text\n" + readme_excerpt(r.text) + "```\n", lambda t: re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", t))
+    # The scrapes themselves are counted for the next one; /status is unaffected.
     again = parse_exposition(mirror.get("/metrics").text)
-    assert again['acr_requests_total{route="metrics",method="GET",status="200"}'] == 1
+    assert again['acr_requests_total{route="metrics",method="GET",status="200"}'] == 2
     assert mirror.get("/status").json()["status"] == "ok"

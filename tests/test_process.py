@@ -142,6 +142,6 @@ def test_acr_mirror_start_fails_with_one_line_and_the_output_in_the_log(tmp_path
     result = subprocess.run([ACR, "mirror", "start"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert "INFO addons.runmd.process: step 2 sh| checking the node" in result.stderr.splitlines()
+    assert any(line.endswith(" INFO addons.runmd.process: step 2 sh| checking the node") for line in result.stderr.splitlines())
     errors = [line for line in result.stderr.splitlines() if line.startswith("acr: ")]
     assert errors == ["acr: step 2 (.process sh -c 'echo checking the node; exit 3'): 'sh' exited with 3: checking the node"]

@@ -229,7 +229,7 @@ def test_acr_stargz_configure_shown_is_what_it_prints(tmp_path: Path) -> None:
 
 def normalize_demo(text: str) -> str:
     """Ports, clock times and durations vary; containerd fetches the blobs in parallel, in any order."""
-    text = re.sub(r"\[\d\d:\d\d:\d\d\.\d+\] ", "", text)
+    text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ", "", text)
     text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
     lines = re.sub(r"\d+\.\d+ s\b", "N s", text).splitlines()
     blobs = iter(sorted(line for line in lines if " GET blobs " in line))

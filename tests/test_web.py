@@ -270,6 +270,8 @@ def test_acr_teleports_groups_the_follow_up_get_under_its_tag_and_lists_refusals
 def test_status_bar_shows_the_real_listen_address_and_access_log_is_quiet(site: Site) -> None:
     state = site.web.s.get(site.web.url + "/options", timeout=10).json()
     assert (state["listen_host"]["value"], state["listen_port"]["value"]) == ("127.0.0.1", site.mirror.port)
+    # The mode badge names the registry the mirror serves, not a placeholder target.
+    assert state["mode"]["value"] == [f"mirror:{site.front.url}@127.0.0.1:{site.mirror.port}"]
     for _ in range(20):
         site.web.flows()
     assert " GET /flows " not in site.mirror.log_text() and "tornado.access" not in site.mirror.log_text()

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mitmproxy import flow, http
 
+from addons.core import mirror_mode
 from addons.core.mitm.master import SaveCopies, put_first_in_chain, swap_addon_class
 from addons.proxy.context import read_record, record
 
@@ -214,7 +215,9 @@ def scrub_request(request: http.Request) -> None:
 
 
 def scrub_flow(f: flow.Flow) -> flow.Flow:
-    """Scrub a flow in place (call it on a copy) and return it."""
+    """Scrub a flow in place (call it on a copy) and return it; its proxy mode one that stock
+    mitmproxy reads."""
+    f.client_conn.proxy_mode = mirror_mode.portable(f.client_conn.proxy_mode)
     if isinstance(f, http.HTTPFlow):
         scrub_request(f.request)
         if f.response is not None:

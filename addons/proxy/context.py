@@ -338,7 +338,7 @@ def show_served_from(flow: http.HTTPFlow, url: str) -> None:
     except (ValueError, UnicodeError):
         return
     if flow.server_conn.timestamp_start is None:
-        # Never opened: show the upstream, as a fresh unconnected record (the placeholder one
+        # Never opened: show the upstream, as a fresh unconnected record (the mode's target one
         # may be shared with the client connection's other flows).
         flow.server_conn = connection.Server(address=(parts.hostname or "", port))
 

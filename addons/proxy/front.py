@@ -99,7 +99,7 @@ def refuse(flow: http.HTTPFlow, status: int, code: str, message: str, headers: d
     flow.comment = "\n".join([f"refused {status} {code}", f"{ANSWERED}: {message}", *meta["steps"]])
     own = listen_origin(flow)
     if own is not None and flow.request.first_line_format == "relative":
-        # Served by the mirror itself: show its own address, not reverse mode's placeholder.
+        # Served by the mirror itself: show its own address, not the mode's fixed target.
         show_served_from(flow, own)
 
 

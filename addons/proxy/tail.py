@@ -11,6 +11,7 @@ from mitmproxy import http
 from addons.registry import oci
 from addons.proxy.context import Forward, RequestContext, has_record, listen_origin, range_text, read_record, record, show_served_from
 from addons.proxy.front import refuse
+from addons.proxy.logfields import client_digest, log_extra
 from addons.proxy.routes import deliver
 from addons.proxy.state import MirrorState
 
@@ -30,15 +31,9 @@ def summary(flow: http.HTTPFlow) -> str:
     if meta.get("route") and meta.get("route") != "ping":
         what = f"{meta['route']} {meta.get('name')}{':' if meta.get('reference') else ''}{meta.get('reference', '')}"
     parts = [f"{req.method} {what} -> {status}"]
-    resolved = meta.get("resolved")
     teleport = meta.get("teleport") or {}
-    # The digest the client got: the registry's own for an answer passed on (a schema1
-    # conversion has another), none for an error, the original one when teleported.
-    answered = flow.response.headers.get(oci.CONTENT_DIGEST_HEADER) if flow.response else None
-    if resolved and ("to" in teleport or (not answered and flow.response is not None and flow.response.status_code < 400)):
-        parts.append(resolved["digest"])
-    elif answered and meta.get("route") == "manifests":
-        parts.append(answered)
+    if digest := client_digest(flow, meta):
+        parts.append(digest)
     if "to" in teleport:
         parts.append(f"teleported to {teleport['to']}")
     elif teleport.get("skipped") == "snapshotter":
@@ -89,7 +84,7 @@ class ProxyTail:
     A route with no step that answers (`.tags get` with nothing under it) forwards its requests
     to the upstream unchanged, with the route's upstream token when `.authn` got one, and the
     answer streams back: what a client of the registry expects, rather than an error. Without
-    this mitmproxy would send the request to reverse mode's placeholder target. It also writes
+    this mitmproxy would send the request to the mode's fixed target (the first upstream). It also writes
     each request's one log line, once the answer is complete.
     """
 
@@ -127,7 +122,7 @@ class ProxyTail:
     @staticmethod
     def own_answer(flow: http.HTTPFlow) -> None:
         """An endpoint of the mirror's own (/status, /auth, /metrics) answered: show the mirror's
-        address rather than reverse mode's placeholder."""
+        address rather than reverse mode's target."""
         own = listen_origin(flow)
         if own is not None and flow.request.first_line_format == "relative":
             record(flow)["answered"] = "mirror"
@@ -135,8 +130,8 @@ class ProxyTail:
 
     def response(self, flow: http.HTTPFlow) -> None:
         if has_record(flow):
-            logger.info(summary(flow))
+            logger.info(summary(flow), extra=log_extra(flow))
 
     def error(self, flow: http.HTTPFlow) -> None:
         if has_record(flow):
-            logger.info(summary(flow))
+            logger.info(summary(flow), extra=log_extra(flow))
