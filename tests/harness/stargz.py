@@ -151,15 +151,20 @@ class StargzSnapshotter:
         self.config_path = self.dir / "config.toml"
         self.log_path = self.dir / "stargz.log"
         self.config_path.write_text(config_toml(mirrors))
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self._timeout = timeout
+        self._start()
+
+    def _start(self) -> None:
         self._log = open(self.log_path, "ab")
-        self.proc: Optional[subprocess.Popen[bytes]] = subprocess.Popen(
+        self.proc = subprocess.Popen(
             [str(self.binary), "--root", str(self.root), "--address", self.address,
              "--config", str(self.config_path), "--log-level", "debug"],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir,
             start_new_session=True, env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()},
         )
         try:
-            self._wait_socket(timeout)
+            self._wait_socket(self._timeout)
         except BaseException:
             self.stop()
             raise
@@ -182,9 +187,9 @@ class StargzSnapshotter:
         except OSError:
             return ""
 
-    def stop(self) -> list[str]:
-        """SIGTERM by PID (the daemon unmounts its layers), then unmount whatever it left and
-        delete the folder; returns the mount points that had to be unmounted. Safe twice."""
+    def _halt(self) -> list[str]:
+        """SIGTERM by PID (the daemon unmounts its layers), then unmount whatever it left;
+        returns the mount points that had to be unmounted."""
         proc, self.proc = self.proc, None
         if proc is not None:
             kill_group(proc, grace=15.0)
@@ -193,6 +198,18 @@ class StargzSnapshotter:
         left = mounts_under(self.dir)
         for point in left:
             subprocess.run(["umount", "-l", point], capture_output=True)
+        return left
+
+    def restart_cold(self) -> None:
+        """Stop, forget every layer and cached chunk (its root), and start again on the same
+        socket: the next pull is a cold one. containerd needs ``wait_ready`` after this."""
+        self._halt()
+        shutil.rmtree(self.root, ignore_errors=True)
+        self._start()
+
+    def stop(self) -> list[str]:
+        """Stop (see ``_halt``) and delete the folder; returns what had to be unmounted. Safe twice."""
+        left = self._halt()
         shutil.rmtree(self.dir, ignore_errors=True)
         return left
 
@@ -238,6 +255,11 @@ class StargzNode:
         except BaseException:
             self.stop()
             raise
+
+    def restart_cold(self) -> None:
+        """A snapshotter that has never seen a layer, for the next pull (containerd stays)."""
+        self.snapshotter.restart_cold()
+        wait_ready(self.containerd)
 
     def stop(self) -> list[str]:
         """Stop both; returns what the snapshotter left mounted (and was unmounted for it)."""
