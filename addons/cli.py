@@ -508,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write ./mirror.runmd from the template")
     init.add_argument("--mirror-address", default="localhost:8578", help="where the mirror listens (default: localhost:8578)")
     init.add_argument("--upstream", help="serve this registry URL instead of ACR, e.g. http://127.0.0.1:5000")
-    init.add_argument("--teleport-format", default="overlaybd", help="the streamable format (default: overlaybd)")
+    init.add_argument("--teleport-format", default="overlaybd",
+                      help="the streamable formats, in order of preference: overlaybd, estargz or both "
+                           "(default: overlaybd)")
     init.add_argument("--artifact-type", action="append", help="a referrer artifact type to discover (repeatable)")
     init.add_argument("--force", action="store_true", help="overwrite an existing mirror.runmd")
     init.set_defaults(func=cmd_init)
@@ -543,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     configure.add_argument(
         "--hosts-dir", help="the hosts folder (default: keep a config_path already set, else /etc/containerd/certs.d)"
     )
-    configure.add_argument("--snapshotter", choices=("overlaybd",), help="also declare this snapshotter and make it CRI's")
+    configure.add_argument("--snapshotter", choices=("overlaybd", "stargz"),
+                           help="also declare this streaming snapshotter and make it CRI's")
     configure.add_argument("--dry-run", action="store_true", help="print the diff, write nothing")
     configure.set_defaults(func=cmd_containerd_configure)
 

@@ -138,7 +138,7 @@ def test_init_options_take_effect(tmp_path: Path) -> None:
     assert [r.input for r in compiled.document.roots("proxy")] == ["127.0.0.1:9000"]
     assert steps["discover"].input == "application/vnd.azure.artifact.streaming.v1, dadi.image.v1"
     assert steps["teleport"].input == "OverlayBD, auto"
-    assert compiled.config(steps["teleport"]) == TeleportConfig("overlaybd", "auto")
+    assert compiled.config(steps["teleport"]) == TeleportConfig(("overlaybd",), "auto")
 
 
 def test_an_option_of_a_mitmproxy_addon_the_mirror_does_not_run_is_a_one_line_error(tmp_path: Path) -> None:
@@ -151,8 +151,8 @@ def test_an_option_of_a_mitmproxy_addon_the_mirror_does_not_run_is_a_one_line_er
 
 
 def test_init_with_a_teleport_format_the_mirror_rejects_writes_nothing(tmp_path: Path) -> None:
-    result = run_acr(tmp_path, "init", "--upstream", "http://127.0.0.1:5000", "--teleport-format", "estargz")
-    assert_one_line_error(result, "estargz")
+    result = run_acr(tmp_path, "init", "--upstream", "http://127.0.0.1:5000", "--teleport-format", "stargz")
+    assert_one_line_error(result, "unknown format 'stargz'")
     assert not (tmp_path / "mirror.runmd").exists()
 
 

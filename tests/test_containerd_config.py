@@ -28,6 +28,7 @@ from addons.node.containerd_config import (
     BACKUP_SUFFIX,
     SCHEMAS,
     ConfigError,
+    SNAPSHOTTER_SOCKETS,
     configure_text,
 )
 from addons.node.node_check import check_node, parse_containerd_version
@@ -81,7 +82,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("snapshotter", [None, "overlaybd"], ids=["config_path", "overlaybd"])
+@pytest.mark.parametrize("snapshotter", [None, "overlaybd", "stargz"], ids=["config_path", "overlaybd", "stargz"])
 @pytest.mark.parametrize(("name", "version"), CASES, ids=[c[0] for c in CASES])
 def test_golden(name: str, version: int, snapshotter: Optional[str]) -> None:
     source = (GOLDEN / f"{name}.toml").read_text()
@@ -93,9 +94,9 @@ def test_golden(name: str, version: int, snapshotter: Optional[str]) -> None:
     data = tomllib.loads(edit.new)
     assert lookup(data, schema.registry)["config_path"] == "/etc/containerd/certs.d"
     if snapshotter:
-        assert data["proxy_plugins"]["overlaybd"] == {"type": "snapshot", "address": "/run/overlaybd-snapshotter/overlaybd.sock"}
+        assert data["proxy_plugins"][snapshotter] == {"type": "snapshot", "address": SNAPSHOTTER_SOCKETS[snapshotter]}
         table = lookup(data, schema.snapshotter)
-        assert table["snapshotter"] == "overlaybd" and table["disable_snapshot_annotations"] is False
+        assert table["snapshotter"] == snapshotter and table["disable_snapshot_annotations"] is False
     # Idempotent: the second run changes nothing, not even whitespace.
     again = configure_text(edit.new, hosts_dir="/etc/containerd/certs.d", snapshotter=snapshotter)
     assert not again.changed and again.new == edit.new and again.changes == []
@@ -103,19 +104,20 @@ def test_golden(name: str, version: int, snapshotter: Optional[str]) -> None:
 
 @pytest.mark.skipif(shutil.which("containerd") is None, reason="containerd is not installed")
 @pytest.mark.parametrize("name", ["v1-legacy", "v2-default", "v2-commented", "v2-out-of-order"])
-def test_containerd_1x_reads_what_the_golden_files_set(name: str) -> None:
+@pytest.mark.parametrize("snapshotter", ["overlaybd", "stargz"])
+def test_containerd_1x_reads_what_the_golden_files_set(name: str, snapshotter: str) -> None:
     """containerd's own parser (`config dump` merges the file into its defaults) sees the
     CRI settings where we put them, for every containerd 1.x schema."""
     dump = subprocess.run(
-        ["containerd", "--config", str(GOLDEN / f"{name}.overlaybd.out.toml"), "config", "dump"],
+        ["containerd", "--config", str(GOLDEN / f"{name}.{snapshotter}.out.toml"), "config", "dump"],
         capture_output=True, text=True, timeout=30,
     )
     assert dump.returncode == 0, dump.stderr
     cri = tomllib.loads(dump.stdout)["plugins"]["io.containerd.grpc.v1.cri"]
     assert cri["registry"]["config_path"] == "/etc/containerd/certs.d"
-    assert cri["containerd"]["snapshotter"] == "overlaybd"
+    assert cri["containerd"]["snapshotter"] == snapshotter
     assert cri["containerd"]["disable_snapshot_annotations"] is False
-    assert tomllib.loads(dump.stdout)["proxy_plugins"]["overlaybd"]["type"] == "snapshot"
+    assert tomllib.loads(dump.stdout)["proxy_plugins"][snapshotter]["type"] == "snapshot"
 
 
 def test_golden_missing_file_becomes_a_minimal_version_2() -> None:

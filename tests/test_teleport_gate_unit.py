@@ -30,8 +30,9 @@ from addons.registry import oci
 from addons.registry.oci import Descriptor
 from addons.runmd.runtime import Runtime
 from addons.runmd.syntax import RunmdError
-from addons.teleport.gate import Gate, node_missing
-from addons.teleport.teleport import STREAMING, TeleportConfig, Teleport, overlaybd_layers_missing
+from addons.teleport.gate import Gate, NodeStreams, node_streams
+from addons.teleport.teleport import (STREAMING, TeleportConfig, Teleport, estargz_layers_missing,
+                                      overlaybd_layers_missing)
 from tests.harness.mirror import ACR
 from tests.harness.overlaybd import StreamingNode
 from addons.core.offline import AnswerAdapter, run_hooks_now
@@ -50,18 +51,27 @@ version = 2
 # --- the runmd and the option -------------------------------------------------------------
 
 
-def test_teleport_modes_in_the_runmd() -> None:
-    assert Teleport.parse("overlaybd") == TeleportConfig("overlaybd", "auto")
-    assert Teleport.parse("") == TeleportConfig("overlaybd", "auto")
-    assert Teleport.parse("overlaybd, always") == TeleportConfig("overlaybd", "always")
-    assert Teleport.parse("OverlayBD,never") == TeleportConfig("overlaybd", "never")
-    assert Teleport.parse("overlaybd, auto") == TeleportConfig("overlaybd", "auto")
+def test_teleport_formats_and_modes_in_the_runmd() -> None:
+    assert Teleport.parse("overlaybd") == TeleportConfig(("overlaybd",), "auto")
+    assert Teleport.parse("") == TeleportConfig(("overlaybd",), "auto")
+    assert Teleport.parse("overlaybd, always") == TeleportConfig(("overlaybd",), "always")
+    assert Teleport.parse("OverlayBD,never") == TeleportConfig(("overlaybd",), "never")
+    assert Teleport.parse("overlaybd, auto") == TeleportConfig(("overlaybd",), "auto")
+    assert Teleport.parse("estargz") == TeleportConfig(("estargz",), "auto")
+    assert Teleport.parse("overlaybd, estargz, auto") == TeleportConfig(("overlaybd", "estargz"), "auto")
+    assert Teleport.parse("estargz, overlaybd, always") == TeleportConfig(("estargz", "overlaybd"), "always")
+
+
+EXPECTED = ("expected '.teleport FORMAT[, FORMAT ...][, MODE]' with formats overlaybd or estargz "
+            "and a mode auto or always or never last, e.g. 'overlaybd, estargz, auto'")
 
 
 @pytest.mark.parametrize("line, fragment", [
-    ("overlaybd, sometimes", "unknown teleport mode 'sometimes' (expected: auto, always, never)"),
-    ("overlaybd, auto, always", "expected '.teleport FORMAT[, MODE]'"),
-    ("always", "unknown format 'always'"),
+    ("overlaybd, sometimes", f"{EXPECTED}: unknown format 'sometimes'"),
+    ("overlaybd, auto, always", f"{EXPECTED}: the mode 'auto' must come last"),
+    ("always", f"{EXPECTED}: no format in 'always'"),
+    ("estargz, estargz", f"{EXPECTED}: 'estargz' is listed twice"),
+    ("stargz, auto", f"{EXPECTED}: unknown format 'stargz'"),
 ])
 def test_a_wrong_mode_is_a_runmd_error_naming_its_line(line: str, fragment: str) -> None:
     text = RUNMD.replace("overlaybd, always", line).replace("{types}", STREAMING)
@@ -76,40 +86,45 @@ def test_acr_init_writes_auto(tmp_path: Path) -> None:
                    check=True, capture_output=True)
     compiled = catalog.load(tmp_path / "mirror.runmd")
     (step,) = [s for _, s in compiled.document.steps("teleport")]
-    assert step.input == "overlaybd, auto" and compiled.config(step) == TeleportConfig("overlaybd", "auto")
+    assert step.input == "overlaybd, auto" and compiled.config(step) == TeleportConfig(("overlaybd",), "auto")
 
 
 # --- the node check ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", [2, 3], ids=["containerd-1.x", "containerd-2.x"])
-def test_a_node_streams_with_overlaybd_declared_and_its_socket_answering(version: int) -> None:
-    with StreamingNode(version) as node:
-        assert node_missing(node.config) is None
+@pytest.mark.parametrize("snapshotter, fmt", [("overlaybd", "overlaybd"), ("stargz", "estargz")])
+def test_a_node_streams_with_its_snapshotter_declared_and_its_socket_answering(
+        version: int, snapshotter: str, fmt: str) -> None:
+    with StreamingNode(version, snapshotter=snapshotter) as node:
+        assert node_streams(node.config) == NodeStreams(snapshotter, fmt)
         node.stop()
-        assert node_missing(node.config) == (
-            f"the overlaybd snapshotter does not answer on {node.socket_path} (Connection refused)")
+        assert node_streams(node.config) == NodeStreams(snapshotter, missing=(
+            f"the {snapshotter} snapshotter does not answer on {node.socket_path} (Connection refused)"))
 
 
 def test_what_a_node_lacks_is_said(tmp_path: Path) -> None:
-    assert node_missing(tmp_path / "none.toml") == (
-        f"no {tmp_path / 'none.toml'}: containerd runs with its default snapshotter (overlayfs)")
+    assert node_streams(tmp_path / "none.toml") == NodeStreams("overlayfs", missing=(
+        f"no {tmp_path / 'none.toml'}: containerd runs with its default snapshotter (overlayfs)"))
     plain = tmp_path / "plain.toml"
     plain.write_text(OVERLAYFS_CONFIG)
-    missing = node_missing(plain)
-    assert missing is not None
-    assert "CRI's snapshotter is 'overlayfs', not 'overlaybd'" in missing
-    assert "disable_snapshot_annotations is not false" in missing
-    assert "no [proxy_plugins.overlaybd]" in missing
+    assert node_streams(plain) == NodeStreams("overlayfs", missing=(
+        "CRI's snapshotter is 'overlayfs', not a streaming one ('overlaybd' or 'stargz') "
+        '(plugins."io.containerd.grpc.v1.cri".containerd)'))
     # containerd 1.x hides the layer annotations from snapshotters unless told otherwise
-    with StreamingNode(2) as node:
-        node.config.write_text(node.config.read_text().replace("  disable_snapshot_annotations = false\n", ""))
-        assert node_missing(node.config) == (
-            'plugins."io.containerd.grpc.v1.cri".containerd.disable_snapshot_annotations is not false '
-            "(overlaybd needs the layer annotations)")
+    for snapshotter in ("overlaybd", "stargz"):
+        with StreamingNode(2, snapshotter=snapshotter) as node:
+            node.config.write_text(node.config.read_text().replace("  disable_snapshot_annotations = false\n", ""))
+            assert node_streams(node.config).missing == (
+                'plugins."io.containerd.grpc.v1.cri".containerd.disable_snapshot_annotations is not false '
+                f"({snapshotter} needs the layer annotations)")
+    # the snapshotter CRI names must be the one declared
+    with StreamingNode(2, snapshotter="stargz") as node:
+        node.config.write_text(node.config.read_text().replace("[proxy_plugins.stargz]", "[proxy_plugins.other]"))
+        assert node_streams(node.config).missing == "no [proxy_plugins.stargz] declares the stargz snapshotter"
     bad = tmp_path / "bad.toml"
     bad.write_text("version = [")
-    assert (node_missing(bad) or "").startswith(f"cannot read {bad}")
+    assert (node_streams(bad).missing or "").startswith(f"cannot read {bad}")
 
 
 class Clock:
@@ -123,10 +138,11 @@ class Clock:
 def test_the_gate_checks_at_most_every_30_seconds_off_the_loop_and_logs_a_change_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    answers = ["no overlaybd", "no overlaybd", None]
+    answers = [NodeStreams("overlayfs", missing="no overlaybd"), NodeStreams("overlayfs", missing="no overlaybd"),
+               NodeStreams("overlaybd", "overlaybd")]
     seen_threads: list[str] = []
 
-    def probe(config: Path) -> str | None:
+    def probe(config: Path) -> NodeStreams:
         seen_threads.append(threading.current_thread().name)
         return answers.pop(0)
 
@@ -148,8 +164,8 @@ def test_the_gate_checks_at_most_every_30_seconds_off_the_loop_and_logs_a_change
     assert gate.verdict(io=True).streams and gate.checks == 3
     logged = [r.getMessage() for r in caplog.records]
     assert logged == [
-        "teleport (auto): tag pulls get the original images: this node cannot stream overlaybd images: no overlaybd",
-        "teleport (auto): this node streams overlaybd images (/x/config.toml)",
+        "teleport (auto): tag pulls get the original images: this node streams no teleported format: no overlaybd",
+        "teleport (auto): this node streams overlaybd images (overlaybd snapshotter, /x/config.toml)",
     ]
 
 
@@ -200,7 +216,8 @@ def test_auto_serves_the_original_where_the_node_cannot_stream(tmp_path: Path) -
         assert f.response is not None and f.response.headers["Docker-Content-Digest"] == original
         t = f.metadata["acr"]["teleport"]
         assert t["skipped"] == "snapshotter"
-        assert t["message"].startswith("CRI's snapshotter is 'overlayfs', not 'overlaybd'")
+        assert t["message"] == ("CRI's snapshotter is 'overlayfs', not a streaming one ('overlaybd' or 'stargz') "
+                                '(plugins."io.containerd.grpc.v1.cri".containerd); on offer: overlaybd')
         assert f.comment.split("\n")[0] == "no teleport: snapshotter" and not f.marked
         assert "teleport: not teleported: snapshotter: CRI's snapshotter is 'overlayfs'" in f.comment
         assert f.metadata["acr"]["steps"][-1].startswith("teleport: not teleported: snapshotter: ")
@@ -267,6 +284,131 @@ def test_a_target_without_overlaybd_layers_is_format(tmp_path: Path) -> None:
     assert t["skipped"] == "format"
     assert t["message"] == f"streamable manifest {target} is not overlaybd: layer 0 is not an overlaybd blob " \
         "(no containerd.io/snapshot/overlaybd/blob-digest and blob-size annotations)"
+
+
+# --- eStargz beside overlaybd: the format this node streams -------------------------------------------
+
+
+def estargz_layer(seed: str) -> dict[str, Any]:
+    """A layer descriptor as `ctr-remote image convert --estargz --oci` writes it: still a
+    gzip tar, annotated with its TOC's digest and its uncompressed size."""
+    data = f"estargz {seed}".encode()
+    toc = b"stargz.index.json " + data
+    return {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha(data), "size": len(data),
+            "annotations": {"containerd.io/snapshot/stargz/toc.digest": sha(toc),
+                            "io.containers.estargz.uncompressed-size": "10240"}}
+
+
+def sha(data: bytes) -> str:
+    import hashlib
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_estargz_layers_are_recognised() -> None:
+    assert estargz_layers_missing(manifest("x", layers=[estargz_layer("a"), estargz_layer("b")])) is None
+    assert estargz_layers_missing(streamable_manifest("x")) == (
+        "layer 0 is not an eStargz layer (no containerd.io/snapshot/stargz/toc.digest and "
+        "io.containers.estargz.uncompressed-size annotations)")
+    no_size = estargz_layer("c")
+    del no_size["annotations"]["io.containers.estargz.uncompressed-size"]
+    assert "layer 1 is not an eStargz layer" in (estargz_layers_missing(
+        manifest("x", layers=[estargz_layer("a"), no_size])) or "")
+    bad_toc = estargz_layer("d")
+    bad_toc["annotations"]["containerd.io/snapshot/stargz/toc.digest"] = "not a digest"
+    assert estargz_layers_missing(manifest("x", layers=[bad_toc])) == (
+        "layer 0: containerd.io/snapshot/stargz/toc.digest is not a digest")
+    assert overlaybd_layers_missing(manifest("x", layers=[estargz_layer("e")])) is not None
+
+
+def two_formats_world(text: str, tmp_path: Path, formats: tuple[str, ...] = ("overlaybd", "estargz"),
+                      ) -> tuple[Registry, AcrMirror, str, dict[str, str]]:
+    """A tag with a streamable copy in each of `formats`, each a referrer naming its format."""
+    reg = Registry(("oci",))
+    mirror = mirror_of(text)
+    mirror.state.home = tmp_path  # type: ignore[union-attr]
+    install(mirror.state, reg)  # type: ignore[arg-type]
+    original = reg.put(manifest("original"), oci.OCI_MANIFEST, tag="v1")
+    copies = {}
+    for fmt in formats:
+        layer = overlaybd_layer(fmt) if fmt == "overlaybd" else estargz_layer(fmt)
+        body = manifest(f"{fmt} copy", layers=[layer], artifactType=STREAMING)
+        copies[fmt] = reg.put(body, oci.OCI_MANIFEST)
+        reg.refer(original, Descriptor(oci.OCI_MANIFEST, copies[fmt], len(body),
+                                       {"streaming.format": fmt, "streaming.platform.os": "linux",
+                                        "streaming.platform.arch": "amd64"}, STREAMING))
+    return reg, mirror, original, copies
+
+
+BOTH_AUTO = RUNMD.replace(".teleport   overlaybd, always", ".teleport   overlaybd, estargz, auto")
+
+
+@pytest.mark.parametrize("snapshotter, fmt", [("stargz", "estargz"), ("overlaybd", "overlaybd")])
+def test_auto_serves_the_copy_for_the_nodes_snapshotter(tmp_path: Path, snapshotter: str, fmt: str) -> None:
+    _, mirror, _, copies = two_formats_world(BOTH_AUTO, tmp_path)
+    with StreamingNode(snapshotter=snapshotter) as node:
+        for method in ("HEAD", "GET"):
+            f = pull_with(mirror, method=method, acr_containerd_config=str(node.config))
+            assert f.response is not None and f.response.headers["Docker-Content-Digest"] == copies[fmt]
+            assert f.metadata["acr"]["teleport"]["format"] == fmt
+            assert f.comment.split("\n")[0] == f"🚀 → {copies[fmt][7:15]} {fmt}"
+    gate = mirror.state.services["teleport_gate"]  # type: ignore[union-attr]
+    assert gate.public()["format"] == fmt and gate.public()["snapshotter"] == snapshotter
+
+
+def test_a_stargz_node_never_gets_an_overlaybd_image_nor_an_overlaybd_node_an_estargz_one(tmp_path: Path) -> None:
+    for snapshotter, only in (("stargz", "overlaybd"), ("overlaybd", "estargz")):
+        _, mirror, original, _ = two_formats_world(BOTH_AUTO, tmp_path, (only,))
+        with StreamingNode(snapshotter=snapshotter) as node:
+            f = pull_with(mirror, acr_containerd_config=str(node.config))
+        assert f.response is not None and f.response.headers["Docker-Content-Digest"] == original
+        node_format = "estargz" if snapshotter == "stargz" else "overlaybd"
+        assert f.metadata["acr"]["teleport"] == {"skipped": "snapshotter", "message": (
+            f"this node streams {node_format} (CRI's snapshotter is '{snapshotter}'); on offer: {only}")}
+
+
+def test_auto_with_a_format_teleport_does_not_serve_is_snapshotter(tmp_path: Path) -> None:
+    only_overlaybd = RUNMD.replace(".teleport   overlaybd, always", ".teleport   overlaybd")
+    _, mirror, original, _ = two_formats_world(only_overlaybd, tmp_path)
+    with StreamingNode(snapshotter="stargz") as node:
+        f = pull_with(mirror, acr_containerd_config=str(node.config))
+    assert f.response.headers["Docker-Content-Digest"] == original  # type: ignore[union-attr]
+    assert f.metadata["acr"]["teleport"]["message"] == (
+        "this node streams estargz (CRI's snapshotter is 'stargz'); on offer: overlaybd, estargz")
+
+
+def test_a_node_without_a_streaming_snapshotter_is_told_what_was_on_offer(tmp_path: Path) -> None:
+    _, mirror, original, _ = two_formats_world(BOTH_AUTO, tmp_path, ("estargz",))
+    config = tmp_path / "config.toml"
+    config.write_text(OVERLAYFS_CONFIG)
+    f = pull_with(mirror, acr_containerd_config=str(config))
+    assert f.response.headers["Docker-Content-Digest"] == original  # type: ignore[union-attr]
+    assert f.metadata["acr"]["teleport"]["message"] == (
+        "CRI's snapshotter is 'overlayfs', not a streaming one ('overlaybd' or 'stargz') "
+        '(plugins."io.containerd.grpc.v1.cri".containerd); on offer: estargz')
+
+
+def test_always_serves_the_first_format_on_offer_in_teleports_order(tmp_path: Path) -> None:
+    for line, fmt in (("estargz, overlaybd, always", "estargz"), ("overlaybd, estargz, always", "overlaybd")):
+        _, mirror, _, copies = two_formats_world(RUNMD.replace("overlaybd, always", line), tmp_path)
+        f = pull_with(mirror)
+        assert f.response.headers["Docker-Content-Digest"] == copies[fmt]  # type: ignore[union-attr]
+    _, mirror, _, copies = two_formats_world(RUNMD.replace("overlaybd, always", "estargz, overlaybd, always"),
+                                             tmp_path, ("overlaybd",))
+    assert pull_with(mirror).response.headers["Docker-Content-Digest"] == copies["overlaybd"]  # type: ignore[union-attr]
+
+
+def test_an_estargz_referrer_whose_layers_are_plain_is_format(tmp_path: Path) -> None:
+    reg, mirror, _, _ = two_formats_world(RUNMD.replace("overlaybd, always", "estargz, always"), tmp_path, ())
+    original = reg.put(manifest("original 2"), oci.OCI_MANIFEST, tag="v2")
+    plain = manifest("not converted", layers=[
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:" + "b" * 64, "size": 9}])
+    target = reg.put(plain, oci.OCI_MANIFEST)
+    reg.refer(original, Descriptor(oci.OCI_MANIFEST, target, len(plain), {"streaming.format": "estargz"}, STREAMING))
+    f = pull_with(mirror, "v2")
+    assert f.response.headers["Docker-Content-Digest"] == original  # type: ignore[union-attr]
+    assert f.metadata["acr"]["teleport"] == {"skipped": "format", "message": (
+        f"streamable manifest {target} is not estargz: layer 0 is not an eStargz layer "
+        "(no containerd.io/snapshot/stargz/toc.digest and io.containers.estargz.uncompressed-size annotations)")}
 
 
 # --- overlaybd's credentials ------------------------------------------------------------------------

@@ -184,15 +184,15 @@ def test_filter_types_keeps_upstream_order_within_a_type() -> None:
 @pytest.mark.parametrize("artifact_type", [STREAMING, OVERLAYBD_NATIVE, DADI])
 def test_target_of_a_manifest_referrer_is_itself(artifact_type: str) -> None:
     r = streaming(1, artifact_type=artifact_type)
-    assert target_of(r, "overlaybd") is r
+    assert target_of(r) is r
     bare = desc(2, artifact_type)  # no streaming.format: not refused
-    assert target_of(bare, "overlaybd") is bare
+    assert target_of(bare) is bare
 
 
 def test_target_of_a_link_is_the_manifest_it_names() -> None:
     link = desc(1, STREAMING_LINK, **{"streaming.mediaType": oci.OCI_MANIFEST, "streaming.digest": dg(9),
                                       "streaming.size": "1234", "streaming.format": "overlaybd"})
-    t = target_of(link, "overlaybd")
+    t = target_of(link)
     assert (t.media_type, t.digest, t.size) == (oci.OCI_MANIFEST, dg(9), 1234)
 
 
@@ -207,17 +207,17 @@ def test_target_of_a_bad_link_is_bad_json(annotations: dict[str, str]) -> None:
     link = Descriptor(media_type=oci.OCI_MANIFEST, digest=dg(1), size=10, annotations=annotations,
                       artifact_type=STREAMING_LINK)
     with pytest.raises(NoTeleport) as e:
-        target_of(link, "overlaybd")
+        target_of(link)
     assert e.value.reason == "bad-json"
 
 
 @pytest.mark.parametrize("artifact_type", [STREAMING, STREAMING_LINK])
-def test_target_of_another_format_is_refused(artifact_type: str) -> None:
+def test_a_referrer_of_another_format_is_refused(artifact_type: str) -> None:
     r = streaming(1, fmt="estargz", artifact_type=artifact_type)
     with pytest.raises(NoTeleport) as e:
-        target_of(r, "overlaybd")
-    assert e.value.reason == "format"
-    assert "estargz" in e.value.message
+        choose([r], ("overlaybd",), AMD64, index_level=False)
+    assert e.value.reason == "format" and e.value.offered == ("estargz",)
+    assert e.value.message == "the referrers offer estargz, not overlaybd"
 
 
 # --- choose ----------------------------------------------------------------------------
@@ -225,36 +225,36 @@ def test_target_of_another_format_is_refused(artifact_type: str) -> None:
 
 def test_choose_nothing_is_no_referrer() -> None:
     with pytest.raises(NoTeleport) as e:
-        choose([], "overlaybd", AMD64, index_level=False)
+        choose([], ("overlaybd",), AMD64, index_level=False)
     assert e.value.reason == "no-referrer"
 
 
 def test_choose_takes_the_first_usable_in_preference_order() -> None:
     first, second = streaming(1), streaming(2)
-    c = choose([first, second], "overlaybd", AMD64, index_level=False)
+    c = choose([first, second], ("overlaybd",), AMD64, index_level=False)
     assert c.referrer is first and c.target is first
 
 
 def test_choose_at_manifest_level_skips_other_platforms_and_formats() -> None:
     arm, wrong_format, ok = streaming(1, "linux", "arm64"), streaming(2, fmt="estargz"), streaming(3)
-    c = choose([arm, wrong_format, ok], "overlaybd", AMD64, index_level=False)
+    c = choose([arm, wrong_format, ok], ("overlaybd",), AMD64, index_level=False)
     assert c.referrer is ok
     # a referrer naming no platform is fine for a platform manifest
-    assert choose([streaming(4)], "overlaybd", AMD64, index_level=False).referrer.digest == dg(4)
+    assert choose([streaming(4)], ("overlaybd",), AMD64, index_level=False).referrer.digest == dg(4)
 
 
 def test_choose_at_index_level_needs_the_platform_named() -> None:
     arm, amd = streaming(1, "linux", "arm64"), streaming(2, "linux", "amd64")
-    assert choose([arm, amd], "overlaybd", AMD64, index_level=True).referrer is amd
-    assert choose([arm, amd], "overlaybd", ARM64, index_level=True).referrer is arm
+    assert choose([arm, amd], ("overlaybd",), AMD64, index_level=True).referrer is amd
+    assert choose([arm, amd], ("overlaybd",), ARM64, index_level=True).referrer is arm
     with pytest.raises(NoTeleport) as e:
-        choose([streaming(3)], "overlaybd", AMD64, index_level=True)  # names no platform
+        choose([streaming(3)], ("overlaybd",), AMD64, index_level=True)  # names no platform
     assert e.value.reason == "platform"
 
 
 def test_choose_platform_reason() -> None:
     with pytest.raises(NoTeleport) as e:
-        choose([streaming(1, "linux", "arm64"), streaming(2, "windows", "amd64")], "overlaybd", AMD64,
+        choose([streaming(1, "linux", "arm64"), streaming(2, "windows", "amd64")], ("overlaybd",), AMD64,
                index_level=False)
     assert e.value.reason == "platform"
     assert "linux/amd64" in e.value.message
@@ -262,22 +262,41 @@ def test_choose_platform_reason() -> None:
 
 def test_choose_format_reason() -> None:
     with pytest.raises(NoTeleport) as e:
-        choose([streaming(1, fmt="estargz"), streaming(2, fmt="nydus")], "overlaybd", AMD64, index_level=False)
+        choose([streaming(1, fmt="estargz"), streaming(2, fmt="nydus")], ("overlaybd",), AMD64, index_level=False)
     assert e.value.reason == "format"
 
 
-def test_choose_reports_the_last_failure() -> None:
+def test_choose_says_format_when_this_platform_has_a_copy_in_another_format() -> None:
     with pytest.raises(NoTeleport) as e:
-        choose([streaming(1, fmt="estargz"), streaming(2, "linux", "arm64")], "overlaybd", AMD64,
+        choose([streaming(1, fmt="estargz"), streaming(2, "linux", "arm64")], ("overlaybd",), AMD64,
                index_level=False)
+    assert e.value.reason == "format" and e.value.offered == ("estargz",)
+
+
+def test_choose_reports_the_last_failure() -> None:
+    bad_link = desc(1, STREAMING_LINK, **{"streaming.format": "overlaybd"})
+    with pytest.raises(NoTeleport) as e:
+        choose([bad_link, streaming(2, "linux", "arm64")], ("overlaybd",), AMD64, index_level=False)
     assert e.value.reason == "platform"
+
+
+def test_choose_takes_formats_in_teleports_order_and_names_the_format() -> None:
+    obd, stargz, bare = streaming(1), streaming(2, fmt="estargz"), desc(3, STREAMING)
+    assert choose([obd, stargz], ("estargz", "overlaybd"), AMD64, index_level=False).referrer is stargz
+    c = choose([obd, stargz], ("overlaybd", "estargz"), AMD64, index_level=False)
+    assert c.referrer is obd and c.format == "overlaybd"
+    # a referrer that names no format is a candidate for the first format (its layers decide)
+    assert choose([bare, stargz], ("estargz",), AMD64, index_level=False).referrer is bare
+    # an artifact type of overlaybd's own never stands for an eStargz copy
+    native = desc(4, OVERLAYBD_NATIVE)
+    assert choose([native, stargz], ("estargz",), AMD64, index_level=False).referrer is stargz
 
 
 def test_choose_a_link_resolves_its_target() -> None:
     link = desc(1, STREAMING_LINK, **{"streaming.mediaType": oci.OCI_MANIFEST, "streaming.digest": dg(9),
                                       "streaming.size": "77", "streaming.platform.os": "linux",
                                       "streaming.platform.arch": "amd64"})
-    c = choose([link], "overlaybd", AMD64, index_level=True)
+    c = choose([link], ("overlaybd",), AMD64, index_level=True)
     assert c.referrer is link and c.target.digest == dg(9) and c.target.size == 77
 
 

@@ -3,7 +3,7 @@
 containerd only looks for `hosts.toml` files when its CRI registry `config_path` names their
 folder, and it reads `config_path` when it starts: the edit needs a restart of containerd once;
 the hosts.toml files under that folder are re-read on every pull and need none. Optionally the
-overlaybd snapshotter (what teleported images need to be streamed) is declared as a proxy plugin
+streaming snapshotter teleported images need (overlaybd or stargz) is declared as a proxy plugin
 and made CRI's snapshotter.
 
 The file belongs to the operator: it is edited with tomlkit so that comments, order and every
@@ -41,7 +41,12 @@ DEFAULT_CONFIG = Path("/etc/containerd/config.toml")
 DEFAULT_HOSTS_DIR = "/etc/containerd/certs.d"
 OVERLAYBD = "overlaybd"
 OVERLAYBD_SOCKET = "/run/overlaybd-snapshotter/overlaybd.sock"
-SNAPSHOTTERS = (OVERLAYBD,)
+STARGZ = "stargz"
+#: Where upstream's containerd-stargz-grpc listens by default.
+STARGZ_SOCKET = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
+#: The streaming snapshotters `--snapshotter` declares, with their default sockets.
+SNAPSHOTTER_SOCKETS = {OVERLAYBD: OVERLAYBD_SOCKET, STARGZ: STARGZ_SOCKET}
+SNAPSHOTTERS = tuple(SNAPSHOTTER_SOCKETS)
 BACKUP_SUFFIX = ".acr-backup"
 #: What a missing config.toml becomes: containerd's defaults plus what we set.
 NEW_FILE = "# Written by 'acr containerd configure'; containerd's defaults apply to everything not set here.\nversion = 2\n"
@@ -219,7 +224,7 @@ def configure_text(
     *,
     hosts_dir: str | None = None,
     snapshotter: str | None = None,
-    snapshotter_address: str = OVERLAYBD_SOCKET,
+    snapshotter_address: str | None = None,
 ) -> Edit:
     """Edit config.toml text (None: no file yet). `hosts_dir` None keeps a config_path that is
     already set and otherwise sets /etc/containerd/certs.d; a folder given replaces it."""
@@ -274,6 +279,7 @@ def configure_text(
     if snapshotter is not None:
         if snapshotter not in SNAPSHOTTERS:
             raise ConfigError(f"unknown snapshotter '{snapshotter}' (known: {', '.join(SNAPSHOTTERS)})")
+        snapshotter_address = snapshotter_address or SNAPSHOTTER_SOCKETS[snapshotter]
         plugin_path = ("proxy_plugins", snapshotter)
         plugin = _table(doc, plugin_path, schema, style)
         if plugin is None:
@@ -293,7 +299,7 @@ def configure_text(
             _set(table, "snapshotter", snapshotter, depth, style)
             name = schema.dotted(schema.snapshotter + ("snapshotter",))
             changes.append(f"{name}: {str(before)!r} -> {snapshotter!r}" if before is not None else f"{name} = {snapshotter!r}")
-        # overlaybd needs the image annotations that CRI leaves out by default on containerd 1.x.
+        # Streaming snapshotters need the image annotations that CRI leaves out by default on containerd 1.x.
         if table.get("disable_snapshot_annotations") is not False:
             _set(table, "disable_snapshot_annotations", False, depth, style)
             changes.append(f"{schema.dotted(schema.snapshotter + ('disable_snapshot_annotations',))} = false")
@@ -405,7 +411,7 @@ def parse_config_path(text: str) -> Path:
 
 
 class ContainerdConfig(RuntimePlugin):
-    """`.containerd-config [PATH]` with `: .snapshotter overlaybd`: the same edit as
+    """`.containerd-config [PATH]` with `: .snapshotter overlaybd|stargz`: the same edit as
     `acr containerd configure`, pointing config_path at the mirror's `--hosts-dir`."""
 
     plugin = "containerd-config"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from addons.node import overlaybd_config
-from addons.node.containerd_config import (DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS,
+from addons.node.containerd_config import (DEFAULT_CONFIG, DEFAULT_HOSTS_DIR, OVERLAYBD, OVERLAYBD_SOCKET, SCHEMAS, STARGZ,
                                            Schema, parse_config_path)
 from addons.runmd.runtime import RuntimePlugin
 from addons.runmd.runtime import Runtime
@@ -94,25 +94,35 @@ def table(data: dict, path: tuple[str, ...]) -> dict:
     return node if isinstance(node, dict) else {}
 
 
-def streaming_missing(data: dict, schema: Schema) -> tuple[list[str], str | None]:
-    """What this config.toml lacks for CRI to run overlaybd images, and the snapshotter's socket
-    as declared (`[proxy_plugins.overlaybd] address`)."""
+#: The CRI snapshotters that stream images, and the format each streams.
+STREAMING_SNAPSHOTTERS = {OVERLAYBD: "overlaybd", STARGZ: "estargz"}
+
+
+def cri_snapshotter(data: dict, schema: Schema) -> str:
+    """The snapshotter CRI unpacks images with (containerd's default: overlayfs)."""
+    value = table(data, schema.snapshotter).get("snapshotter")
+    return value if isinstance(value, str) and value else "overlayfs"
+
+
+def streaming_missing(data: dict, schema: Schema, snapshotter: str) -> tuple[list[str], str | None]:
+    """What this config.toml lacks for CRI to run images with the streaming `snapshotter`
+    (overlaybd or stargz), and that snapshotter's socket as declared (`[proxy_plugins.NAME] address`)."""
     missing: list[str] = []
     cri = table(data, schema.snapshotter)
     where = schema.dotted(schema.snapshotter)
-    snapshotter = cri.get("snapshotter")
-    if snapshotter != OVERLAYBD:
-        missing.append(f"CRI's snapshotter is {snapshotter or 'overlayfs'!r}, not 'overlaybd' ({where})")
+    current = cri_snapshotter(data, schema)
+    if current != snapshotter:
+        missing.append(f"CRI's snapshotter is {current!r}, not {snapshotter!r} ({where})")
     # containerd 1.x leaves the layer annotations out by default; 2.x passes them.
     annotations_off = cri.get("disable_snapshot_annotations", schema.version < 3)
     if annotations_off is not False:
-        missing.append(f"{where}.disable_snapshot_annotations is not false (overlaybd needs the layer annotations)")
-    plugin = table(data, ("proxy_plugins", OVERLAYBD))
+        missing.append(f"{where}.disable_snapshot_annotations is not false ({snapshotter} needs the layer annotations)")
+    plugin = table(data, ("proxy_plugins", snapshotter))
     address = plugin.get("address") if isinstance(plugin.get("address"), str) else None
     if not plugin:
-        missing.append("no [proxy_plugins.overlaybd] declares the overlaybd snapshotter")
+        missing.append(f"no [proxy_plugins.{snapshotter}] declares the {snapshotter} snapshotter")
     elif plugin.get("type") != "snapshot" or not address:
-        missing.append("[proxy_plugins.overlaybd] is not a snapshot plugin with an address")
+        missing.append(f"[proxy_plugins.{snapshotter}] is not a snapshot plugin with an address")
         address = None
     return missing, address
 

@@ -1,4 +1,4 @@
-"""`.teleport FORMAT`: answer a tag pull with the streamable image its referrers name.
+"""`.teleport FORMAT[, FORMAT ...][, MODE]`: answer a tag pull with the streamable copy its referrers name.
 
 containerd trusts the digest that tag resolution reports and checks every later fetch
 against the digest it asked for, so only tag resolution is teleported: a request by digest
@@ -6,10 +6,13 @@ gets exactly that content. The streamable manifest is fetched and hashed before 
 HEAD and GET of a tag take the same decision from the same caches, and any failure serves the
 original manifest with the reason recorded. Teleport never breaks a pull.
 
-A streamable image only runs where containerd unpacks with the overlaybd snapshotter: the
-gate (addons.teleport.gate) says whether this node does, and `.teleport FORMAT, MODE` says
-whether to ask it (`auto`, the default), to teleport regardless (`always`) or never to.
-The target is checked too: its layers must be overlaybd blobs, as the converter annotates them.
+A streamable copy is made for one snapshotter: overlaybd images for the overlaybd snapshotter,
+eStargz images for the stargz snapshotter. `.teleport` lists the formats it may serve, in order
+of preference; a referrer's `streaming.format` annotation names its copy's format. The gate
+(addons.teleport.gate) says which format this node streams, and the mode says whether to ask
+it (`auto`, the default: only that format), to teleport regardless (`always`: the first format
+on offer) or never to. The target is checked too: its layers must carry the annotations that
+format's converter writes.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import ROCKET, RequestContext, TeleportDecision
 from addons.proxy.resolve import accepts, fetch_manifest, manifest_response
 from addons.proxy.upstream import NeedsIO, UpstreamError
-from addons.runmd.plugin import parse_choice, split_list
+from addons.runmd.plugin import split_list
 from addons.teleport.gate import MODES, Gate, parse_mode
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("overlaybd",)
+FORMATS = ("overlaybd", "estargz")
 STREAMING = "application/vnd.azure.artifact.streaming.v1"
 STREAMING_LINK = "application/vnd.azure.artifact.streaming.link.v1"
 OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
@@ -52,6 +55,12 @@ ARTIFACT_MANIFESTS = ("application/vnd.cncf.oras.artifact.manifest.v1+json", "ap
 #: blob's digest and size; without them the snapshotter would not know the layer is overlaybd.
 OVERLAYBD_BLOB_DIGEST = "containerd.io/snapshot/overlaybd/blob-digest"
 OVERLAYBD_BLOB_SIZE = "containerd.io/snapshot/overlaybd/blob-size"
+#: The layer annotations eStargz converters write (`ctr-remote image convert --estargz`, nerdctl):
+#: where the layer's table of contents is, and the uncompressed size the snapshotter needs.
+ESTARGZ_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+ESTARGZ_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
+#: Referrer artifact types that can only stand for one format, annotated or not.
+IMPLIED_FORMATS = {OVERLAYBD_NATIVE: "overlaybd", DADI: "overlaybd"}
 _DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 _MACHINE_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
@@ -86,15 +95,14 @@ def annotated_platform_matches(d: Descriptor, want: Platform) -> bool | None:
 
 @dataclass(frozen=True)
 class TeleportConfig:
-    """`.teleport FORMAT[, MODE]`."""
+    """`.teleport FORMAT[, FORMAT ...][, MODE]`: the formats in order of preference, and the mode."""
 
-    format: str
+    formats: tuple[str, ...] = ("overlaybd",)
     mode: str = "auto"
 
 
-def overlaybd_layers_missing(body: bytes) -> str | None:
-    """None when every layer of this image manifest is an overlaybd blob (annotated with its
-    blob digest and size, as overlaybd's converter writes them); else what is wrong."""
+def _layer_annotations(body: bytes) -> list[dict[str, Any]] | str:
+    """Each layer's annotations of an image manifest, or what is wrong with it."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -102,44 +110,74 @@ def overlaybd_layers_missing(body: bytes) -> str | None:
     layers = doc.get("layers") if isinstance(doc, dict) else None
     if not isinstance(layers, list) or not layers:
         return "it has no layers"
-    for i, layer in enumerate(layers):
+    out = []
+    for layer in layers:
         a = layer.get("annotations") if isinstance(layer, dict) else None
-        a = a if isinstance(a, dict) else {}
-        digest, size = a.get(OVERLAYBD_BLOB_DIGEST), a.get(OVERLAYBD_BLOB_SIZE)
+        out.append(a if isinstance(a, dict) else {})
+    return out
+
+
+def _annotated(body: bytes, what: str, digest_key: str, size_key: str) -> str | None:
+    """None when every layer carries a digest under `digest_key` and a size under `size_key`."""
+    layers = _layer_annotations(body)
+    if isinstance(layers, str):
+        return layers
+    for i, a in enumerate(layers):
+        digest, size = a.get(digest_key), a.get(size_key)
         if digest is None or size is None:
-            return f"layer {i} is not an overlaybd blob (no {OVERLAYBD_BLOB_DIGEST} and blob-size annotations)"
+            return f"layer {i} is not {what} (no {digest_key} and {size_key.rsplit('/', 1)[-1]} annotations)"
         if not isinstance(digest, str) or not _DIGEST_RE.match(digest):
-            return f"layer {i}: {OVERLAYBD_BLOB_DIGEST} is not a digest"
+            return f"layer {i}: {digest_key} is not a digest"
         if not isinstance(size, str) or not size.isdigit():
-            return f"layer {i}: {OVERLAYBD_BLOB_SIZE} is not a size in bytes"
+            return f"layer {i}: {size_key} is not a size in bytes"
     return None
 
 
+def overlaybd_layers_missing(body: bytes) -> str | None:
+    """None when every layer of this image manifest is an overlaybd blob (annotated with its
+    blob digest and size, as overlaybd's converter writes them); else what is wrong."""
+    return _annotated(body, "an overlaybd blob", OVERLAYBD_BLOB_DIGEST, OVERLAYBD_BLOB_SIZE)
+
+
+def estargz_layers_missing(body: bytes) -> str | None:
+    """None when every layer of this image manifest is an eStargz layer (annotated with its
+    TOC digest and uncompressed size); else what is wrong. The stargz snapshotter reads a
+    layer lazily only with both."""
+    return _annotated(body, "an eStargz layer", ESTARGZ_TOC_DIGEST, ESTARGZ_UNCOMPRESSED_SIZE)
+
+
 #: How to tell a streamable manifest of each format.
-FORMAT_CHECKS = {"overlaybd": overlaybd_layers_missing}
+FORMAT_CHECKS = {"overlaybd": overlaybd_layers_missing, "estargz": estargz_layers_missing}
+
+
+def referrer_format(referrer: Descriptor) -> str | None:
+    """The format a referrer names (`streaming.format`), or the one its artifact type implies;
+    None when it says nothing (its target's layers then tell)."""
+    declared = (referrer.annotations or {}).get("streaming.format")
+    return declared.lower() if isinstance(declared, str) else IMPLIED_FORMATS.get(referrer.artifact_type or "")
 
 
 class NoTeleport(Exception):
     """Why the original manifest is served; `reason` is a short word for mitmweb and metrics."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, offered: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        #: The formats the referrers named, when none was one of those wanted.
+        self.offered = offered
 
 
 @dataclass(frozen=True)
 class Choice:
     referrer: Descriptor
     target: Descriptor
+    format: str
 
 
-def target_of(referrer: Descriptor, fmt: str) -> Descriptor:
-    """The streamable manifest a referrer stands for; raises NoTeleport for a wrong or bad one."""
+def target_of(referrer: Descriptor) -> Descriptor:
+    """The streamable manifest a referrer stands for; raises NoTeleport for a bad link."""
     a = referrer.annotations or {}
-    declared = a.get("streaming.format")
-    if declared is not None and declared != fmt:
-        raise NoTeleport("format", f"referrer {referrer.digest} is {declared}, not {fmt}")
     if referrer.artifact_type == STREAMING_LINK:
         try:
             return Descriptor.from_json({
@@ -152,8 +190,10 @@ def target_of(referrer: Descriptor, fmt: str) -> Descriptor:
     return referrer
 
 
-def choose(referrers: list[Descriptor], fmt: str, want: Platform, index_level: bool) -> Choice:
-    """The first usable referrer, in preference order (discover already ordered them).
+def choose(referrers: list[Descriptor], formats: tuple[str, ...], want: Platform, index_level: bool) -> Choice:
+    """The first usable referrer of the first format that has one: formats in `.teleport`'s
+    order, referrers of a format in discover's order. A referrer that names no format is a
+    candidate for each (its target's layers decide).
 
     At index level only referrers that name the wanted platform count; at manifest level a
     referrer that names another platform is skipped.
@@ -161,15 +201,24 @@ def choose(referrers: list[Descriptor], fmt: str, want: Platform, index_level: b
     if not referrers:
         raise NoTeleport("no-referrer", "no streamable referrer")
     last: NoTeleport | None = None
-    for r in referrers:
-        match = annotated_platform_matches(r, want)
-        if match is False or (index_level and match is None):
-            last = NoTeleport("platform", f"no referrer for {want.os}/{want.architecture}")
-            continue
-        try:
-            return Choice(r, target_of(r, fmt))
-        except NoTeleport as e:
-            last = e
+    offered: list[str] = []
+    for fmt in formats:
+        for r in referrers:
+            match = annotated_platform_matches(r, want)
+            if match is False or (index_level and match is None):
+                last = NoTeleport("platform", f"no referrer for {want.os}/{want.architecture}")
+                continue
+            named = referrer_format(r)
+            if named is not None and named != fmt:
+                if named not in offered:
+                    offered.append(named)
+                continue
+            try:
+                return Choice(r, target_of(r), fmt)
+            except NoTeleport as e:
+                last = e
+    if offered and (last is None or last.reason == "platform"):
+        raise NoTeleport("format", f"the referrers offer {', '.join(offered)}, not {', '.join(formats)}", tuple(offered))
     assert last is not None
     raise last
 
@@ -219,15 +268,26 @@ def platform_child(body: bytes, want: Platform) -> Descriptor:
 class Teleport(ProxyPlugin):
     plugin = "teleport"
     routes = frozenset({"manifests"})
-    summary = "answer tag resolution with the streamable (overlaybd) manifest"
+    summary = "answer tag resolution with the streamable copy (overlaybd, estargz) the node can run"
 
     @classmethod
     def parse(cls, text: str) -> TeleportConfig:
-        items = split_list(text) or ["overlaybd"]
-        fmt = parse_choice(items[0], FORMATS, "format")
-        if len(items) > 2:
-            raise ValueError(f"expected '.teleport FORMAT[, MODE]', e.g. 'overlaybd, auto', got '{text}'")
-        return TeleportConfig(fmt, parse_mode(items[1]) if len(items) == 2 else "auto")
+        items = [i.lower() for i in split_list(text)] or ["overlaybd"]
+        mode = parse_mode(items.pop()) if items[-1] in MODES else "auto"
+        expected = f"expected '.teleport FORMAT[, FORMAT ...][, MODE]' with formats {' or '.join(FORMATS)} " \
+                   f"and a mode {' or '.join(MODES)} last, e.g. 'overlaybd, estargz, auto'"
+        if not items:
+            raise ValueError(f"{expected}: no format in '{text}'")
+        formats: list[str] = []
+        for item in items:
+            if item in MODES:
+                raise ValueError(f"{expected}: the mode '{item}' must come last")
+            if item not in FORMATS:
+                raise ValueError(f"{expected}: unknown format '{item}'")
+            if item in formats:
+                raise ValueError(f"{expected}: '{item}' is listed twice")
+            formats.append(item)
+        return TeleportConfig(tuple(formats), mode)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -245,13 +305,13 @@ class Teleport(ProxyPlugin):
         )
         loader.add_option(
             "acr_teleport", str, "",
-            f"Teleport mode, overriding '.teleport FORMAT, MODE' in mirror.runmd: {', '.join(MODES)} "
-            "(auto: only while this node's containerd streams overlaybd images).",
+            f"Teleport mode, overriding '.teleport FORMATS, MODE' in mirror.runmd: {', '.join(MODES)} "
+            "(auto: only the format this node's containerd streams: overlaybd or estargz).",
         )
         loader.add_option(
             "acr_containerd_config", str, str(self.gate.config),
-            "containerd's config.toml, read to tell whether this node streams overlaybd images "
-            "(teleport's auto mode).",
+            "containerd's config.toml, read to tell which format this node streams (overlaybd with the "
+            "overlaybd snapshotter, estargz with stargz): teleport's auto mode.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -302,8 +362,9 @@ class Teleport(ProxyPlugin):
     def run(self, ctx: RequestContext) -> None:
         self._teleport(ctx, io=True)
 
-    def decide(self, ctx: RequestContext, io: bool) -> tuple[Choice, Manifest]:
-        """The streamable manifest for this tag, or NoTeleport (blocking unless `io` is False)."""
+    def decide(self, ctx: RequestContext, io: bool, formats: tuple[str, ...]) -> tuple[Choice, Manifest]:
+        """The streamable manifest for this tag in one of `formats`, or NoTeleport (blocking
+        unless `io` is False)."""
         original = ctx.manifest
         assert original is not None
         found = ctx.referrers
@@ -314,7 +375,7 @@ class Teleport(ProxyPlugin):
         want = self.platform
         if oci.is_index(original.media_type):
             try:
-                choice = choose(found.found, self.config.format, want, index_level=True)
+                choice = choose(found.found, formats, want, index_level=True)
             except NoTeleport:
                 child = platform_child(original.body, want)
                 assert found.lookup is not None
@@ -322,16 +383,16 @@ class Teleport(ProxyPlugin):
                     child_referrers = found.lookup(child.digest, io)
                 except DiscoverError as e:
                     raise NoTeleport(e.reason, e.message) from None
-                choice = choose(child_referrers, self.config.format, want, index_level=False)
+                choice = choose(child_referrers, formats, want, index_level=False)
         else:
-            choice = choose(found.found, self.config.format, want, index_level=False)
+            choice = choose(found.found, formats, want, index_level=False)
         accept = ctx.lookup_accept or oci.DEFAULT_ACCEPT
         if choice.referrer.artifact_type == DADI:
             artifact = self._fetch(ctx, choice.referrer.digest, "dadi artifact",
                                    ", ".join((*ARTIFACT_MANIFESTS, accept)), io)
             linked = linked_manifest(artifact.body)
             if linked is not None:
-                choice = Choice(choice.referrer, linked)
+                choice = Choice(choice.referrer, linked, choice.format)
             elif oci.base_media_type(artifact.media_type) in ARTIFACT_MANIFESTS:
                 raise NoTeleport("format", f"dadi artifact {choice.referrer.digest} lists no image manifest")
         streamable = self._fetch(ctx, choice.target.digest, "streamable manifest", accept, io)
@@ -339,9 +400,9 @@ class Teleport(ProxyPlugin):
             raise NoTeleport("size", f"streamable manifest is {streamable.size} B, the referrer says {choice.target.size}")
         if oci.is_index(streamable.media_type) or not oci.is_manifest_type(streamable.media_type):
             raise NoTeleport("format", f"streamable target is a {streamable.media_type}, not an image manifest")
-        wrong = FORMAT_CHECKS[self.config.format](streamable.body)
+        wrong = FORMAT_CHECKS[choice.format](streamable.body)
         if wrong:
-            raise NoTeleport("format", f"streamable manifest {streamable.digest} is not {self.config.format}: {wrong}")
+            raise NoTeleport("format", f"streamable manifest {streamable.digest} is not {choice.format}: {wrong}")
         if not accepts(ctx.accept, streamable.media_type):
             raise NoTeleport("accept", f"the client does not accept {streamable.media_type}")
         return choice, streamable
@@ -367,27 +428,34 @@ class Teleport(ProxyPlugin):
         if mode == "never":
             self._record(ctx, "never", "teleport is set to never")
             return True
+        formats = self.config.formats
+        verdict = None
         if mode == "auto":
             try:
                 verdict = self.gate.verdict(io)
             except NeedsIO:
                 return False
-            if not verdict.streams:
-                self._record(ctx, "snapshotter", verdict.missing or "")
+            if verdict.format not in formats:
+                self._record(ctx, "snapshotter", f"{verdict.describe()}; on offer: {self._offered(ctx)}")
                 return True
+            formats = (verdict.format,)
         try:
-            choice, streamable = self.decide(ctx, io)
+            choice, streamable = self.decide(ctx, io, formats)
         except NeedsIO:
             return False
         except NoTeleport as e:
-            self._record(ctx, e.reason, e.message)
+            if verdict is not None and e.offered:
+                # The copies on offer are for another snapshotter than this node's.
+                self._record(ctx, "snapshotter", f"{verdict.describe()}; on offer: {', '.join(e.offered)}")
+            else:
+                self._record(ctx, e.reason, e.message)
             return True
         except Exception as e:  # teleport never breaks a pull
             logger.exception("teleport failed for %s", ctx.name)
             self._record(ctx, "error", e.__class__.__name__)
             return True
         ctx.answer = manifest_response(ctx.method, streamable)
-        fmt = self.config.format
+        fmt = choice.format
         ctx.served = streamable
         ctx.teleport = TeleportDecision(original, streamable, fmt, choice.referrer.artifact_type)
         self.state.counters["teleports"] += 1
@@ -401,6 +469,12 @@ class Teleport(ProxyPlugin):
         ctx.note("teleport", f"{original} -> {streamable.digest} ({fmt}, {choice.referrer.artifact_type})")
         logger.debug("teleport %s:%s %s -> %s (%s)", ctx.name, ctx.reference, original, streamable.digest, fmt)
         return True
+
+    def _offered(self, ctx: RequestContext) -> str:
+        """The formats this tag's referrers name (as discover found them), else `.teleport`'s."""
+        found = ctx.referrers.found if ctx.referrers is not None else []
+        named = [f for f in dict.fromkeys(referrer_format(r) for r in found) if f]
+        return ", ".join(named or self.config.formats)
 
     def _record(self, ctx: RequestContext, reason: str, message: str) -> None:
         assert ctx.manifest is not None

@@ -1,5 +1,5 @@
-"""A node that streams overlaybd images, as far as the mirror can tell: containerd's config.toml
-says so and the overlaybd snapshotter's socket accepts connections.
+"""A node that streams overlaybd (or eStargz) images, as far as the mirror can tell: containerd's
+config.toml says so and the snapshotter's socket accepts connections.
 
 overlaybd is not in Debian, so its snapshotter cannot run here. What the mirror checks is the
 config (CRI's snapshotter, the annotations, `[proxy_plugins.overlaybd]`) and that the socket
@@ -22,10 +22,10 @@ CONFIG_V2 = """\
 version = 2
 
 [plugins."io.containerd.grpc.v1.cri".containerd]
-  snapshotter = "overlaybd"
+  snapshotter = "{snapshotter}"
   disable_snapshot_annotations = false
 
-[proxy_plugins.overlaybd]
+[proxy_plugins.{snapshotter}]
   type = "snapshot"
   address = "{socket}"
 """
@@ -34,23 +34,23 @@ CONFIG_V3 = """\
 version = 3
 
 [plugins."io.containerd.cri.v1.images"]
-  snapshotter = "overlaybd"
+  snapshotter = "{snapshotter}"
 
-[proxy_plugins.overlaybd]
+[proxy_plugins.{snapshotter}]
   type = "snapshot"
   address = "{socket}"
 """
 
 
 class StreamingNode:
-    """config.toml of an overlaybd node, and a listening socket standing in for the snapshotter."""
+    """config.toml of an overlaybd (or stargz) node, and a listening socket standing in for the snapshotter."""
 
-    def __init__(self, version: int = 2, *, listen: bool = True) -> None:
+    def __init__(self, version: int = 2, *, listen: bool = True, snapshotter: str = "overlaybd") -> None:
         # Short path: a unix socket's path must fit in sun_path (108 bytes).
         self.dir = Path(tempfile.mkdtemp(prefix="lifec-obd-", dir="/tmp"))
-        self.socket_path = self.dir / "overlaybd.sock"
+        self.socket_path = self.dir / f"{snapshotter}.sock"
         self.config = self.dir / "config.toml"
-        self.config.write_text((CONFIG_V2 if version == 2 else CONFIG_V3).format(socket=self.socket_path))
+        self.config.write_text((CONFIG_V2 if version == 2 else CONFIG_V3).format(socket=self.socket_path, snapshotter=snapshotter))
         self._sock: Optional[socket.socket] = None
         if listen:
             self.start()
