@@ -11,9 +11,8 @@ gets a namespace of its own, so nothing is cached. Each run measures:
 * the original on overlayfs: `ctr images pull --snapshotter overlayfs` by digest, then
   `ctr run --snapshotter overlayfs`;
 * the eStargz copy (made by `ctr-remote image convert --estargz --oci`, the streaming referrer of
-  the original) on stargz: `ctr-remote image rpull` of the tag, which the mirror teleports to the
-  copy when it can (`.teleport estargz` in `auto`), else of the copy by digest; then
-  `ctr run --snapshotter stargz`;
+  the original) on stargz: `ctr-remote image rpull` of the tag, which the mirror (`.teleport
+  estargz` in `auto`) teleports to the copy; then `ctr run --snapshotter stargz`;
 
 through a stand-in for a registry behind a --mbit link (a throttling TCP relay of ours on loopback
 in front of docker-registry) and on loopback; plus the blob bytes the registry sent before the
@@ -28,7 +27,6 @@ import argparse
 import json
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -41,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 from tests.harness.coldstart import cold_start  # noqa: E402
 from tests.harness.containerd import write_hosts_toml  # noqa: E402
 from tests.harness.estargz import StargzPair, push_pair  # noqa: E402
-from tests.harness.mirror import ACR, Mirror  # noqa: E402
-from tests.harness.ports import LOOPBACK, ClosedPort  # noqa: E402
+from tests.harness.mirror import Mirror  # noqa: E402
+from tests.harness.ports import LOOPBACK, ClosedPort, free_port  # noqa: E402
 from tests.harness.referrers import ReferrersFront  # noqa: E402
 from tests.harness.registry import Registry  # noqa: E402
-from tests.harness.stargz import StargzNode, fuse_missing  # noqa: E402
+from tests.harness.stargz import StargzNode, estargz_mirror, fuse_missing  # noqa: E402
 from tests.harness.throttle import ThrottledRelay  # noqa: E402
 
 REPO = "bench/stargz"
@@ -56,13 +54,12 @@ def note(msg: str) -> None:
     print(f"bench_stargz: {msg}", file=sys.stderr, flush=True)
 
 
-def one_run(node: StargzNode, reg: Registry, host: str, hosts: Path, pair: StargzPair,
-            teleports: bool) -> dict[str, dict[str, float]]:
+def one_run(node: StargzNode, reg: Registry, host: str, hosts: Path, pair: StargzPair) -> dict[str, dict[str, float]]:
     """Both cold starts through the mirror that serves ``host``, in a namespace of their own."""
     ctr = node.containerd.client(f"bench-{secrets.token_hex(4)}")
     try:
         original = cold_start(ctr, reg, f"{host}/{REPO}@{pair.original}", hosts, pair.original_layer, lazy=False)
-        ref = f"{host}/{REPO}:{pair.tag}" if teleports else f"{host}/{REPO}@{pair.copy}"
+        ref = f"{host}/{REPO}:{pair.tag}"
         copy = cold_start(ctr, reg, ref, hosts, pair.copy_layer, lazy=True)
         if copy.target != pair.copy:
             raise RuntimeError(f"{ref} resolved to {copy.target}, not to the eStargz copy {pair.copy}")
@@ -90,20 +87,6 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def teleport_runmd(mirror: Mirror) -> bool:
-    """Let the mirror teleport to eStargz copies in `auto`, when this version knows the format."""
-    text = mirror.runmd_path.read_text()
-    lines = [line for line in text.splitlines() if line.split()[1:2] == [".teleport"]]
-    if not lines:
-        return False
-    mirror.runmd_path.write_text(text.replace(lines[0], lines[0].split(".teleport")[0] + ".teleport     estargz"))
-    check = subprocess.run([ACR, "--runmd", str(mirror.runmd_path), "dump"], capture_output=True, text=True)
-    if check.returncode != 0:
-        mirror.runmd_path.write_text(text)
-        return False
-    return True
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--filler-mib", type=float, default=64, help="incompressible MiB in the image (default 64)")
@@ -122,33 +105,30 @@ def main() -> int:
         relay = stack.enter_context(ThrottledRelay((LOOPBACK, front.port), args.mbit * 1e6))
         closed = stack.enter_context(ClosedPort())
         # The node's snapshotter reads each upstream through the mirror of it.
-        mirrors = {f"{args.mbit:g} Mbit/s": (relay.host, Mirror(work / "mirror-slow", [relay.url], start=False)),
-                   "loopback": (front.host, Mirror(work / "mirror-loopback", [front.url], start=False))}
-        node = stack.enter_context(StargzNode({host: m.host for host, m in mirrors.values()}, say=note))
+        links = {f"{args.mbit:g} Mbit/s": (relay, "slow"), "loopback": (front, "loopback")}
+        ports = {link: free_port() for link in links}
+        node = stack.enter_context(StargzNode({up.host: f"127.0.0.1:{ports[link]}" for link, (up, _) in links.items()},
+                                              say=note))
         hosts = work / "certs.d"
-        teleports = True
-        for host, m in mirrors.values():
-            teleports = teleport_runmd(m) and teleports
-            m.args = ["--hosts-dir", str(m.home / "runtime-certs.d")]
-            m.sets.append(f"acr_containerd_config={node.containerd.config_path}")  # the node it serves
+        mirrors: dict[str, tuple[str, Mirror]] = {}
+        for link, (upstream, name) in links.items():
+            m = estargz_mirror(work / f"mirror-{name}", upstream.url, node.containerd.config_path, port=ports[link])
             m.start(timeout=60)
             stack.callback(m.stop)
-            write_hosts_toml(hosts, host, closed.url, hosts=[(m.url, ["pull", "resolve"])])
+            write_hosts_toml(hosts, upstream.host, closed.url, hosts=[(m.url, ["pull", "resolve"])])
+            mirrors[link] = (upstream.host, m)
 
         note(f"making the image ({args.filler_mib:g} MiB of filler) and its eStargz copy")
         pair = push_pair(front, node.containerd.client("conversion"), REPO, "v1", hello=HELLO_TEXT,
                          filler_bytes=int(args.filler_mib * 2**20))
         results["original_layer_bytes"] = pair.original_size
         results["estargz_layer_bytes"] = pair.copy_size
-        results["teleported_tag"] = teleports
-        if not teleports:
-            note("this mirror does not teleport to eStargz copies yet: the copy is pulled by digest")
         for link, (host, m) in mirrors.items():
             runs = []
             for i in range(args.repeat):
                 note(f"{link}: cold run {i + 1} of {args.repeat}")
                 node.restart_cold()
-                runs.append(one_run(node, reg, host, hosts, pair, teleports))
+                runs.append(one_run(node, reg, host, hosts, pair))
             figures: dict[str, Any] = median_of(runs)
             figures["speedup"] = figures["original"]["cold_start_s"] / figures["estargz"]["cold_start_s"]
             figures["fetched_percent"] = 100 * figures["estargz"]["fetched_bytes"] / pair.copy_size

@@ -24,9 +24,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from .containerd import Containerd, Ctr
+from .mirror import Mirror, acr_init
+from .ports import free_port
 from .procs import kill_group
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -271,6 +273,21 @@ class StargzNode:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def estargz_mirror(home: Path, upstream: str, node_config: Path, *, port: Optional[int] = None,
+                   sets: Sequence[str] = ()) -> Mirror:
+    """A mirror of ``upstream`` as `acr init --teleport-format estargz` writes it (teleport
+    `auto`), judging the node that ``node_config`` (containerd's config.toml) describes; not
+    started yet (``start``), so its port can go into the node's snapshotter config first."""
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    runmd = home / "init.runmd"
+    acr_init("--runmd", str(runmd), "init", "--upstream", upstream, "--mirror-address", f"127.0.0.1:{port}",
+             "--teleport-format", "estargz", "--force")
+    return Mirror(home, [upstream], runmd=runmd.read_text(), port=port, start=False,
+                  sets=[f"acr_containerd_config={node_config}", *sets], env={"PYTHONUNBUFFERED": "1"},
+                  args=["--hosts-dir", str(home / "runtime-certs.d")])
 
 
 def main() -> int:
