@@ -42,6 +42,10 @@ DEBIAN_GOPATH = "/usr/share/gocode"
 #: What the daemon and the tests need from Debian (scripts/setup installs them).
 DEBIAN_PACKAGES = ("golang-go", "golang-github-containerd-stargz-snapshotter-dev", "stargz-snapshotter", "fuse3")
 CTR_REMOTE = "ctr-remote"
+#: ``go build`` flags: no symbols, build paths or build ids, so a checkout anywhere builds the
+#: same ``cat`` (built from its file, not its folder, whose path GOPATH mode would name): the
+#: test images carry it, and their digests stay the same on every machine.
+BUILD_FLAGS = ("-trimpath", "-ldflags", "-s -w -buildid=")
 
 
 def fuse_missing() -> Optional[str]:
@@ -66,8 +70,9 @@ def _go_packages() -> str:
 
 
 def source_hash() -> str:
-    """sha256 over our Go sources (paths and bytes) and the installed Go packages' versions."""
-    h = hashlib.sha256()
+    """sha256 over our Go sources (paths and bytes), the build flags and the installed Go
+    packages' versions."""
+    h = hashlib.sha256("\0".join(BUILD_FLAGS).encode() + b"\0")
     for path in sorted(p for p in SOURCES.rglob("*") if p.is_file()):
         h.update(str(path.relative_to(SOURCES)).encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(_go_packages().encode())
@@ -96,13 +101,13 @@ def build(say: Callable[[str], None] = lambda _: None) -> Path:
         env = {**os.environ, "GO111MODULE": "off", "GOFLAGS": "",
                "GOPATH": f"{SOURCES / 'gopath'}:{DEBIAN_GOPATH}", "GOCACHE": str(gocache)}
         for name, package, extra in ((BINARY, ".", {"CGO_ENABLED": "1"}),
-                                     (CAT, "./cat", {"CGO_ENABLED": "0"})):
+                                     (CAT, "cat/main.go", {"CGO_ENABLED": "0"})):
             if (folder / name).is_file():
                 continue
             if name == BINARY:
                 say("building the stargz snapshotter daemon from Debian's Go packages (once, a minute or two)")
             partial = folder / (name + ".partial")
-            result = subprocess.run(["go", "build", "-ldflags", "-s -w", "-o", str(partial), package],
+            result = subprocess.run(["go", "build", *BUILD_FLAGS, "-o", str(partial), package],
                                     cwd=SOURCES, env={**env, **extra}, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"go build {package} in {SOURCES} failed:\n{result.stderr[-4000:]}")
