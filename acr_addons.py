@@ -7,6 +7,6 @@ does. Run it in reverse mode with `--set connection_strategy=lazy`, e.g.
 """
 
 from addons.chain import AcrMirror
-from addons.core.mitm import ReadSize
+from addons.core.mitm.loop import ReadSize
 
 addons = [AcrMirror(), ReadSize()]

@@ -16,17 +16,19 @@ from collections.abc import Sequence
 from mitmproxy import command, ctx, exceptions, flow, hooks
 
 from addons import catalog
-from addons.core import mitm
+from addons.core.mitm.master import put_first_in_chain
 from addons.runmd.compile import Compiled
 from addons.proxy.plugin import ProxyPlugin
 from addons.observe.endpoints import Endpoints
+from addons.proxy.credentials_endpoint import CredentialsEndpoint
 from addons.node.login_acr import LoginRefresh
 from addons.node import hostswatch
 from addons.observe import record  # flow files scrubbed of credentials
 from addons.observe.metrics import Metrics  # GET /metrics
 from addons.observe.replay import ReplayCheck  # decisions re-made offline over read flows
-from addons.proxy.front import Proxy, ProxyTail
-from addons.proxy.pull import TokenScrub
+from addons.observe.tokenscrub import TokenScrub
+from addons.proxy.front import Proxy
+from addons.proxy.tail import ProxyTail
 from addons.proxy.routes import Route
 from addons.runmd.syntax import RunmdError, Step
 from addons.proxy.state import MirrorState, Settings
@@ -68,7 +70,7 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
         steps.append(addon)
     # /auth and /status are answered ahead of the proxy root (which 404s non-/v2 paths);
     # `.login-acr` steps are refreshed while the mirror runs.
-    front: list[Any] = [Endpoints(compiled, state)]
+    front: list[Any] = [CredentialsEndpoint(compiled, state), Endpoints(compiled, state)]
     front += [Metrics(state), ReplayCheck(compiled, state, offline_request_path)]
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
@@ -106,7 +108,7 @@ class AcrMirror:
     def load(self, loader) -> None:
         # First in the master's chain, ahead of the flow writer and mitmweb (see TokenScrub).
         if ctx.master.addons.get(TokenScrub.name) is None:
-            mitm.put_first_in_chain(ctx.master, TokenScrub())
+            put_first_in_chain(ctx.master, TokenScrub())
         record.install(ctx.master)  # `-w` and mitmweb's save write scrubbed copies
         loader.add_option("acr_runmd", str, "", "The mirror.runmd file whose pipeline this mirror runs.")
 

@@ -7,10 +7,7 @@ journal should see what is wrong without a traceback to dig through.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
-import socket
 import string
 import sys
 from collections.abc import Sequence
@@ -25,6 +22,7 @@ from addons.runmd.compile import Compiled
 from addons.runmd.engine import EXIT_USAGE
 from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
+from addons.serve import DEFAULT_WEB_PORT, ServeError, check_listen, hosts_dir_of, serve
 
 if TYPE_CHECKING:
     from addons.runmd.engine import EngineSpec
@@ -36,8 +34,6 @@ DEFAULT_ARTIFACT_TYPES = (
     "application/vnd.azure.artifact.streaming.link.v1",
     "application/vnd.containerd.overlaybd.native.v1+json",
 )
-#: containerd's `ns` never carries a scheme; reverse mode needs a target, so a closed port.
-PLACEHOLDER_TARGET = "http://127.0.0.1:9"
 
 
 def _catalog() -> Any:
@@ -219,17 +215,6 @@ def listen_address(compiled: Compiled, allow_remote: bool) -> Address:
     return address
 
 
-def check_listen(address: Address, who: str = "") -> None:
-    """Fail before any runtime step runs when `who` (the mirror, or mitmweb) cannot bind its address."""
-    family = socket.AF_INET6 if ":" in address.bind_host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((address.bind_host, address.port))
-        except OSError as e:
-            raise CliError(f"{who + ' ' if who else ''}cannot listen on {address}: {e.strerror}") from None
-
-
 def cmd_mirror_start(args: argparse.Namespace) -> int:
     compiled = load(args.runmd)
     engine = select_engine(compiled, args.engine_name)
@@ -249,9 +234,9 @@ def cmd_mirror_start(args: argparse.Namespace) -> int:
     except StepError as e:
         raise CliError(str(e)) from None
     logger.info("%d runtime step(s) ran; serving on %s", ran, address)
-    from addons.core import mitm
+    from addons.core.mitm.loop import run
 
-    return mitm.run(serve(compiled, address, args))
+    return run(serve(compiled, address, args))
 
 
 # `+ .engine`, `acr mirror serve`, `acr containerd configure`
@@ -299,21 +284,14 @@ def run_engine(compiled: Compiled, spec: "EngineSpec", args: argparse.Namespace)
         raise CliError(str(e)) from None
 
 
-def hosts_dir_of(args: argparse.Namespace) -> Path:
-    """The hosts folder the runtime steps install into, which the running mirror then watches."""
-    from addons.node.containerd_config import DEFAULT_HOSTS_DIR
-
-    return Path(getattr(args, "hosts_dir", None) or DEFAULT_HOSTS_DIR)
-
-
 def cmd_mirror_serve(args: argparse.Namespace) -> int:
     """Serve the proxy only, no runtime step: what an engine runs and restarts."""
     compiled = load(args.runmd)
     address = listen_address(compiled, args.allow_remote)
     check_listen(address)
-    from addons.core import mitm
+    from addons.core.mitm.loop import run
 
-    return mitm.run(serve(compiled, address, args))
+    return run(serve(compiled, address, args))
 
 
 def cmd_containerd_configure(args: argparse.Namespace) -> int:
@@ -346,108 +324,6 @@ def cmd_overlaybd_configure(args: argparse.Namespace) -> int:
     for line in overlaybd_config.report(path, edit, backup, args.dry_run):
         print(line)
     return 0
-
-
-async def serve(compiled: Compiled, address: Address, args: argparse.Namespace) -> int:
-    """Run mitmproxy in-process with the runmd's chain until SIGINT or SIGTERM."""
-    from mitmproxy import options
-
-    from addons.chain import AcrMirror
-    from addons.core import mitm
-
-    # From here on mitmproxy's termlog prints every log line; ours would print them twice.
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    root.setLevel(logging.DEBUG)
-    if not args.verbose:
-        # Connection open/close lines drown the one line per request the mirror writes.
-        logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
-    opts = options.Options()
-    if getattr(args, "web", False):  # mitmweb (WebMaster) with the same chain
-        master = web_master(opts, args)
-    else:
-        master = mitm.mirror_master(opts)
-    opts.update(
-        mode=[f"reverse:{PLACEHOLDER_TARGET}@{address.bind_host}:{address.port}"],
-        # The mode's own address is what it listens on; these are what mitmweb's status bar shows.
-        listen_host=address.bind_host,
-        listen_port=address.port,
-        connection_strategy="lazy",
-        termlog_verbosity="debug" if args.verbose else "info",
-    )
-    master.addons.add(AcrMirror(compiled), mitm.ReadSize())
-    try:
-        opts.update(acr_runmd=str(Path(compiled.path).resolve()))
-        if getattr(args, "mirror_command", "") == "start" and "acr_hosts_dir" in opts:
-            # The runmd has `.host` steps; `serve` gets the folder from its engine (--set).
-            opts.update(acr_hosts_dir=str(hosts_dir_of(args)))
-        # `.https CERT` serves TLS with that key and certificate, for every name.
-        from addons.node.https import certs_option
-
-        if certs_option(compiled):
-            # HTTP/1.1 only: an HTTP/2 request carries :authority, which the proxy root refuses as
-            # forward-proxy (absolute-form) traffic; clients negotiate h2 over TLS when offered.
-            opts.update(certs=certs_option(compiled), http2=False)
-        if args.set:
-            # Each step declares its own options: one the runmd's steps do not use is kept
-            # aside (and said), one nobody knows is an error.
-            opts.set(*args.set, defer=True)
-            for name in sorted(opts.deferred):
-                if not name.startswith("acr_"):
-                    raise CliError(f"bad option: unknown option {name}", EXIT_USAGE)
-                logger.warning("option %s: no step of %s uses it", name, compiled.path)
-    except Exception as e:  # OptionsError and friends: one line, no traceback
-        raise CliError(f"bad option: {e}", EXIT_USAGE) from None
-    if getattr(args, "web", False):
-        check_web(opts, args)
-    elif opts.termlog_verbosity != "debug":
-        # A debug record walks the whole addon chain even when nothing prints it: made only
-        # when something shows it (-v or termlog_verbosity=debug, mitmweb's event log).
-        root.setLevel(logging.INFO)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    await master.run()
-    logger.info("mirror stopped")
-    return 0
-
-
-# `--web` runs mitmweb with the chain; `acr service install|uninstall`
-
-#: The flow list's columns in `--web`: the URL is where the answer came from (the registry or
-#: storage), the comment leads with what the mirror decided.
-WEB_COLUMNS = ["icon", "method", "path", "status", "size", "time", "comment"]
-DEFAULT_WEB_PORT = 8081
-
-
-def web_master(opts, args: argparse.Namespace):
-    """mitmweb's master on loopback, without opening a browser: inspect flows as they pass."""
-    from mitmproxy.tools.web.master import WebMaster
-
-    master = WebMaster(opts, with_termlog=True)
-    opts.update(web_host="127.0.0.1", web_port=args.web_port, web_open_browser=False, web_columns=WEB_COLUMNS)
-    if not args.verbose:
-        # The page polls; one access line per poll would drown the mirror's one line per request
-        # (mitmproxy's own launcher quiets this logger the same way).
-        logging.getLogger("tornado").setLevel(logging.WARNING)
-    from addons.core import mitm
-
-    mitm.web_handlers(master.app)
-    return master
-
-
-def check_web(opts, args: argparse.Namespace) -> None:
-    """mitmweb 11.0 has no login: whoever reaches it sees every flow, so loopback only."""
-    from addons.core.address import is_loopback
-
-    if not is_loopback(opts.web_host):
-        raise CliError(f"web_host '{opts.web_host}' is not a loopback address: mitmweb has no login, "
-                       "so it only listens on this machine", EXIT_USAGE)
-    check_listen(Address(opts.web_host, opts.web_port), "mitmweb")
-    logger.info("mitmweb on http://%s:%d/ (each flow's comment leads with the mirror's decision: "
-                "try the filter ~marked for teleported tags)", opts.web_host, opts.web_port)
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -608,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except CliError as e:
+    except (CliError, ServeError) as e:
         print(f"acr: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:

@@ -164,7 +164,7 @@ def test_the_readme_shows_the_drop_in_that_the_command_prints(tmp_path) -> None:
 
 
 def test_a_next_page_link_keeps_the_registry_host_prefix() -> None:
-    from addons.proxy.pull import link_with_prefix
+    from addons.proxy.tags import link_with_prefix
 
     link = '</v2/demo/app/tags/list?last=v1&n=1>; rel="next"'
     assert link_with_prefix(link, "127.0.0.1") == '</v2/127.0.0.1/demo/app/tags/list?last=v1&n=1>; rel="next"'

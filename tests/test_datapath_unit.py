@@ -34,8 +34,9 @@ from addons.chain import AcrMirror
 from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.proxy.login import Login
 from addons.registry.oci import Upstream
-from addons.proxy.front import summary
-from addons.proxy.pull import Pull, TokenScrub, same_origin
+from addons.proxy.tail import summary
+from addons.observe.tokenscrub import TokenScrub
+from addons.proxy.pull import Pull, same_origin
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
@@ -467,9 +468,9 @@ def test_each_request_writes_exactly_one_info_line(tmp_path: Path, caplog: pytes
             flow = tflow.tflow(req=req)
             run_hooks_now(mirror.addons, flow, ("requestheaders", "request", "response"))
             flows.append(flow)
-    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy.front"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "addons.proxy.tail"]
     assert lines == [f"{m} manifests app:v1 -> 200 {sha(MANIFEST)} [{NS}]" for m in ("HEAD", "GET", "GET")]
-    others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy.front"]
+    others = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and r.name != "addons.proxy.tail"]
     assert len(others) == 1 and others[0].endswith(": loaded user user")  # once, not per request
     for flow in flows:
         assert flow.comment and flow.metadata["acr"]["steps"]

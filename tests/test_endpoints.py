@@ -24,7 +24,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from addons import catalog
 from addons.registry.auth import ACR_REFRESH_TOKEN_USER
 from addons.chain import AcrMirror
-from addons.observe.endpoints import REDACTED, Endpoints, loopback_peer, remote_host
+from addons.observe.endpoints import Endpoints
+from addons.proxy.credentials_endpoint import REDACTED, CredentialsEndpoint, loopback_peer, remote_host
 from addons.node.login_acr import write_meta
 from addons.proxy.front import Proxy
 from tests.harness.inprocess import drive
@@ -113,11 +114,6 @@ def make_flow(path: str, method: str = "GET", peer: tuple[Any, ...] = ("127.0.0.
     return flow
 
 
-def endpoints_of(mirror: AcrMirror) -> Endpoints:
-    (e,) = [a for a in mirror.addons if isinstance(a, Endpoints)]
-    return e
-
-
 def sent_body(mirror: AcrMirror, flow: http.HTTPFlow) -> bytes:
     """What the client receives: the body after the response hooks, before the loop runs on."""
     async def respond() -> tuple[bytes, bytes]:
@@ -145,9 +141,9 @@ def auth_url(remote: str) -> str:
 
 def test_endpoints_stand_before_the_proxy_root(tmp_path: Path) -> None:
     addons = mirror_in(tmp_path).addons
-    # /metrics and the offline replay check stand among the front addons too, after Endpoints.
+    # /metrics and the offline replay check stand among the front addons too, after /status.
     proxy = next(i for i, a in enumerate(addons) if isinstance(a, Proxy))
-    assert isinstance(addons[0], Endpoints) and proxy >= 1
+    assert isinstance(addons[0], CredentialsEndpoint) and isinstance(addons[1], Endpoints) and proxy >= 2
 
 
 @pytest.mark.parametrize(

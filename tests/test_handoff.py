@@ -1,4 +1,4 @@
-"""What addons.core.mitm.hand_off relies on, pinned against the installed mitmproxy, in-process.
+"""What addons.core.mitm.handoff.hand_off relies on, pinned against the installed mitmproxy, in-process.
 
 A mitmproxy master in reverse mode (on uvloop, as the mirror runs it) with one addon that answers
 every request with a head whose body `hand_off` writes: the head and body arrive in order, the
@@ -21,7 +21,8 @@ import pytest
 from mitmproxy import http, options
 from mitmproxy.tools.dump import DumpMaster
 
-from addons.core import mitm
+from addons.core.mitm.handoff import can_hand_off, hand_off
+from addons.core.mitm.loop import run
 from tests.harness.ports import free_port
 from mitmproxy.test import tflow
 
@@ -29,7 +30,7 @@ BODY = os.urandom(3 * 1024 * 1024 + 17)
 
 
 class Lane:
-    """Answers `/whole`, `/cut` and `/chunked`; the body goes through `mitm.hand_off`."""
+    """Answers `/whole`, `/cut` and `/chunked`; the body goes through `hand_off`."""
 
     def __init__(self) -> None:
         self.done: list[tuple[str, bool, float]] = []
@@ -61,7 +62,7 @@ class Lane:
             sock.sendall(BODY)
             return True
 
-        self.handed.append(mitm.hand_off(flow, body, lambda ok: self.done.append((path, ok, time.time()))))
+        self.handed.append(hand_off(flow, body, lambda ok: self.done.append((path, ok, time.time()))))
 
 
 def settled(addon: Lane, count: int) -> None:
@@ -87,7 +88,7 @@ def lane() -> Iterator[tuple[Lane, int]]:
         started.set()
         await master.run()
 
-    thread = threading.Thread(target=lambda: mitm.run(main()), daemon=True)
+    thread = threading.Thread(target=lambda: run(main()), daemon=True)
     thread.start()
     assert started.wait(10)
     for _ in range(200):
@@ -141,10 +142,10 @@ def test_without_a_live_client_connection_nothing_is_handed_off() -> None:
 
     flow = tflow.tflow(resp=True)
     with taddons.context():
-        assert mitm.can_hand_off(flow)  # a plain HTTP/1 client...
-        assert not mitm.hand_off(flow, lambda sock: True)  # ...but no connection to write to
+        assert can_hand_off(flow)  # a plain HTTP/1 client...
+        assert not hand_off(flow, lambda sock: True)  # ...but no connection to write to
         flow.client_conn.tls = True
-        assert not mitm.can_hand_off(flow)
+        assert not can_hand_off(flow)
 
 
 def test_mitmproxy_writes_a_response_head_in_one_send_and_runs_responseheaders_before_it() -> None:

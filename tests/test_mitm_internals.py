@@ -1,8 +1,8 @@
-"""What addons/core/mitm.py assumes of mitmproxy's internals, pinned against the installed mitmproxy.
+"""What the addons/core/mitm package assumes of mitmproxy's internals, pinned against the installed mitmproxy.
 
 Each assumption is checked twice where it can be: in mitmproxy's own source or objects (so an
 upgrade that changes it fails here, naming what to revisit) and through the function of
-addons/core/mitm.py that relies on it (so the function does what its name says).
+addons/core/mitm/ that relies on it (so the function does what its name says).
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ from mitmproxy.proxy import server as mserver
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow
 
-from addons.core import mitm
+from addons.core.mitm.handoff import abort_server_connection, client_has_unsent_bytes
+from addons.core.mitm.loop import BUFFER_LIMIT, ReadSize, enlarge_reads, run
+from addons.core.mitm.master import (
+    UNUSED_DEFAULT_ADDONS, SaveCopies, flows_the_writer_holds, mirror_master, put_first_in_chain, swap_addon_class,
+)
 
 # --- the connection table: proxyserver.connections[client.id].transports[connection] --------------
 
@@ -50,7 +54,7 @@ def test_mitmproxy_keeps_each_connection_reader_and_writer_in_a_table_by_client_
 
 
 def test_mitmproxy_reads_64k_per_event_and_calls_server_connected_before_reading() -> None:
-    """If an upgrade changes these, ReadSize may stop working: revisit addons/core/mitm.py."""
+    """If an upgrade changes these, ReadSize may stop working: revisit addons/core/mitm/loop.py."""
     assert "reader.read(65535)" in inspect.getsource(mserver.ConnectionHandler.handle_connection)
     source = inspect.getsource(mserver.ConnectionHandler.open_connection)
     assert source.index("ServerConnectedHook") < source.index("await self.handle_connection(")
@@ -65,8 +69,8 @@ def test_mitmproxy_reads_upstream_only_once_its_writers_drained() -> None:
 def test_enlarged_reader_returns_the_whole_buffer_up_to_the_read_size() -> None:
     async def go() -> tuple[int, int, int]:
         reader = asyncio.StreamReader()
-        assert mitm.enlarge_reads(reader, size=1 << 20, limit=256 * 1024)
-        assert not mitm.enlarge_reads(reader)  # once per reader
+        assert enlarge_reads(reader, size=1 << 20, limit=256 * 1024)
+        assert not enlarge_reads(reader)  # once per reader
         reader.feed_data(b"x" * (700 * 1024))
         first = len(await reader.read(65535))
         reader.feed_data(b"y" * (3 << 20))
@@ -78,7 +82,7 @@ def test_enlarged_reader_returns_the_whole_buffer_up_to_the_read_size() -> None:
 
 def test_read_size_addon_enlarges_the_upstream_reader_of_a_live_connection() -> None:
     async def go() -> tuple[bool, bool]:
-        ps, addon = _ProxyServer(), mitm.ReadSize()
+        ps, addon = _ProxyServer(), ReadSize()
         with taddons.context(ps, addon):
             data = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
             reader = asyncio.StreamReader()
@@ -87,7 +91,7 @@ def test_read_size_addon_enlarges_the_upstream_reader_of_a_live_connection() -> 
             # Unknown connections (e.g. already gone) are left alone.
             other = server_hooks.ServerConnectionHookData(server=tflow.tserver_conn(), client=tflow.tclient_conn())
             addon.server_connected(other)
-            return "read" in vars(reader), reader._limit == mitm.BUFFER_LIMIT  # type: ignore[attr-defined]
+            return "read" in vars(reader), reader._limit == BUFFER_LIMIT  # type: ignore[attr-defined]
 
     assert asyncio.run(go()) == (True, True)
 
@@ -96,7 +100,7 @@ def test_run_uses_uvloop_when_it_is_installed() -> None:
     async def loop_module() -> str:
         return type(asyncio.get_running_loop()).__module__
 
-    module = mitm.run(loop_module())
+    module = run(loop_module())
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -121,15 +125,15 @@ def test_a_client_backlog_and_an_upstream_cut_are_found_through_the_connection_t
         flow = tflow.tflow()
         ps = _ProxyServer()
         with taddons.context(ps):
-            unknown = mitm.client_has_unsent_bytes(flow), mitm.abort_server_connection(flow)
+            unknown = client_has_unsent_bytes(flow), abort_server_connection(flow)
             ps.connections[flow.client_conn.id] = _Handler({
                 flow.client_conn: mserver.ConnectionIO(writer=to_client),
                 flow.server_conn: mserver.ConnectionIO(writer=to_upstream),
             })
-            idle = mitm.client_has_unsent_bytes(flow)
+            idle = client_has_unsent_bytes(flow)
             to_client.write(b"x" * (64 << 20))  # more than the socket buffers take
-            backlogged = mitm.client_has_unsent_bytes(flow)
-            cut = mitm.abort_server_connection(flow) and to_upstream.transport.is_closing()
+            backlogged = client_has_unsent_bytes(flow)
+            cut = abort_server_connection(flow) and to_upstream.transport.is_closing()
         to_client.transport.abort()
         for w in peers:
             w.close()
@@ -163,9 +167,9 @@ def test_put_first_in_chain_runs_the_addon_before_the_built_in_ones_once() -> No
     calls: list[str] = []
     builtin = _Probe("builtin", calls)
     with taddons.context(builtin) as tctx:
-        assert mitm.put_first_in_chain(tctx.master, _Probe("token", calls))
-        assert mitm.put_first_in_chain(tctx.master, _Probe("record", calls), after="token")
-        assert not mitm.put_first_in_chain(tctx.master, _Probe("token", calls))  # once by name
+        assert put_first_in_chain(tctx.master, _Probe("token", calls))
+        assert put_first_in_chain(tctx.master, _Probe("record", calls), after="token")
+        assert not put_first_in_chain(tctx.master, _Probe("token", calls))  # once by name
         tctx.master.addons.trigger(layers.http.HttpResponseHook(tflow.tflow(resp=True)))
     assert calls[-3:] == ["token", "record", "builtin"] and calls.count("token") == 1
 
@@ -178,9 +182,9 @@ def test_mitmproxy_save_holds_unfinished_flows_and_writes_them_in_done() -> None
     save = Save()
     with taddons.context(save) as tctx:
         save.active_flows.add(flow)
-        assert mitm.flows_the_writer_holds(tctx.master) == [flow]
+        assert flows_the_writer_holds(tctx.master) == [flow]
     with taddons.context() as tctx:
-        assert mitm.flows_the_writer_holds(tctx.master) == []  # no writer at all
+        assert flows_the_writer_holds(tctx.master) == []  # no writer at all
 
 
 def test_swap_addon_class_keeps_the_object_and_its_commands_follow() -> None:
@@ -194,9 +198,9 @@ def test_swap_addon_class_keeps_the_object_and_its_commands_follow() -> None:
     assert not hasattr(Save, "__slots__")  # an instance's class can be assigned
     save = Save()
     with taddons.context(save) as tctx:
-        assert mitm.swap_addon_class(tctx.master, "save", LoudSave)
-        assert not mitm.swap_addon_class(tctx.master, "save", LoudSave)  # already one
-        assert not mitm.swap_addon_class(tctx.master, "nothing", LoudSave)
+        assert swap_addon_class(tctx.master, "save", LoudSave)
+        assert not swap_addon_class(tctx.master, "save", LoudSave)  # already one
+        assert not swap_addon_class(tctx.master, "nothing", LoudSave)
         assert tctx.master.addons.get("save") is save and type(save) is LoudSave
         tctx.master.commands.call("save.file", [], "x.mitm")  # the command is the new method
     assert calls == ["x.mitm"]
@@ -204,7 +208,7 @@ def test_swap_addon_class_keeps_the_object_and_its_commands_follow() -> None:
 
 def test_save_copies_rewrites_only_what_save_does_with_the_state_it_reads() -> None:
     """SaveCopies re-implements Save.save_flow and Save.done over Save's own attributes: if an
-    upgrade changes those methods, revisit SaveCopies in addons/core/mitm.py."""
+    upgrade changes those methods, revisit SaveCopies in addons/core/mitm/master.py."""
     save_flow = inspect.getsource(Save.save_flow)
     for line in ("if not self.stream:", "self.maybe_rotate_to_new_file()", "self.stream.add(flow)",
                  "self.active_flows.discard(flow)", "sys.exit(1)"):
@@ -219,7 +223,7 @@ def test_save_copies_rewrites_only_what_save_does_with_the_state_it_reads() -> N
 def test_save_copies_writes_the_copy_and_leaves_the_flow(tmp_path: Any) -> None:
     from mitmproxy import io as mio
 
-    class Marked(mitm.SaveCopies):
+    class Marked(SaveCopies):
         def copy_for_file(self, f: flow.Flow) -> flow.Flow:
             out = f.copy()
             out.comment = "copy"
@@ -227,7 +231,7 @@ def test_save_copies_writes_the_copy_and_leaves_the_flow(tmp_path: Any) -> None:
 
     save = Save()
     with taddons.context(save) as tctx:
-        assert mitm.swap_addon_class(tctx.master, "save", Marked)
+        assert swap_addon_class(tctx.master, "save", Marked)
         tctx.configure(save, save_stream_file=str(tmp_path / "a.mitm"))
         done, open_ = tflow.tflow(resp=True), tflow.tflow()
         save.response(done)
@@ -249,14 +253,14 @@ def test_the_mirror_master_leaves_out_only_default_addons_that_exist_and_keeps_w
     from mitmproxy import options
 
     defaults = {type(a).__name__ for a in builtin.default_addons()}
-    assert mitm.UNUSED_DEFAULT_ADDONS <= defaults, mitm.UNUSED_DEFAULT_ADDONS - defaults
+    assert UNUSED_DEFAULT_ADDONS <= defaults, UNUSED_DEFAULT_ADDONS - defaults
 
     async def build() -> set[str]:
-        master = mitm.mirror_master(options.Options())
+        master = mirror_master(options.Options())
         return {type(a).__name__ for a in master.addons.chain}
 
     chain = asyncio.run(build())
-    assert not chain & mitm.UNUSED_DEFAULT_ADDONS
+    assert not chain & UNUSED_DEFAULT_ADDONS
     needed = {"Core", "Block", "ProxyAuth", "Proxyserver", "NextLayer", "TlsConfig", "Save", "ScriptLoader",
               "DisableH2C", "UpdateAltSvc", "ErrorCheck", "TermLog"}
     assert needed <= chain, needed - chain
@@ -271,7 +275,7 @@ def test_the_mirror_master_sends_log_records_to_the_terminal_but_not_as_add_log_
     from mitmproxy import log, options
 
     async def build() -> tuple[list[logging.Handler], list[Any]]:
-        master = mitm.mirror_master(options.Options())
+        master = mirror_master(options.Options())
         assert isinstance(master._legacy_log_events, log.LegacyLogEvents)
         handlers = list(logging.getLogger().handlers)
         chain = list(master.addons.chain)

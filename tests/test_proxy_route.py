@@ -15,7 +15,8 @@ from addons import catalog
 from addons.chain import AcrMirror
 from addons.core.offline import run_hooks_now
 from addons.proxy.plugin import ProxyPlugin
-from addons.proxy.front import Proxy, ProxyTail, RouteError, Target, parse_target
+from addons.proxy.front import Proxy, RouteError, Target, parse_target
+from addons.proxy.tail import ProxyTail
 from tests.harness.inprocess import drive
 
 SHA = "sha256:" + "a" * 64

@@ -121,7 +121,7 @@ def _stream(activity: Any, chunks: list[bytes]) -> bytes:
 
 def test_a_blob_streamed_by_mitmproxy_is_checked_and_a_mismatch_cut_before_the_last_chunk() -> None:
     """The path of clients on TLS or HTTP/2, whose bodies mitmproxy streams."""
-    from addons.proxy.pull import Activity
+    from addons.proxy.stream import Activity
 
     chunks = [DATA[:1000], DATA[1000:CHUNK], DATA[CHUNK:]]
     cut: list[bool] = []

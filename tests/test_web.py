@@ -35,7 +35,7 @@ from mitmproxy.tools.dump import DumpMaster
 
 from addons import catalog
 from addons.chain import AcrMirror
-from addons.core import mitm
+from addons.core.mitm.web import FOCUS_HEADER, FOCUS_SCRIPT_PATH
 from addons.proxy.context import Forward, RequestContext
 from addons.proxy.routes import deliver
 from addons.registry.oci import Upstream
@@ -72,7 +72,7 @@ class Web:
     def command(self, name: str, *args: str, focus: str | None = None) -> Any:
         headers = {"X-XSRFToken": self.s.cookies.get("_xsrf", "")}
         if focus:
-            headers[mitm.FOCUS_HEADER] = focus  # what the page's focus script adds
+            headers[FOCUS_HEADER] = focus  # what the page's focus script adds
         r = self.s.post(f"{self.url}/commands/{name}", json={"arguments": list(args)}, headers=headers, timeout=10)
         assert r.status_code == 200, r.text
         return r.json()
@@ -236,9 +236,9 @@ def test_acr_why_at_focus_explains_the_flow_selected_in_the_ui(site: Site) -> No
     why = site.web.command("acr.why", "@focus", focus=refused["id"])["value"]
     assert why[0].startswith(f"HEAD /v2/{site.repo}/manifests/v1") and "NAME_UNKNOWN" in why[1], why
     # The page loads the script that names the selected flow.
-    assert f'src=".{mitm.FOCUS_SCRIPT_PATH}"' in site.web.index
-    script = site.web.s.get(site.web.url + mitm.FOCUS_SCRIPT_PATH, timeout=10)
-    assert script.status_code == 200 and mitm.FOCUS_HEADER in script.text
+    assert f'src=".{FOCUS_SCRIPT_PATH}"' in site.web.index
+    script = site.web.s.get(site.web.url + FOCUS_SCRIPT_PATH, timeout=10)
+    assert script.status_code == 200 and FOCUS_HEADER in script.text
     # What the script adds to the page's command call, run with node in a stand-in window.
     page = """
       let sent = null;
@@ -252,7 +252,7 @@ def test_acr_why_at_focus_explains_the_flow_selected_in_the_ui(site: Site) -> No
     out = subprocess.run([webfilter.node(), "-e", page], input=script.text, capture_output=True, text=True,
                          timeout=30, check=True)
     command, other = json.loads(out.stdout)
-    assert command == {"X-XSRFToken": "x", mitm.FOCUS_HEADER: plain["id"]} and other is None
+    assert command == {"X-XSRFToken": "x", FOCUS_HEADER: plain["id"]} and other is None
 
 
 def test_acr_teleports_groups_the_follow_up_get_under_its_tag_and_lists_refusals(site: Site) -> None:

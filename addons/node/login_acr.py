@@ -29,7 +29,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions
 
 from addons.core.files import write_private
-from addons.registry import aad
+from addons.registry import aad, acr_exchange
 from addons.runmd.compile import Compiled
 from addons.registry.oci import Upstream
 from addons.runmd.runtime import RuntimePlugin
@@ -138,13 +138,13 @@ class LoginAcr(RuntimePlugin):
     def client(self, runtime: Runtime) -> aad.AadClient:
         return aad.AadClient(self.identity(runtime.home), cache_path=runtime.work / "msal_token_cache.json")
 
-    def login(self, runtime: Runtime, client: aad.AadClient | None = None) -> aad.RefreshToken:
+    def login(self, runtime: Runtime, client: aad.AadClient | None = None) -> acr_exchange.RefreshToken:
         """Get, exchange and store a refresh token; StepError names the missing piece."""
         registry = self.registry(runtime.compiled)
         client = client or self.client(runtime)
         try:
             token = client.acquire()
-            refresh = aad.exchange(registry, token)
+            refresh = acr_exchange.exchange(registry, token)
         except aad.LoginError as e:
             raise StepError(str(e)) from None
         path = runtime.home / TOKEN_FILE
@@ -178,7 +178,7 @@ def refresh_due(meta: dict[str, Any], lead: float) -> float | None:
     """When to log in again: `lead` before expiry, but no later than half the token's life."""
     try:
         expires_at = float(meta["expires_at"])
-        obtained_at = float(meta.get("obtained_at", expires_at - aad.DEFAULT_REFRESH_LIFETIME))
+        obtained_at = float(meta.get("obtained_at", expires_at - acr_exchange.DEFAULT_REFRESH_LIFETIME))
     except (KeyError, TypeError, ValueError):
         return None
     life = max(expires_at - obtained_at, 0.0)

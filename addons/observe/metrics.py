@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import requests
 from mitmproxy import http
 
-from addons.observe.endpoints import loopback_peer
+from addons.proxy.credentials_endpoint import loopback_peer
 from addons.proxy.context import info
 from addons.registry import oci
 from addons.proxy.state import MirrorState

@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mitmproxy import flow, http
 
-from addons.core import mitm
+from addons.core.mitm.master import SaveCopies, put_first_in_chain, swap_addon_class
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def scrubbed_copy(f: flow.Flow) -> flow.Flow:
 # --- addons --------------------------------------------------------------------------------
 
 
-class ScrubbingSave(mitm.SaveCopies):
+class ScrubbingSave(SaveCopies):
     """The built-in `save` addon, writing scrubbed copies (see the module docstring)."""
 
     def copy_for_file(self, f: flow.Flow) -> flow.Flow:
@@ -285,9 +285,9 @@ def install(master: Any, client_requests: bool = True) -> None:
     `client_requests`: keep each client request line in `flow.metadata["acr_client"]` (the mirror)."""
     # Ahead of every built-in addon; after the mirror's token scrubber when it is first.
     if master.addons.get(RecordScrub.name) is None:
-        mitm.put_first_in_chain(master, RecordScrub(client_requests), after="acr-token-scrub")
+        put_first_in_chain(master, RecordScrub(client_requests), after="acr-token-scrub")
     # The flow writer (`-w`, mitmweb's save) keeps its file and options; only its writing changes.
-    if mitm.swap_addon_class(master, "save", ScrubbingSave):
+    if swap_addon_class(master, "save", ScrubbingSave):
         logger.debug("flow files are written scrubbed of credentials")
 
 

@@ -4,39 +4,37 @@ A blob GET costs one upstream request (two where the registry redirects to stora
 mirror makes the GET itself in the route's worker thread (renewing a stale token once,
 following a storage redirect without the registry's token, or in `client` mode handing it to
 the client), answers the flow with the upstream's status and headers, and hands the body to
-addons.proxy.relay, which a thread writes straight to the client socket (addons.core.mitm
+addons.proxy.relay, which a thread writes straight to the client socket (addons.core.mitm.handoff
 `hand_off`), checking a whole blob against its digest and cutting the transfer before its
 last byte when it does not match. The flow stays a mitmproxy flow (status, headers, real
 duration in mitmweb; counted by /metrics; saved without a token).
 
 A client connection that cannot be handed off (TLS or HTTP/2 to the mirror) is streamed by
-mitmproxy as before: probed first, then forwarded, chunk by chunk, never held whole. HEAD
-requests and tag lists are small: the mirror answers them itself.
+mitmproxy: probed first, then forwarded, chunk by chunk, never held whole (addons.proxy.stream
+counts, checks and watches it). HEAD requests and tag lists are small: the mirror answers them
+itself (addons.proxy.tags keeps a tag list's next-page link on the mirror).
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
-import re
 import time
-import weakref
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from mitmproxy import ctx, http
 from mitmproxy.flow import Error as flow_error
 
-from addons.core import mitm
+from addons.core.mitm import handoff
 from addons.registry import oci
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import parse_choice
-from addons.proxy.context import Forward, RequestContext, Streamed, size_text
-from addons.proxy.front import summary
+from addons.proxy.context import Forward, RequestContext, Streamed
+from addons.proxy.tail import summary
 from addons.proxy.relay import BlobBody, checkable
+from addons.proxy.stream import Activity, StallWatch, scrub, streamed_note
+from addons.proxy.tags import link_with_ns, link_with_prefix
 from addons.proxy.upstream import Authorizer, UpstreamError, passed_headers, send
 
 logger = logging.getLogger(__name__)
@@ -52,95 +50,6 @@ def same_origin(a: str, b: str) -> bool:
     return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
 
 
-class Activity:
-    """A pass-through stream function that counts the bytes and remembers when data last moved.
-
-    With a `digest`, it also checks a whole blob streamed by mitmproxy (a client on TLS or
-    HTTP/2): each chunk is held back until the next one arrives, and at the end the last one
-    goes out only if the bytes matched; otherwise `cut` breaks the client's connection.
-    """
-
-    def __init__(self, streamed: Streamed | None = None, done: Callable[[], None] | None = None,
-                 digest: str | None = None, cut: Callable[[], object] | None = None) -> None:
-        self.last = time.monotonic()
-        self.done = False
-        self.streamed = streamed
-        self._on_done = done
-        self.digest = digest
-        self.hasher = hashlib.new(digest.split(":", 1)[0]) if digest else None
-        self.held = b""
-        self.cut = cut
-        self.mismatch = False
-
-    def __call__(self, chunk: bytes) -> bytes | list[bytes]:
-        self.last = time.monotonic()
-        if self.streamed is not None:
-            self.streamed.bytes += len(chunk)
-        if not chunk and not self.done:
-            self.done = True  # mitmproxy calls it with b"" at the end of the body
-            if self.streamed is not None:
-                self.streamed.ended = self.last
-        if self.hasher is None:
-            if self.done and self._on_done is not None and not chunk:
-                self._finish()
-            return chunk
-        if chunk:
-            self.hasher.update(chunk)
-            out, self.held = self.held, chunk
-            return [out] if out else []
-        out, self.held = self.held, b""
-        if f"{self.hasher.name}:{self.hasher.hexdigest()}" != self.digest:
-            self.mismatch = True
-            if self.streamed is not None:
-                self.streamed.cut = True
-            logger.warning("blob %s: upstream bytes do not match: transfer cut", self.digest)
-            if self.cut is not None:
-                self.cut()
-            self._finish()
-            return []
-        self._finish()
-        return [out] if out else []
-
-    def _finish(self) -> None:
-        if self._on_done is not None:
-            on_done, self._on_done = self._on_done, None
-            on_done()
-
-
-def streamed_note(s: Streamed) -> str:
-    """The pull step's last note for a blob body, however it was streamed."""
-    return f"streamed {s.bytes} B ({size_text(s.bytes)}) in {s.seconds:.3f} s from {s.source}"
-
-
-def link_with_prefix(link: str, prefix: str) -> str:
-    """Keep the `/v2/<registry-host>/` prefix on a tag list's next-page link, for a client that
-    chose the upstream by its path."""
-
-    def add(m: re.Match[str]) -> str:
-        target = m.group(1)
-        if target.startswith("/v2/"):
-            target = f"/v2/{prefix}/{target[4:]}"
-        return f"<{target}>"
-
-    return re.sub(r"<([^>]*)>", add, link, count=1)
-
-
-def link_with_ns(link: str, ns: str) -> str:
-    """Keep containerd's `ns` on a tag list's next-page link, so the next page reaches the same upstream."""
-
-    def add(m: re.Match[str]) -> str:
-        target = m.group(1)
-        sep = "&" if "?" in target else "?"
-        return f"<{target}{sep}ns={quote(ns, safe='')}>"
-
-    return re.sub(r"<([^>]*)>", add, link, count=1)
-
-
-def scrub(flow: http.HTTPFlow) -> None:
-    """Remove the upstream token from a forwarded request once it is on the wire."""
-    flow.request.headers.pop("Authorization", None)
-
-
 class Pull(ProxyPlugin):
     plugin = "pull"
     routes = frozenset({"blobs", "tags"})
@@ -153,8 +62,7 @@ class Pull(ProxyPlugin):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._watched: weakref.WeakKeyDictionary[http.HTTPFlow, Activity] = weakref.WeakKeyDictionary()
-        self._watchdog: asyncio.Task[None] | None = None
+        self.stalls = StallWatch(self.state.settings, self.context)
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -228,7 +136,7 @@ class Pull(ProxyPlugin):
             return
         ctx = self.context(flow)
         if ctx is not None and ctx.route == "blobs" and ctx.method == "GET":
-            ctx.hand_off = mitm.can_hand_off(flow)
+            ctx.hand_off = handoff.can_hand_off(flow)
 
     def ready(self, ctx: RequestContext) -> bool:
         """A streamed blob GET that needs no probe (`client` mode) and whose token is cached."""
@@ -375,7 +283,7 @@ class Pull(ProxyPlugin):
         """Stream the body, counting it and noting when each chunk passes, so a stalled upstream
         can be cut off and the flow tells how many bytes passed, how fast and from where (and
         checking it against `digest` when given)."""
-        cut = lambda: mitm.abort_client(flow)  # noqa: E731
+        cut = lambda: handoff.abort_client(flow)  # noqa: E731
         if ctx is not None and ctx.forward is not None:
             ctx.streamed = Streamed(started=time.monotonic(),
                                     source="storage" if ctx.forward.redirected else "registry")
@@ -388,38 +296,8 @@ class Pull(ProxyPlugin):
             activity = Activity(ctx.streamed, done, digest, cut)
         else:
             activity = Activity(None, None, digest, cut)
-        self._watched[flow] = activity
-        if self._watchdog is None or self._watchdog.done():
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not serving (hooks called directly, e.g. offline replay)
-                return activity
-            self._watchdog = loop.create_task(self._watch_stalls())
+        self.stalls.add(flow, activity)
         return activity
-
-    async def _watch_stalls(self) -> None:
-        """Close the upstream connection of a streamed body that has not moved for the upstream timeout.
-
-        mitmproxy itself waits 10 minutes; closing the connection makes it end the response
-        early, and the client sees a broken transfer (never a short blob with success).
-        """
-        while self._watched:
-            await asyncio.sleep(min(1.0, self.state.settings.upstream_timeout / 4))
-            limit = self.state.settings.upstream_timeout
-            now = time.monotonic()
-            for flow, activity in list(self._watched.items()):
-                if activity.done or not flow.live:
-                    self._watched.pop(flow, None)
-                elif now - activity.last > limit and mitm.client_has_unsent_bytes(flow):
-                    activity.last = now  # the client is slow, not the upstream (backpressure)
-                elif now - activity.last > limit:
-                    self._watched.pop(flow, None)
-                    ctx = self.context(flow)
-                    if ctx is not None:
-                        ctx.stalled = True
-                        ctx.note("pull", f"upstream stalled for {limit:g} s mid-body: connection closed")
-                        ctx.publish(flow)
-                    mitm.abort_server_connection(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         ctx = self.context(flow)
@@ -476,7 +354,7 @@ class Pull(ProxyPlugin):
         # The flow shows where the bytes came from, as a forwarded flow does (flow files
         # scrub a storage URL's signature); the request is never sent by mitmproxy.
         flow.request.url = body.url or flow.request.url
-        if mitm.hand_off(flow, body.write, done):
+        if handoff.hand_off(flow, body.write, done):
             return
         # The connection changed under us (closed meanwhile): never leave a client waiting for a body.
         body.close()
@@ -500,28 +378,3 @@ class Pull(ProxyPlugin):
         ctx.streamed.cut = True
         ctx.note("pull", f"stream cut after {ctx.streamed.bytes} B: {flow.error.msg if flow.error else 'error'}")
         ctx.publish(flow)
-
-
-class TokenScrub:
-    """Removes the upstream token from forwarded requests before mitmproxy's own addons see them.
-
-    mitmproxy's flow writer (`-w`) and mitmweb run before script addons, and the writer saves
-    a flow in its `response` and `error` hooks: this addon is placed first in the master's
-    chain (by addons.chain) so that no saved or displayed flow ever carries the token.
-    """
-
-    name = "acr-token-scrub"
-
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if (flow.metadata.get("acr") or {}).get("forward"):
-            scrub(flow)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self.responseheaders(flow)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self.responseheaders(flow)
-
-    def done(self) -> None:
-        for flow in mitm.flows_the_writer_holds(ctx.master):
-            self.responseheaders(flow)

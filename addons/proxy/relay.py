@@ -2,7 +2,7 @@
 
 `.pull` makes the one upstream GET of a blob itself (following a storage redirect, renewing a
 stale token), answers the flow with the upstream's status and headers, and hands the body to
-`BlobBody.write`, which addons.core.mitm runs in a thread on a copy of the client socket: a
+`BlobBody.write`, which addons.core.mitm.handoff runs in a thread on a copy of the client socket: a
 loop of `readinto` reused buffers, `sha256.update` in a second thread, `sendall`, with no
 event-loop work per chunk. A whole blob (200 to a GET without Range) is checked against the digest it was asked
 for: the last chunk is written only after the digest matched, so a registry that sends other
