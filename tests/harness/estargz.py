@@ -14,7 +14,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from .containerd import Ctr
 from .images import (OCI_MANIFEST, RegistryClient, Target, add_to_referrers_index, canonical_json,
@@ -23,6 +23,7 @@ from .images import (OCI_MANIFEST, RegistryClient, Target, add_to_referrers_inde
 from .stargz import CAT, CTR_REMOTE, build
 
 STREAMING = "application/vnd.azure.artifact.streaming.v1"
+#: What marks an eStargz layer (its media type stays tar+gzip): ctr-remote's converter writes both.
 TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 #: What a container started from a test image prints: ``cat`` of this file.
@@ -54,10 +55,10 @@ def image_files(hello: bytes, filler_bytes: int, seed: int = 0) -> dict[str, byt
 
 
 def push_pair(registry: Target, conversion: Ctr, repo: str, tag: str, *, hello: bytes,
-              filler_bytes: int = 0, seed: int = 0, annotations: Optional[Mapping[str, str]] = None) -> StargzPair:
+              filler_bytes: int = 0, seed: int = 0) -> StargzPair:
     """Push ``repo:tag`` (one layer), convert it to eStargz on ``conversion``'s containerd (a
     namespace of its own; pulls straight from the registry), push the copy and link it as a
-    streaming referrer of the original. ``annotations`` replace the referrer's defaults."""
+    streaming referrer of the original (ACR's annotations: format, platform)."""
     client = RegistryClient.of(registry)
     host = client.url.split("://", 1)[1]
     original = make_image(image_files(hello, filler_bytes, seed))
@@ -69,21 +70,20 @@ def push_pair(registry: Target, conversion: Ctr, repo: str, tag: str, *, hello: 
     _run(conversion.ctr("images", "push", "--plain-http", dst, timeout=300), "push")
     conversion.ctr("images", "rm", "--sync", src, dst)
     converted = get_manifest(registry, repo, f"{tag}-estargz-source", accept=OCI_MANIFEST).json()
-    client.request("DELETE", f"/v2/{repo}/manifests/{tag}-estargz-source")  # the copy is reached by digest only
+    unmarked = {TOC_DIGEST, UNCOMPRESSED_SIZE} - set(converted["layers"][0].get("annotations", {}))
+    if unmarked:
+        raise RuntimeError(f"the converted layer lacks the eStargz annotations {sorted(unmarked)}")
     plat = host_platform()
-    marks = dict(annotations) if annotations is not None else {
-        "streaming.format": "estargz", "streaming.platform.os": plat["os"],
-        "streaming.platform.arch": plat["architecture"]}
-    referrer: dict[str, Any] = {**converted, "artifactType": STREAMING,
+    marks = {"streaming.format": "estargz", "streaming.platform.os": plat["os"],
+             "streaming.platform.arch": plat["architecture"]}
+    referrer: dict[str, Any] = {**converted, "artifactType": STREAMING, "annotations": marks,
                                 "subject": {"mediaType": original.media_type, "digest": original.digest,
                                             "size": original.size}}
-    if marks:
-        referrer["annotations"] = marks
     body = canonical_json(referrer)
     digest = client.put_manifest(repo, sha256_digest(body), body, OCI_MANIFEST)
     add_to_referrers_index(client, repo, original.digest, {
         "mediaType": OCI_MANIFEST, "digest": digest, "size": len(body), "artifactType": STREAMING,
-        **({"annotations": marks} if marks else {})})
+        "annotations": marks})
     layer = converted["layers"][0]
     return StargzPair(repo=repo, tag=tag, original=original.digest, original_layer=original.layers[0].digest,
                       original_size=original.layers[0].size, copy=digest, copy_layer=layer["digest"],

@@ -3,10 +3,10 @@ beside a private containerd as its proxy snapshotter, with FUSE.
 
 Debian ships the snapshotter's library and ``ctr-remote`` but no daemon, so ``build``
 compiles ``tests/stargz/main.go`` in GOPATH mode (``tests/stargz/gopath`` holds the one import
-Debian lacks) and keeps the binary in ``.cache/stargz/<hash>/``, where the hash covers our sources
-and the installed Go packages' versions: a clean clone builds it once, a changed source or Debian
-upgrade builds it again (with a static ``cat`` for test images, from ``tests/stargz/cat``).
-``python -m tests.harness.stargz`` builds them and prints their folder.
+Debian lacks) and keeps the binary in ``.cache/stargz/<hash>/``, where the hash covers our sources,
+the build flags and the installed Go packages' versions: a clean clone builds it once, a changed
+source or Debian upgrade builds it again (with a static ``cat`` for test images, from
+``tests/stargz/cat``). ``python -m tests.harness.stargz`` builds them and prints their folder.
 
 The daemon's config uses upstream's keys only; ``no_background_fetch = true`` keeps registry reads
 on demand, so what a lazy start fetches can be measured, and each registry's ``mirrors`` entry
