@@ -17,7 +17,8 @@ gets a namespace of its own, so nothing is cached. Each run measures:
 through a stand-in for a registry behind a --mbit link (a throttling TCP relay of ours on loopback
 in front of docker-registry) and on loopback; plus the blob bytes the registry sent before the
 first output (from its access log). Medians of --repeat runs. Prints a table, then the figures as
-one JSON object on the last line of stdout. Everything it starts is stopped when it ends.
+one JSON object on the last line of stdout. Everything it starts is stopped when it ends, also
+on SIGTERM.
 Run it as `scripts/bench_stargz` (which makes sure the prerequisites are installed).
 """
 
@@ -26,12 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -97,6 +99,8 @@ def main() -> int:
     if reason:
         note(reason)
         return 2
+    # SIGTERM unwinds like Ctrl-C: every server stops and every FUSE layer is unmounted.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict[str, Any] = {"repeat": args.repeat, "mbit": args.mbit, "links": {}}
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="lifec-bench-stargz-") as tmp:
         work = Path(tmp)
@@ -113,8 +117,8 @@ def main() -> int:
         mirrors: dict[str, tuple[str, Mirror]] = {}
         for link, (upstream, name) in links.items():
             m = estargz_mirror(work / f"mirror-{name}", upstream.url, node.containerd.config_path, port=ports[link])
+            stack.callback(m.stop)  # before start: a start cut short leaves nothing running
             m.start(timeout=60)
-            stack.callback(m.stop)
             write_hosts_toml(hosts, upstream.host, closed.url, hosts=[(m.url, ["pull", "resolve"])])
             mirrors[link] = (upstream.host, m)
 
