@@ -35,7 +35,7 @@ from addons.teleport.teleport import Teleport
 
 __all__ = ["Compiled", "attribute_names", "load", "parse_text", "plugins", "roots"]
 
-#: Every plugin, in the order `acr dump --plugins` lists them.
+#: Every plugin a runmd may name.
 PLUGINS: tuple[type[Plugin], ...] = (
     LoginAcr, Install, Mirror, Host, Server, Https,
     Manifests, Blobs, Tags, Login, Authn, Resolve, Discover, Teleport, Pull,

@@ -32,6 +32,7 @@ from addons.proxy.tail import ProxyTail
 from addons.proxy.routes import Route
 from addons.runmd.syntax import RunmdError, Step
 from addons.proxy.state import MirrorState, Settings
+from addons.teleport.discover import TeleportShared
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,9 @@ def build_state(compiled: Compiled, settings: Settings | None = None) -> MirrorS
     for _, step in compiled.document.steps("mirror"):
         upstream = compiled.config(step)
         upstreams.setdefault(upstream.ns.lower(), upstream)
-    return MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
+    state = MirrorState(home=compiled.home, upstreams=upstreams, settings=settings or Settings())
+    state.teleport = TeleportShared.of(state, teleports=any(True for _ in compiled.document.steps("teleport")))
+    return state
 
 
 def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
@@ -75,14 +78,16 @@ def build_addons(compiled: Compiled, state: MirrorState) -> list[Any]:
     if any(True for _ in compiled.document.steps("login-acr")):
         front.append(LoginRefresh(compiled))
     if any(True for _ in compiled.document.steps("host")):
-        front.append(hostswatch.HostsWatch(compiled, state.services))
+        watch = hostswatch.HostsWatch(compiled)
+        state.hosts_routing = watch.routing
+        front.append(watch)
     return [*front, Proxy(root, compiled.config(root), routes, state), *steps, ProxyTail(state)]
 
 
 def offline_request_path(compiled: Compiled, settings: Settings, session: Any, full: bool) -> list[Any]:
     """The request path again, for re-running recorded flows offline with a state of its own."""
     state = build_state(compiled, settings)
-    state.services["session"] = session
+    state.use_session(session)
     chain = [a for a in build_addons(compiled, state) if isinstance(a, (Proxy, ProxyPlugin, ProxyTail))]
     return chain if full else [a for a in chain if isinstance(a, Proxy)]
 
@@ -200,11 +205,11 @@ class AcrMirror:
     @command.command("acr.tokens")
     def tokens(self) -> Sequence[str]:
         """The cached upstream tokens: scope and expiry only, never a token."""
-        if self.state is None or "tokens" not in self.state.services:
+        if self.state is None:
             return []
         return [
             f"{t.get('upstream')} {t.get('scope')} expires in {int(t.get('expires_in', 0))} s"
-            for t in self.state.services["tokens"].tokens()
+            for t in self.state.tokens.tokens()
         ]
 
 

@@ -23,6 +23,7 @@ from addons.registry.auth import (
     Credentials,
     TokenClient,
     insecure_permissions,
+    jwt_claims,
     jwt_expiry,
 )
 from tests.harness.images import sha256_digest
@@ -115,6 +116,13 @@ def test_jwt_expiry() -> None:
     assert jwt_expiry("not-a-jwt") is None
     assert jwt_expiry("a.b.c") is None
     assert jwt_expiry("eyJhIjoxfQ.eyJleHAiOiJzb29uIn0.x") is None  # exp is not a number
+
+
+def test_jwt_claims() -> None:
+    tid = base64.urlsafe_b64encode(json.dumps({"tid": "t-1", "exp": 9}).encode()).decode().rstrip("=")
+    assert jwt_claims(f"eyJhbGciOiJSUzI1NiJ9.{tid}.c2ln") == {"tid": "t-1", "exp": 9}
+    assert jwt_claims("eyJhbGciOiJub25lIn0.WzFd.") == {}  # the payload is not an object
+    assert jwt_claims("a.b") == {}
 
 
 def test_auth_error_gateway_status() -> None:

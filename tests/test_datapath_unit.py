@@ -30,13 +30,14 @@ from addons import catalog
 
 from addons.registry import oci
 
-from addons.chain import AcrMirror
+from addons.chain import AcrMirror, build_state
 from addons.core.offline import Answer, AnswerAdapter, run_hooks_now
 from addons.proxy.login import Login
 from addons.registry.oci import Upstream
 from addons.proxy.tail import summary
 from addons.observe.tokenscrub import TokenScrub
 from addons.proxy.pull import Pull, same_origin
+from addons.proxy.manifest_cache import ManifestCache
 from addons.proxy.resolve import MAX_MANIFEST_BYTES, Manifest, manifest_response, read_manifest
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, UpstreamError, send
@@ -94,6 +95,18 @@ def authorizer(tokens: Optional[FakeTokens] = None) -> Authorizer:
 
 def state() -> MirrorState:
     return MirrorState(home=Path("/nonexistent"), upstreams={NS: UPSTREAM})
+
+
+def test_the_shared_helpers_are_typed_fields_made_with_the_state(tmp_path: Path) -> None:
+    """What the steps share exists as soon as the state does; a misspelt helper is an error, not a new table."""
+    st = build_state(catalog.parse_text(MANIFESTS, str(tmp_path / "mirror.runmd")))
+    assert st.tokens.session is st.session
+    assert isinstance(st.manifests, ManifestCache) and st.blob_modes == {} and st.teleport_targets == {}
+    with pytest.raises(AttributeError):
+        st.blob_mode = {}  # type: ignore[attr-defined]
+    other = requests.Session()
+    st.use_session(other)
+    assert st.session is other and st.tokens.session is other  # token grants go the same way
 
 
 # --- send: the mirror's own upstream requests -----------------------------------------------
@@ -299,7 +312,7 @@ def test_a_registry_that_serves_blobs_gets_the_token_and_is_remembered() -> None
         assert flow.request.url.startswith("http://127.0.0.1:5000/v2/app/blobs/")
         assert flow.request.headers["Authorization"] == "Bearer t1"
         assert not flow.metadata["acr"]["redirected"]
-    assert mirror.state.services["blob_modes"] == {NS: "direct"}  # type: ignore[union-attr]
+    assert mirror.state.blob_modes == {NS: "direct"}  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("mode, follow", [("client", True), ("follow", False)], ids=["runmd", "option"])
@@ -317,6 +330,17 @@ def test_an_upstream_failure_during_the_probe_is_a_gateway_error() -> None:
     _, _, (flow,) = run_blob("follow", down)
     assert flow.response is not None and flow.response.status_code == 504
     assert "forward" not in flow.metadata["acr"]
+
+
+def test_a_missing_blob_streams_the_registry_error_body_to_a_tls_client() -> None:
+    def missing(req: requests.PreparedRequest) -> Answer:
+        return 404, {"Content-Type": "application/json", "Content-Length": "157"}, b""  # a HEAD: no body
+
+    _, adapter, (flow,) = run_blob("follow", missing)
+    assert [r.method for r in adapter.seen] == ["HEAD"]
+    assert flow.response is None  # not the HEAD's empty answer: the GET goes upstream for its body
+    assert flow.request.url.startswith("http://127.0.0.1:5000/v2/app/blobs/")
+    assert flow.request.headers["Authorization"] == "Bearer t1"
 
 
 def test_blob_head_is_answered_by_the_mirror_with_the_upstream_length() -> None:
@@ -368,7 +392,7 @@ def test_a_redirect_the_probe_did_not_see_is_handed_on_and_learned() -> None:
     mirror, _, (flow,) = run_blob("follow", direct)
     streamed(mirror, flow, 307, {"Location": STORAGE + "/x"})
     assert flow.response is not None and flow.response.status_code == 307
-    assert mirror.state.services["blob_modes"][NS] == "redirect"  # type: ignore[union-attr]
+    assert mirror.state.blob_modes[NS] == "redirect"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("a, b, same", [

@@ -285,7 +285,7 @@ def test_status_reports_health_without_secrets(tmp_path: Path) -> None:
     write_meta(tmp_path / ".work", {"registry": "example.azurecr.io", "identity": "Azure CLI",
                                      "obtained_at": now, "expires_at": now + 3600, "file": "access_token"})
     assert mirror.state is not None
-    mirror.state.services["tokens"] = _Tokens()
+    mirror.state.tokens = _Tokens()  # type: ignore[assignment]
     mirror.state.counters["requests"] += 3
     flow = drive(mirror, make_flow("/status"))  # loopback only: other peers get 403 (tests/test_hardening.py)
     assert flow.response.status_code == 200

@@ -16,7 +16,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -335,44 +334,32 @@ FAKE_PROXY = """\
 """
 
 
-def run_in_thread(e: Engine) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def target() -> None:
-        try:
-            out["code"] = e.run(handle_signals=False)
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, out
-
-
 def test_loop_backs_off_on_proxy_errors_and_retries_steps_after_the_first_round(tmp_path: Path, caplog) -> None:
     path = tmp_path / "mirror.runmd"
-    # A round that runs at least the maximum counts as healthy and restarts the doubling: the
-    # maximum stays well above what a failing `sh` step takes on a busy machine.
     path.write_text(FAKE_PROXY.format(loop=": .loop 50ms, 400ms"))
     compiled = catalog.load(path)
     spec = engine.select(compiled, None)
     # The stand-in proxy leaves fail-now behind, where the `.process` step (run in the runmd's
     # folder) looks for it: round 1 fails in the proxy, every later round in the step.
     fake = [sys.executable, "-c", f"import pathlib; pathlib.Path({str(tmp_path / 'fail-now')!r}).touch(); raise SystemExit(3)"]
-    e = Engine(spec, Runtime.for_document(compiled), fake)
+    # The engine's clock moves only while it waits: however slow the machine, every round took
+    # no time, so none counts as healthy, and the test waits for no back-off.
+    now = [0.0]
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> bool:
+        now[0] += seconds
+        waits.append(seconds)
+        return len(waits) == 6  # then asked to stop
+
+    e = Engine(spec, Runtime.for_document(compiled), fake, clock=lambda: now[0], sleep=sleep)
     caplog.set_level(logging.INFO)
-    t, out = run_in_thread(e)
-    deadline = time.monotonic() + 15
-    while e.rounds < 6 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    e.stop()
-    t.join(10)
-    assert out == {"code": 0}
+    assert e.run(handle_signals=False) == 0
+    assert e.rounds == 6 and waits == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
     text = caplog.text
     assert "event 'start' (step 2) failed: the proxy exited with 3" in text
-    assert "event 'start' (step 2) failed: step 5 (.process sh -c 'test ! -e fail-now'): 'sh' exited with 1" in text
-    delays = re.findall(r"starting over in (\S+)", text)
-    assert delays[:5] == ["50ms", "100ms", "200ms", "400ms", "400ms"]
+    assert text.count("event 'start' (step 2) failed: step 5 (.process sh -c 'test ! -e fail-now'): 'sh' exited with 1") == 5
+    assert re.findall(r"starting over in (\S+)", text) == ["50ms", "100ms", "200ms", "400ms", "400ms", "400ms"]
 
 
 def test_without_loop_a_proxy_error_ends_the_engine_with_one_line(tmp_path: Path) -> None:

@@ -193,6 +193,8 @@ def test_the_configmap_pipeline_listens_on_loopback(manifests: dict[str, Any], t
         assert get["host"] == "127.0.0.1" and get["port"] == address.port and get["path"] == "/status"
 
 
-def test_the_deploy_folder_holds_the_two_files() -> None:
-    assert {p.name for p in DEPLOY.iterdir()} >= {"lifec-registry.service", "daemonset.yaml"}
+def test_the_deploy_folder_holds_the_unit_the_daemonset_and_the_containerfile() -> None:
+    # Exactly these: each is checked here or in tests/test_deploy.py; a new file needs its test.
+    assert sorted(p.name for p in DEPLOY.iterdir()) == ["Containerfile", "daemonset.yaml", "lifec-registry.service"]
+    assert all((DEPLOY / name).is_file() for name in ("Containerfile", "daemonset.yaml", "lifec-registry.service"))
     assert service.template_path() == DEPLOY / "lifec-registry.service"

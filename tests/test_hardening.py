@@ -51,7 +51,7 @@ from tests.harness.images import (
 from tests.harness.fakeserver import Fake, Seen, _Handler, relay
 from tests.harness.inprocess import drive
 from tests.harness.mirror import ACR, Mirror
-from tests.harness.procs import rss_kib
+from tests.harness.procs import rss_kib, wait_for
 from tests.harness.ports import LOOPBACK, direct_session
 from tests.harness.registry import Registry
 from tests.harness.tokenserver import TokenServer, decode_jwt
@@ -120,15 +120,6 @@ def listening_addresses(pid: int, port: int) -> set[str]:
     """The local addresses (hex, as /proc writes them) the process listens on at `port`."""
     mine = _socket_inodes(pid)
     return {lip for lip, lport, _, _, state, inode in _tcp_table(pid) if state == "0A" and lport == port and inode in mine}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def raw_request(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:

@@ -199,19 +199,18 @@ def test_bad_host_inputs_name_the_line(tmp_path: Path, line: str, fragment: str)
 # --- while the mirror runs: another tool rewrites the file ----------------------------------------
 
 
-def watch_of(tmp_path: Path, line: str) -> tuple[HostsWatch, Path, dict]:
+def watch_of(tmp_path: Path, line: str) -> tuple[HostsWatch, Path]:
     home = tmp_path / "home"
     home.mkdir()
-    services: dict = {}
-    watch = HostsWatch(compiled_of(line, home), services)
+    watch = HostsWatch(compiled_of(line, home))
     watch.hosts_dir = tmp_path / "certs.d"
-    return watch, tmp_path / "certs.d" / "docker.io" / "hosts.toml", services
+    return watch, tmp_path / "certs.d" / "docker.io" / "hosts.toml"
 
 
 def test_a_rewrite_by_another_tool_is_logged_once_and_our_table_put_back(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    watch, target, services = watch_of(tmp_path, ": .host 127.0.0.1:8578, resolve, pull")
+    watch, target = watch_of(tmp_path, ": .host 127.0.0.1:8578, resolve, pull")
     [f] = watch.files()
     hostsfile.install(f, watch.hosts_dir)
     watch.check()  # the first look only remembers
@@ -222,7 +221,7 @@ def test_a_rewrite_by_another_tool_is_logged_once_and_our_table_put_back(
     rewritten = [r for r in caplog.records if "was rewritten" in r.message]
     assert len(rewritten) == 1 and "putting the mirror's table back" in rewritten[0].message
     assert hostsmerge.host_urls(target.read_text()) == [OURS, "http://10.0.0.5:30020", "http://10.0.0.5:30021"]
-    [status] = services["hosts_routing"]()
+    [status] = watch.routing()
     assert status["routes_through_mirror"] and status["first"] and status["state"] == "shared"
     # Spegel takes the whole folder away: the mirror's own file comes back.
     target.unlink()
@@ -231,7 +230,7 @@ def test_a_rewrite_by_another_tool_is_logged_once_and_our_table_put_back(
 
 
 def test_keep_out_only_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    watch, target, services = watch_of(tmp_path, ": .host 127.0.0.1:8578, resolve, pull, keep-out")
+    watch, target = watch_of(tmp_path, ": .host 127.0.0.1:8578, resolve, pull, keep-out")
     [f] = watch.files()
     hostsfile.install(f, watch.hosts_dir)
     watch.check()
@@ -243,12 +242,12 @@ def test_keep_out_only_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
         f"{target} was rewritten and no longer lists the mirror; keep-out: leaving it so"
     ]
     assert target.read_text() == DRAGONFLY
-    [status] = services["hosts_routing"]()
+    [status] = watch.routing()
     assert status["routes_through_mirror"] is False and status["hosts"] == ["http://127.0.0.1:4001"]
 
 
 def test_the_watch_runs_off_the_event_loop_at_its_interval(tmp_path: Path) -> None:
-    watch, target, _ = watch_of(tmp_path, ": .host 127.0.0.1:8578")
+    watch, target = watch_of(tmp_path, ": .host 127.0.0.1:8578")
     [f] = watch.files()
     hosts_dir = watch.hosts_dir
     hostsfile.install(f, hosts_dir)
@@ -272,12 +271,15 @@ def test_the_watch_runs_off_the_event_loop_at_its_interval(tmp_path: Path) -> No
 def test_check_interval_is_at_most_30_seconds(tmp_path: Path) -> None:
     from mitmproxy import exceptions
 
-    from addons.node.hostswatch import interval
-
-    assert interval("30") == 30.0 and interval("0.5") == 0.5
-    for bad in ("31", "0", "soon"):
-        with pytest.raises(exceptions.OptionsError):
-            interval(bad)
+    watch, _ = watch_of(tmp_path, ": .host 127.0.0.1:8578")
+    with taddons.context(watch) as tctx:
+        for text, seconds in (("30", 30.0), ("0.5", 0.5), ("500ms", 0.5), ("30s", 30.0)):
+            tctx.configure(watch, acr_hosts_check=text)
+            assert watch.interval == seconds
+        for bad in ("31", "1m", "0", "soon", "-1"):
+            with pytest.raises(exceptions.OptionsError, match="acr_hosts_check"):
+                tctx.configure(watch, acr_hosts_check=bad)
+        assert watch.interval == 30.0
 
 
 # --- a real containerd: this mirror first, then the other mirror, then server ------------------------

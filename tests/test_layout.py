@@ -79,20 +79,66 @@ def where_things_are() -> str:
     return text[text.index("## Where things are"):]
 
 
-def test_the_readme_names_every_layer_and_module_and_nothing_else() -> None:
+#: Where an entry's description starts in the "Where things are" block.
+TEXT_COLUMN = 25
+
+
+def entries() -> dict[str, dict[str, str]]:
+    """The block's entries: {top-level entry: {its own text under "", each indented entry: its text}},
+    continuation lines joined."""
     section = where_things_are()
-    block = section[section.index("```text"):section.index("```", section.index("```text") + 3)]
+    start = section.index("```text\n") + len("```text\n")
+    block = section[start:section.index("```", start)]
+    out: dict[str, dict[str, str]] = {}
+    top = sub = ""
+    for line in block.splitlines():
+        head, text = line[:TEXT_COLUMN], line[TEXT_COLUMN:].strip()
+        if head.strip() and not head.startswith(" "):
+            top, sub = head.strip(), ""
+            out[top] = {"": text}
+        elif head.strip():
+            sub = head.strip()
+            out[top][sub] = text
+        else:
+            out[top][sub] += f" {text}"
+    return out
+
+
+def listed(name: str, text: str) -> bool:
+    """Whether `name` is an item of the entry's list (`a, b (what b is); c`), not a word of its prose."""
+    return re.search(rf"(?:^|[,;:(+]\s*){re.escape(name)}(?=\s*[,;:()]|\s*$)", text) is not None
+
+
+def test_the_readme_names_every_layer_and_module_and_nothing_else() -> None:
+    tree = entries()
+    layers = {k for k in tree["addons/"] if k.endswith("/")}
+    assert layers == {f"{p.name}/" for p in ADDONS.iterdir() if p.is_dir() and not p.name.startswith("__")}
     for folder in sorted(p for p in ADDONS.iterdir() if p.is_dir() and not p.name.startswith("__")):
-        assert f"  {folder.name}/" in block, folder.name
-        for module in sorted(folder.glob("*.py")):
+        text = tree["addons/"][f"{folder.name}/"]
+        for module in sorted(folder.rglob("*.py")):
+            package = module.parent.relative_to(folder)
+            if package.parts:
+                assert listed(f"{package}/", text), f"{folder.name}/{package}/"
             if module.stem != "__init__":
-                assert re.search(rf"\b{module.stem}\b", block), f"{folder.name}/{module.name}"
-    for top in sorted(ADDONS.glob("*.py")):
-        if top.stem != "__init__":
-            assert f"{top.name}" in block, top.name
-    assert set(re.findall(r"^  (\w+)/", block, re.M)) == {
-        p.name for p in ADDONS.iterdir() if p.is_dir() and not p.name.startswith("__")
-    }
+                assert listed(module.stem, text), f"{folder.name}/{module.relative_to(folder)}"
+    # The package's own modules: entries of their own, or items of such an entry.
+    top = {k: v for k, v in tree["addons/"].items() if k and not k.endswith("/")}
+    for module in sorted(ADDONS.glob("*.py")):
+        if module.stem != "__init__":
+            assert module.name in top or any(listed(module.name, v) for v in top.values()), module.name
+
+
+def test_the_readme_names_every_script_and_the_test_folders() -> None:
+    tree = entries()
+    text = tree["scripts/"][""]
+    for path in sorted((ROOT / "scripts").iterdir()):
+        assert listed(f"{path.name}/" if path.is_dir() else path.name, text), path.name
+    for path in sorted((ROOT / "scripts" / "deploy").iterdir()):
+        assert listed(path.name, text), f"deploy/{path.name}"
+    assert {k for k in tree["tests/"] if k} == {"harness/", "stargz/", "golden/", "replay/"}
+    for module in sorted((ROOT / "tests" / "harness").glob("*.py")):
+        if module.stem != "__init__":
+            assert listed(module.stem, tree["tests/"]["harness/"]), f"tests/harness/{module.name}"
 
 
 def test_the_tag_pull_walk_names_modules_and_functions_that_exist() -> None:

@@ -25,7 +25,8 @@ import pytest
 from addons.registry import aad as aadmod
 from addons import catalog
 from addons.node.install import Install
-from addons.node.login_acr import LoginAcr, meta_path, read_meta, refresh_due
+from addons.registry.auth import jwt_expiry
+from addons.node.login_acr import LoginAcr, LoginRefresh, meta_path, read_meta, refresh_due
 from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
 from tests.harness.aad import AadStandIn
@@ -355,6 +356,28 @@ def test_refresh_time_is_before_expiry() -> None:
     assert refresh_due({}, 900) is None
 
 
+@pytest.mark.parametrize("text, lead", [("900", 900.0), ("15m", 900.0), ("0", 0.0), ("90s", 90.0)])
+def test_refresh_lead_is_a_duration(text: str, lead: float, tmp_path: Path) -> None:
+    from mitmproxy.test import taddons
+
+    refresher = LoginRefresh(catalog.parse_text(runmd("example"), str(tmp_path / "mirror.runmd")))
+    with taddons.context(refresher) as tctx:
+        assert refresher.lead == 900.0
+        tctx.configure(refresher, acr_login_refresh_lead=text)
+        assert refresher.lead == lead
+
+
+@pytest.mark.parametrize("bad", ["-1", "soon", "1d"])
+def test_refresh_lead_refuses_what_is_not_a_duration(bad: str, tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons
+
+    refresher = LoginRefresh(catalog.parse_text(runmd("example"), str(tmp_path / "mirror.runmd")))
+    with taddons.context(refresher) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="^acr_login_refresh_lead: expected a duration"):
+            tctx.configure(refresher, acr_login_refresh_lead=bad)
+
+
 # --- each missing piece is one clear line ----------------------------------------------------
 
 
@@ -481,6 +504,7 @@ def test_mirror_refreshes_the_login_while_serving(aad: AadStandIn, token_server:
                                                   mirror_factory: Callable[..., Mirror]) -> None:
     image = make_image({"login.txt": b"refreshed\n"})
     push_image(token_registry, repo_name, "v1", image)
+    push_image(token_registry, f"{repo_name}-later", "v1", image)
     token_server.knobs.refresh_expires_in = 4  # the refresher must act within seconds
     fake_az(tmp_path / "bin", az_payload(aad))
     m = mirror_factory(
@@ -491,6 +515,9 @@ def test_mirror_refreshes_the_login_while_serving(aad: AadStandIn, token_server:
     token_file = m.home / "access_token"
     first = token_file.read_text()
     tokens = {first}
+    # A pull now: the mirror reads the first refresh token (and caches an access token for this repository).
+    manifest = f"/v2/{repo_name}/manifests/v1?ns={token_registry.host}"
+    assert m.get(manifest, headers={"Accept": ACCEPT_ALL_MANIFESTS}).status_code == 200
     deadline = time.monotonic() + 15
     while len(tokens) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -498,9 +525,13 @@ def test_mirror_refreshes_the_login_while_serving(aad: AadStandIn, token_server:
     assert len(tokens) >= 3, m.log_text()[-3000:]  # refreshed, twice, without a restart
     assert m.proc is not None and m.proc.poll() is None
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-    # The mirror pulls with whatever token is current: the old ones have expired by now.
-    time.sleep(4.5)
-    r = m.get(f"/v2/{repo_name}/manifests/v1?ns={token_registry.host}", headers={"Accept": ACCEPT_ALL_MANIFESTS})
+    # The mirror pulls with whatever token is current: the token server's clock moves to just
+    # before the newest token's expiry, past that of every older one.
+    newest = max(jwt_expiry(t.strip()) or 0 for t in tokens)
+    token_server.knobs.clock = lambda: newest - 0.5
+    assert sorted(jwt_expiry(t.strip()) or 0 for t in tokens)[-2] < newest - 0.5
+    # Another repository needs a new access token: only the current refresh token gets one.
+    r = m.get(manifest.replace(repo_name, f"{repo_name}-later"), headers={"Accept": ACCEPT_ALL_MANIFESTS})
     assert r.status_code == 200, (r.status_code, r.text, m.log_text()[-3000:])
     assert r.headers["Docker-Content-Digest"] == image.digest
     status = m.get("/status").json()

@@ -26,6 +26,7 @@ from addons.chain import AcrMirror
 from addons.node import node_check, overlaybd_config
 from addons.node.containerd_config import ConfigError
 from addons.proxy.upstream import NeedsIO
+from addons.teleport.discover import teleport_shared
 from addons.registry import oci
 from addons.registry.oci import Descriptor
 from addons.runmd.runtime import Runtime
@@ -203,7 +204,7 @@ def test_auto_teleports_on_a_streaming_node_and_checks_it_once(tmp_path: Path) -
         assert warm.response is not None and warm.response.headers["Docker-Content-Digest"] == target
         # The tag is asked for again, on the event loop (no hop); the node's verdict comes from memory.
         assert counters["worker_hops"] == 1
-    gate = mirror.state.services["teleport_gate"]  # type: ignore[union-attr]
+    gate = teleport_shared(mirror.state).gate  # type: ignore[union-attr]
     assert gate.checks == 1 and gate.public()["node_streams"] is True
 
 
@@ -226,7 +227,7 @@ def test_auto_serves_the_original_where_the_node_cannot_stream(tmp_path: Path) -
     why = mirror.why(flows[:1])
     assert any("teleport: not teleported: snapshotter" in w for w in why)
     assert mirror.state.counters["teleport:snapshotter"] == 2  # type: ignore[union-attr]
-    public = mirror.state.services["teleport_gate"].public()  # type: ignore[union-attr]
+    public = teleport_shared(mirror.state).gate.public()  # type: ignore[union-attr]
     assert public["mode"] == "auto" and public["node_streams"] is False and "overlayfs" in public["missing"]
 
 
@@ -241,7 +242,7 @@ def test_the_option_overrides_the_runmd(tmp_path: Path) -> None:
     assert never.metadata["acr"]["teleport"] == {"skipped": "never", "message": "teleport is set to never"}
     auto = pull_with(mirror, acr_teleport="auto", **opts)
     assert auto.metadata["acr"]["teleport"]["skipped"] == "snapshotter"
-    gate = mirror.state.services["teleport_gate"]  # type: ignore[union-attr]
+    gate = teleport_shared(mirror.state).gate  # type: ignore[union-attr]
     assert gate.checks == 1  # only auto asks the node
     with pytest.raises(exceptions.OptionsError, match="acr_teleport: unknown teleport mode 'maybe'"):
         pull_with(mirror, acr_teleport="maybe")
@@ -351,7 +352,7 @@ def test_auto_serves_the_copy_for_the_nodes_snapshotter(tmp_path: Path, snapshot
             assert f.response is not None and f.response.headers["Docker-Content-Digest"] == copies[fmt]
             assert f.metadata["acr"]["teleport"]["format"] == fmt
             assert f.comment.split("\n")[0] == f"🚀 → {copies[fmt][7:15]} {fmt}"
-    gate = mirror.state.services["teleport_gate"]  # type: ignore[union-attr]
+    gate = teleport_shared(mirror.state).gate  # type: ignore[union-attr]
     assert gate.public()["format"] == fmt and gate.public()["snapshotter"] == snapshotter
 
 

@@ -571,7 +571,7 @@ def test_client_uses_the_discover_timeout(tmp_path: Path) -> None:
 
     s = requests.Session()
     s.mount("http://", Spy(Registry(("oci",))))
-    state.services["session"] = s
+    state.use_session(s)
     ReferrersClient(state).referrers(UPSTREAM, "app", dg(1), (STREAMING,), None)
     assert seen and all(t[1] == 0.25 for t in seen)
 

@@ -466,7 +466,7 @@ def test_acr_tokens_shows_scopes_and_expiry_never_a_token(tmp_path: Path) -> Non
     mirror = mirror_in(tmp_path)
     with taddons.context(mirror) as tctx:
         assert mirror.state is not None
-        mirror.state.services["tokens"] = Tokens()
+        mirror.state.tokens = Tokens()  # type: ignore[assignment]
         (line,) = tctx.master.commands.execute("acr.tokens")
     assert line == "lifecacr.azurecr.io repository:demo/hello:pull expires in 290 s"
 

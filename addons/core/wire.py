@@ -11,7 +11,7 @@ interface (one place for timeouts, hooks and errors) and its adapter:
   whole, at most `WHOLE_BODY_LIMIT` bytes;
 - answers `asend` (a warm tag lookup, addons.proxy.upstream.asend) on the event loop, with no
   thread hop, from a pool of asyncio connections (`LoopWire`);
-- sends streamed requests (blob bodies) through urllib3 as before.
+- sends streamed requests (blob bodies) through `requests`' own urllib3 adapter.
 
 Answers have the shape `requests` gives, with the body in memory; the offline transport
 (addons.core.offline) answers both `send` and `asend` the same way.

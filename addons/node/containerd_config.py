@@ -416,7 +416,6 @@ class ContainerdConfig(RuntimePlugin):
 
     plugin = "containerd-config"
     attributes = ("snapshotter",)
-    summary = "point containerd's CRI config_path at the hosts folder (config.toml, default /etc/containerd/config.toml)"
 
     @classmethod
     def parse(cls, text: str) -> Path:

@@ -63,7 +63,6 @@ def parse_position(text: str) -> int | None:
 
 class Host(RuntimePlugin):
     plugin = "host"
-    summary = "write hosts.toml so containerd pulls through ADDR with CAPABILITIES (pull, resolve)"
     attributes = hostsfile.HOST_ATTRIBUTES
 
     @classmethod

@@ -472,7 +472,7 @@ REGISTRIES_CONF_NAME = "50-lifec-registry.conf"
 
 
 def _toml_str(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return tomlkit.string(text).as_string()
 
 
 def registries_conf(compiled: Compiled, work: Path | None = None) -> str:

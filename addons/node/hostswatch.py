@@ -16,8 +16,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx
 
+from addons.core.duration import seconds_option
 from addons.node import hostsfile
 from addons.node.containerd_config import DEFAULT_HOSTS_DIR
 from addons.runmd.compile import Compiled
@@ -27,22 +28,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_INTERVAL = 30.0
 
 
-def interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise exceptions.OptionsError(f"acr_hosts_check: expected seconds, got '{text}'") from None
-    if not 0 < value <= DEFAULT_INTERVAL:
-        raise exceptions.OptionsError(f"acr_hosts_check must be more than 0 and at most {DEFAULT_INTERVAL:.0f} seconds")
-    return value
-
-
 class HostsWatch:
     """Notices another tool rewriting our hosts.toml files and puts the mirror's table back."""
 
     name = "acr-hosts-watch"
 
-    def __init__(self, compiled: Compiled, services: dict[str, Any]) -> None:
+    def __init__(self, compiled: Compiled) -> None:
         self.compiled = compiled
         self.work = compiled.home / ".work"
         self.hosts_dir: Path | None = None
@@ -50,7 +41,6 @@ class HostsWatch:
         #: What each file held at the last look (None: missing), by folder.
         self.seen: dict[str, bytes | None] = {}
         self._task: asyncio.Task[None] | None = None
-        services["hosts_routing"] = self.routing
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -65,7 +55,7 @@ class HostsWatch:
 
     def configure(self, updated: set[str]) -> None:
         if "acr_hosts_check" in updated:
-            self.interval = interval(ctx.options.acr_hosts_check)
+            self.interval = seconds_option(ctx.options.acr_hosts_check, "acr_hosts_check", maximum=DEFAULT_INTERVAL)
         if "acr_hosts_dir" in updated:
             self.hosts_dir = Path(ctx.options.acr_hosts_dir) if ctx.options.acr_hosts_dir else None
             self.seen.clear()

@@ -100,7 +100,6 @@ def write_ca(compiled: Compiled, work: Path) -> Path:
 
 class Https(RuntimePlugin):
     plugin = "https"
-    summary = "serve TLS with CERT (key and certificate in one PEM); hosts.toml then uses https:// and ca"
 
     @classmethod
     def parse(cls, text: str) -> str:

@@ -14,7 +14,6 @@ logger = logging.getLogger(__name__)
 
 class Install(RuntimePlugin):
     plugin = "install"
-    summary = "copy FILE from the runmd's folder into the work folder (0600)"
 
     @classmethod
     def parse(cls, text: str) -> str:

@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions
+from mitmproxy import ctx
 
+from addons.core.duration import seconds_option
 from addons.core.files import write_private
 from addons.registry import aad, acr_exchange
 from addons.runmd.compile import Compiled
@@ -66,7 +67,6 @@ def write_meta(work: Path, meta: dict[str, Any]) -> None:
 
 class LoginAcr(RuntimePlugin):
     plugin = "login-acr"
-    summary = "log in to Azure Container Registry NAME and write its refresh token to access_token"
     attributes = ("identity", "tenant", "client_id", "credentials", "azure_json", "authority")
 
     @classmethod
@@ -211,17 +211,15 @@ class LoginRefresh:
             "Log in to ACR again (the .login-acr steps) before the refresh token expires.",
         )
         loader.add_option(
-            "acr_login_refresh_lead", int, 900,
-            "Seconds before the ACR refresh token expires to log in again (at most half its lifetime).",
+            "acr_login_refresh_lead", str, "15m",
+            "How long before the ACR refresh token expires to log in again (at most half its lifetime).",
         )
 
     def configure(self, updated: set[str]) -> None:
         if "acr_login_refresh" in updated:
             self.enabled = ctx.options.acr_login_refresh
         if "acr_login_refresh_lead" in updated:
-            if ctx.options.acr_login_refresh_lead < 0:
-                raise exceptions.OptionsError("acr_login_refresh_lead must not be negative")
-            self.lead = float(ctx.options.acr_login_refresh_lead)
+            self.lead = seconds_option(ctx.options.acr_login_refresh_lead, "acr_login_refresh_lead", zero=True)
 
     def running(self) -> None:
         if self.enabled and self.steps and self._task is None:

@@ -13,7 +13,6 @@ logger = logging.getLogger(__name__)
 
 class Mirror(RuntimePlugin):
     plugin = "mirror"
-    summary = "serve upstream HOST (https) or URL (http://HOST:PORT for a plain-HTTP registry)"
 
     @classmethod
     def parse(cls, text: str) -> Upstream:

@@ -212,7 +212,6 @@ class NodeCheck(RuntimePlugin):
 
     plugin = "node-check"
     attributes = ("overlaybd",)
-    summary = "check containerd, its config_path and overlaybd on this node; warn about what is missing, never fail"
 
     @classmethod
     def parse_attribute(cls, name: str, text: str) -> Path:

@@ -18,7 +18,6 @@ logger = logging.getLogger(__name__)
 
 class Server(RuntimePlugin):
     plugin = "server"
-    summary = "set the hosts.toml 'server' of the .mirror above (default: the upstream itself)"
 
     @classmethod
     def parse(cls, text: str) -> str:

@@ -25,6 +25,7 @@ from addons.node.login_acr import read_meta
 from addons.proxy.context import info
 from addons.proxy.credentials_endpoint import failure, json_answer, login_files, loopback_peer, method_allowed, own_path
 from addons.proxy.state import MirrorState
+from addons.teleport.discover import teleport_shared
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,8 @@ class Endpoints:
         login = read_meta(self.work)
         if login and isinstance(login.get("expires_at"), (int, float)):
             login["expires_in"] = round(login["expires_at"] - now, 1)
-        tokens = self.state.services.get("tokens")
-        hosts = self.state.services.get("hosts_routing")
-        gate = self.state.services.get("teleport_gate")
+        hosts = self.state.hosts_routing
+        gate = teleport_shared(self.state).gate
         return {
             "status": "ok",
             "version": __version__,
@@ -96,7 +96,7 @@ class Endpoints:
             "upstreams": [{"ns": u.ns, "url": u.base_url} for u in self.state.upstreams.values()],
             "credentials": files,
             "acr_login": login,
-            "tokens": tokens.tokens() if tokens is not None else [],
+            "tokens": self.state.tokens.tokens(),
             # Per hosts.toml the runmd asks for: does containerd go through the mirror (first)?
             "hosts_toml": hosts() if hosts is not None else [],
             "counters": dict(sorted(self.state.counters.items())),

@@ -29,7 +29,6 @@ from addons.proxy.credentials_endpoint import loopback_peer
 from addons.proxy.context import info
 from addons.registry import oci
 from addons.proxy.state import MirrorState
-from addons.proxy.upstream import session
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +122,8 @@ class Metrics:
         self.first_byte = Histogram()
         self.streamed_bytes: collections.Counter[str] = collections.Counter()
         self.refused_scrapes = 0
-        # The session every plugin and the token client use (addons.proxy.upstream.session).
-        session(state).hooks["response"].append(self.observe_upstream)
+        # The session every plugin and the token client use (MirrorState.session).
+        state.session.hooks["response"].append(self.observe_upstream)
 
     # -- observations ---------------------------------------------------------------------
 
@@ -224,13 +223,11 @@ class Metrics:
                self.first_byte.render("acr_blob_first_byte_seconds", ("source",)))
         family("acr_streamed_bytes_total", "counter", "Bytes of blobs streamed to clients, by source.",
                (f"acr_streamed_bytes_total{labels(('source',), (k,))} {v}" for k, v in streamed))
-        tokens = self.state.services.get("tokens")
+        tokens = self.state.tokens
         fetches: collections.Counter[str] = collections.Counter()
-        cached = 0
-        if tokens is not None:
-            for (ns, _scope), n in list(tokens.fetches.items()):
-                fetches[ns] += n
-            cached = len(tokens.tokens())
+        for (ns, _scope), n in list(tokens.fetches.items()):
+            fetches[ns] += n
+        cached = len(tokens.tokens())
         family("acr_token_fetches_total", "counter", "Upstream tokens fetched, by upstream.",
                (f"acr_token_fetches_total{labels(('upstream',), (k,))} {v}" for k, v in sorted(fetches.items())))
         family("acr_tokens_cached", "gauge", "Upstream tokens held in the cache.", [f"acr_tokens_cached {cached}"])

@@ -2,8 +2,9 @@
 
 `oauth2` answers whatever the registry's 401 challenge asks for: an OAuth2 POST (ACR's
 refresh-token grant), the Docker token GET, Basic, or nothing for an anonymous registry.
-Tokens are cached per (upstream, scope) by the shared token client; the header itself stays
-in the private per-flow table so no token reaches a log line or a flow file.
+Tokens are cached per (upstream, scope) by the shared token client; the request's context
+keeps the Authorizer, which gives the header only to the requests sent upstream, so no token
+reaches a log line or a flow file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from addons.proxy.context import RequestContext
 from addons.proxy.plugin import ProxyPlugin
 from addons.runmd.plugin import parse_choice
-from addons.proxy.upstream import Authorizer, UpstreamError, token_client
+from addons.proxy.upstream import Authorizer, UpstreamError
 from addons.registry import oci
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,6 @@ MODES = ("oauth2", "anonymous")
 
 class Authn(ProxyPlugin):
     plugin = "authn"
-    summary = "authenticate upstream as the 401 challenge asks; 'anonymous' never sends credentials"
 
     @classmethod
     def parse(cls, text: str) -> str:
@@ -31,7 +31,7 @@ class Authn(ProxyPlugin):
 
     def authorizer(self, ctx: RequestContext) -> Authorizer:
         return Authorizer(
-            tokens=token_client(self.state),
+            tokens=self.state.tokens,
             upstream=ctx.upstream,
             scope=oci.scope_for(ctx.name),
             credentials=ctx.credentials,

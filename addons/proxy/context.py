@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from mitmproxy import connection, http
 
@@ -263,15 +263,14 @@ class RequestContext:
         return self.error is not None
 
     def upstream_url(self) -> str:
-        """The registry URL this request stands for (without containerd's `ns`)."""
+        """The registry URL this request stands for: without containerd's `ns`, the client's
+        other query fields encoded again (they were decoded when the request was parsed)."""
         if self.route == "tags":
             path = f"/v2/{self.name}/tags/list"
         else:
             path = f"/v2/{self.name}/{self.route}/{self.reference}"
         url = self.upstream.url(path)
-        if self.query:
-            url += "?" + "&".join(f"{k}={v}" for k, v in self.query)
-        return url
+        return f"{url}?{urlencode(self.query)}" if self.query else url
 
     def headline(self) -> str:
         """The decision in a few characters, for mitmweb's narrow comment column."""

@@ -154,7 +154,6 @@ def _named(headers: http.Headers, names: tuple[str, ...]) -> list[str]:
 
 class Proxy(ProxyPlugin):
     plugin = "proxy"
-    summary = "the mirror's listener; routes requests to .manifests, .blobs and .tags"
 
     @classmethod
     def parse(cls, text: str) -> Address:
@@ -180,6 +179,7 @@ class Proxy(ProxyPlugin):
         settings = self.state.settings
         if "acr_upstream_timeout" in updated:
             settings.upstream_timeout = seconds_option(ctx.options.acr_upstream_timeout, "acr_upstream_timeout")
+            self.state.tokens.timeout = settings.upstream_timeout
         if "acr_connect_timeout" in updated:
             settings.connect_timeout = seconds_option(ctx.options.acr_connect_timeout, "acr_connect_timeout")
 

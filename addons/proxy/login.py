@@ -28,7 +28,6 @@ RECHECK = 1.0
 
 class Login(ProxyPlugin):
     plugin = "login"
-    summary = "use the credentials in FILE (an ACR refresh token, or user:password) upstream"
 
     @classmethod
     def parse(cls, text: str) -> str:

@@ -54,7 +54,6 @@ class Pull(ProxyPlugin):
     plugin = "pull"
     routes = frozenset({"blobs", "tags"})
     answers = frozenset({"blobs", "tags"})
-    summary = "stream blobs (follow storage redirects; 'client' hands them to the client) and pass tag lists"
 
     @classmethod
     def parse(cls, text: str) -> str:
@@ -87,10 +86,6 @@ class Pull(ProxyPlugin):
     def follow(self) -> bool:
         return self.config == "follow" and self.state.settings.follow_redirects
 
-    def blob_modes(self) -> dict[str, str]:
-        """upstream ns -> 'direct' or 'redirect', as learned from the probes."""
-        return self.state.service("blob_modes", dict)
-
     # -- blocking helpers (run in a thread) ---------------------------------------------
 
     def probe(self, url: str, method: str, extra: dict[str, str], auth: Authorizer | None, what: str,
@@ -122,14 +117,8 @@ class Pull(ProxyPlugin):
     @staticmethod
     def target(ctx: RequestContext) -> tuple[str, str]:
         """The upstream URL of the request, and what it is (for messages)."""
-        if ctx.route == "tags":
-            path, what = f"/v2/{ctx.name}/tags/list", f"tags of {ctx.name}"
-        else:
-            path, what = f"/v2/{ctx.name}/blobs/{ctx.reference}", f"blob {ctx.reference}"
-        url = ctx.upstream.url(path)
-        if ctx.query:
-            url += "?" + "&".join(f"{k}={v}" for k, v in ctx.query)
-        return url, what
+        what = f"tags of {ctx.name}" if ctx.route == "tags" else f"blob {ctx.reference}"
+        return ctx.upstream_url(), what
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -212,7 +201,7 @@ class Pull(ProxyPlugin):
             self._drain(resp)
             if not same_origin(target, current):
                 auth = None  # a storage host never gets the registry's token
-                self.blob_modes()[ctx.upstream.ns] = "redirect"
+                self.state.blob_modes[ctx.upstream.ns] = "redirect"
                 if not self.follow:
                     ctx.answer = http.Response.make(resp.status_code, b"", {
                         "Location": target, oci.API_VERSION_HEADER: oci.API_VERSION})
@@ -222,10 +211,9 @@ class Pull(ProxyPlugin):
         else:
             raise UpstreamError(502, "UPSTREAM_UNAVAILABLE", f"{what}: too many redirects upstream")
         if resp.status_code >= 300:
-            self._drain(resp)
-            raise UpstreamError.from_status(resp, what)
+            raise UpstreamError.from_status(resp, what)  # reads the error body the client gets
         if not redirected:
-            self.blob_modes()[ctx.upstream.ns] = "direct"
+            self.state.blob_modes[ctx.upstream.ns] = "direct"
         length = resp.headers.get("Content-Length")
         whole = resp.status_code == 200 and "Range" not in ctx.pass_headers
         digest = checkable(ctx.reference) if whole and self.state.settings.verify_blobs else None
@@ -256,20 +244,25 @@ class Pull(ProxyPlugin):
     def forward_blob(self, ctx: RequestContext, url: str, extra: dict[str, str], what: str) -> None:
         """Blocking: find the URL to stream from; mitmproxy streams it to the client."""
         auth = ctx.authorizer
-        modes = self.blob_modes()
+        modes = self.state.blob_modes
         ns = ctx.upstream.ns
-        if not self.follow:
-            target = url
-        elif modes.get(ns) == "direct":
-            # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
-            self.probe(url, "HEAD", extra, auth, what)
-            target = url
-        else:
-            # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
-            target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
-            if resp is not None:
-                resp.close()
-            modes[ns] = "direct" if target == url else "redirect"
+        try:
+            if not self.follow:
+                target = url
+            elif modes.get(ns) == "direct":
+                # Known to serve blobs itself: a HEAD checks reachability and renews a stale token.
+                self.probe(url, "HEAD", extra, auth, what)
+                target = url
+            else:
+                # A HEAD learns where the bytes are: a GET's body would be dropped and fetched again.
+                target, resp = self.probe(url, "HEAD", extra, auth, what, stop_at_storage=True)
+                if resp is not None:
+                    resp.close()
+                modes[ns] = "direct" if target == url else "redirect"
+        except UpstreamError as e:
+            if e.body is None:
+                raise
+            target = url  # an error the client gets as it is (404): the GET streams the registry's body
         header = auth.header() if same_origin(target, url) and auth is not None else None
         self._forward(ctx, url, target, header)
 
@@ -318,7 +311,7 @@ class Pull(ProxyPlugin):
             ctx.why = f"upstream answered {resp.status_code}"
         if 300 <= resp.status_code < 400 and "Location" in resp.headers:
             # Redirected where the probe was not: hand the redirect on; learn for next time.
-            self.blob_modes()[ctx.upstream.ns] = "redirect"
+            self.state.blob_modes[ctx.upstream.ns] = "redirect"
         elif resp.status_code in (401, 403, 429):
             # The client must not be sent to the upstream's token realm: make it fall back.
             mapped = {401: 502, 403: 502, 429: 503}[resp.status_code]

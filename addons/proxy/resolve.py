@@ -15,14 +15,12 @@ mismatch is a gateway error, never a served manifest.
 from __future__ import annotations
 
 import base64
-import collections
 import email.utils
 import functools
 import hashlib
 import json
 import logging
 import re
-import threading
 from collections.abc import Generator
 
 import requests
@@ -41,7 +39,6 @@ logger = logging.getLogger(__name__)
 _MEDIA_TYPE_RE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 #: The distribution spec lets registries refuse manifests over 4 MiB; so do we.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-CACHE_BYTES = 64 * 1024 * 1024
 #: Docker's signed schema1 manifests (docker-registry converts a schema2 image to one for a
 #: client that accepts no Docker v2 type); their digest is that of the unsigned payload.
 SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
@@ -206,41 +203,8 @@ def _media_type_from_body(body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class ManifestCache:
-    """Manifests by (upstream, repository, digest), bounded in bytes, least recently used out."""
-
-    def __init__(self, limit: int = CACHE_BYTES) -> None:
-        self.limit = limit
-        self.size = 0
-        self._items: collections.OrderedDict[tuple[str, str, str], Manifest] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str, str]) -> Manifest | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
-
-    def put(self, key: tuple[str, str, str], manifest: Manifest) -> None:
-        if manifest.size > self.limit:
-            return
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = manifest
-            self.size += manifest.size
-            while self.size > self.limit:
-                _, old = self._items.popitem(last=False)
-                self.size -= old.size
-
-
-def manifest_cache(state: MirrorState) -> ManifestCache:
-    return state.service("manifests", ManifestCache)
-
-
 def _cached(state: MirrorState, upstream: Upstream, name: str, ref: str) -> Manifest | None:
-    return manifest_cache(state).get((upstream.ns, name, ref)) if oci.is_digest(ref) else None
+    return state.manifests.get((upstream.ns, name, ref)) if oci.is_digest(ref) else None
 
 
 def _kept(state: MirrorState, upstream: Upstream, name: str, ref: str, resp: requests.Response, what: str,
@@ -253,7 +217,7 @@ def _kept(state: MirrorState, upstream: Upstream, name: str, ref: str, resp: req
     if notes is not None:
         notes.extend(checked)
     if not checked and oci.base_media_type(manifest.media_type) not in SCHEMA1_TYPES:
-        manifest_cache(state).put((upstream.ns, name, manifest.digest), manifest)
+        state.manifests.put((upstream.ns, name, manifest.digest), manifest)
     return manifest
 
 
@@ -323,7 +287,6 @@ class Resolve(ProxyPlugin):
     plugin = "resolve"
     routes = frozenset({"manifests"})
     answers = frozenset({"manifests"})
-    summary = "fetch the manifest upstream (also accepting the listed media types); answer as the registry would"
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:
@@ -380,7 +343,7 @@ class Resolve(ProxyPlugin):
         accept = lookup_accept(ctx.accept, self.config)
         notes: list[str] = []
         what = f"manifest {ctx.name}:{ctx.reference}"
-        url = ctx.upstream.url(f"/v2/{ctx.name}/manifests/{ctx.reference}")
+        url = ctx.upstream_url()
         manifest = _cached(self.state, ctx.upstream, ctx.name, ctx.reference)
         cached = manifest is not None
         try:

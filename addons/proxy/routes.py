@@ -75,18 +75,15 @@ class Manifests(Route):
     plugin = "manifests"
     route_kind = "manifests"
     methods = ("GET", "HEAD")
-    summary = "serve /v2/<name>/manifests/<reference> for the listed methods"
 
 
 class Blobs(Route):
     plugin = "blobs"
     route_kind = "blobs"
     methods = ("GET", "HEAD")
-    summary = "serve /v2/<name>/blobs/<digest> for the listed methods"
 
 
 class Tags(Route):
     plugin = "tags"
     route_kind = "tags"
     methods = ("GET",)
-    summary = "serve /v2/<name>/tags/list for the listed methods"

@@ -1,8 +1,10 @@
 """What the proxy steps of one loaded runmd share: upstreams, settings, helpers, counters.
 
 One `MirrorState` belongs to one loaded runmd; plugins get it at construction so that no
-state lives in module globals (two mirrors in one process, as in tests, stay apart).
-Per-request decisions live in each request's `RequestContext` (addons.proxy.context).
+state lives in module globals (two mirrors in one process, as in tests, stay apart). Its
+shared helpers are typed fields, all made when the state is (addons.chain.build_state), so a
+misspelt one is an AttributeError rather than a new empty table. Per-request decisions live
+in each request's `RequestContext` (addons.proxy.context).
 """
 
 from __future__ import annotations
@@ -10,13 +12,18 @@ from __future__ import annotations
 import collections
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
 from mitmproxy import http
 
 from addons.proxy.context import RequestContext
+from addons.proxy.manifest_cache import ManifestCache
+from addons.proxy.upstream import new_session
+from addons.registry.auth import TokenClient
 from addons.registry.oci import Upstream
 
 logger = logging.getLogger(__name__)
@@ -40,18 +47,35 @@ class Settings:
     containerd_config: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class MirrorState:
     home: Path
     upstreams: dict[str, Upstream]
     settings: Settings = field(default_factory=Settings)
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
-    #: Helpers shared by every route (HTTP session, token client, caches), made on first use.
-    services: dict[str, Any] = field(default_factory=dict)
+    #: The one pooled HTTP session of the mirror's own upstream requests, token grants included.
+    session: requests.Session = field(default_factory=new_session)
+    #: Upstream tokens by upstream and scope, fetched through `session`.
+    tokens: TokenClient = field(init=False)
+    #: Manifests by (upstream, repository, digest).
+    manifests: ManifestCache = field(default_factory=ManifestCache)
+    #: upstream ns -> "direct" or "redirect": where its blobs come from, as `.pull` learned it.
+    blob_modes: dict[str, str] = field(default_factory=dict)
+    #: A streamable manifest's digest -> the "name:tag" teleport served it for (the newest few).
+    teleport_targets: dict[str, str] = field(default_factory=dict)
+    #: Per hosts.toml the runmd installs, whether containerd goes through the mirror (first):
+    #: set when the hosts folder is watched (addons.node.hostswatch).
+    hosts_routing: Callable[[], list[dict[str, Any]]] | None = None
+    #: What the teleport steps share (addons.teleport.discover.TeleportShared, read through
+    #: `teleport_shared`): made by chain.build_state; this layer cannot name teleport's types.
+    teleport: object | None = None
     #: The context of every routed request in flight; never in flow.metadata (saved to files).
     contexts: weakref.WeakKeyDictionary[http.HTTPFlow, RequestContext] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+
+    def __post_init__(self) -> None:
+        self.tokens = TokenClient(session=self.session, timeout=self.settings.upstream_timeout)
 
     def upstream_for(self, ns: str | None) -> Upstream | None:
         """The upstream named by containerd's `ns`, or the only one when a client sends none."""
@@ -61,8 +85,7 @@ class MirrorState:
             return None
         return self.upstreams.get(ns.lower())
 
-    def service(self, key: str, factory: Any) -> Any:
-        """One shared helper object per mirror (token client, HTTP session), made on first use."""
-        if key not in self.services:
-            self.services[key] = factory()
-        return self.services[key]
+    def use_session(self, session: requests.Session) -> None:
+        """Send every upstream request of this mirror, token grants included, through `session`."""
+        self.session = session
+        self.tokens.session = session

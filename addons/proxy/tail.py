@@ -4,7 +4,6 @@ request gets its one log line once its answer is complete."""
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlencode
 
 from mitmproxy import http
 
@@ -60,10 +59,7 @@ def summary(flow: http.HTTPFlow) -> str:
 
 def forward_as_is(flow: http.HTTPFlow, ctx: RequestContext) -> None:
     """Send a routed request that no step answers to its upstream unchanged (but for `ns`)."""
-    path = f"/v2/{ctx.name}/{ctx.route}/{ctx.reference}" if ctx.reference else f"/v2/{ctx.name}/tags/list"
-    url = ctx.upstream.url(path)
-    if ctx.query:
-        url += "?" + urlencode(ctx.query)
+    url = ctx.upstream_url()
     header = None
     if ctx.authorizer is not None:
         found, header = ctx.authorizer.cached_header()

@@ -2,8 +2,8 @@
 
 Every plugin that talks to a registry (resolve, pull's redirect probe, discover) goes through
 `send`, so timeouts, the one retry after a 401 and the mapping of failures to statuses that
-make containerd fall back to its next host are decided once. `send` blocks: call it through
-`asyncio.to_thread`.
+make containerd fall back to its next host are decided once. `send` blocks: steps call it from
+`run`, in the route's worker thread; `asend` is its event-loop twin for `fetch`.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ class Shared(Protocol):
     #: has `upstream_timeout` and `connect_timeout`, in seconds
     settings: Any
     counters: Any
-
-    def service(self, key: str, factory: Any) -> Any: ...
+    session: requests.Session
 
 
 class NeedsIO(Exception):
@@ -197,24 +196,14 @@ class Authorizer:
         return self.header()
 
 
-def session(state: Shared) -> requests.Session:
-    """One pooled session per mirror; redirects are never followed implicitly."""
-
-    def make() -> requests.Session:
-        s = requests.Session()
-        adapter = WireAdapter(pool_connections=16, pool_maxsize=64, max_retries=0)
-        s.mount("http://", adapter)
-        s.mount("https://", adapter)
-        s.trust_env = False  # a node's proxy variables must not reroute registry traffic
-        return s
-
-    return state.service("session", make)
-
-
-def token_client(state: Shared) -> TokenClient:
-    return state.service(
-        "tokens", lambda: TokenClient(session=session(state), timeout=state.settings.upstream_timeout)
-    )
+def new_session() -> requests.Session:
+    """The mirror's pooled session (one per mirror); redirects are never followed implicitly."""
+    s = requests.Session()
+    adapter = WireAdapter(pool_connections=16, pool_maxsize=64, max_retries=0)
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    s.trust_env = False  # a node's proxy variables must not reroute registry traffic
+    return s
 
 
 def _prepare(s: requests.Session, method: str, url: str, headers: Mapping[str, str | None],
@@ -287,7 +276,7 @@ def send(
     base = dict(headers or {})
     attempts = 2 if auth is not None else 1
     challenge: str | None = None
-    s = session(state)
+    s = state.session
     for attempt in range(attempts):
         req_headers = dict(base)
         if auth is not None:
@@ -323,7 +312,7 @@ async def asend(
     (a new token is fetched blocking), it raises NeedsIO and the caller `send`s from its worker
     thread; the 401's challenge is learned first, so that the retry fetches the new token at once.
     """
-    s = session(state)
+    s = state.session
     adapter = s.get_adapter(url)
     answer_on_loop = getattr(adapter, "asend", None)
     if answer_on_loop is None:

@@ -23,8 +23,6 @@ No token or secret is ever logged or put into an error message.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime
 import json
 import logging
@@ -42,7 +40,7 @@ import msal
 import requests
 
 from addons.core.files import write_private
-from addons.registry.auth import insecure_permissions
+from addons.registry.auth import insecure_permissions, jwt_claims
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +100,6 @@ class _ServicePrincipal:
     certificate_password: str | None = field(default=None, repr=False)
     authority: str | None = None
     origin: str = "the environment"
-
-
-def jwt_claims(token: str) -> dict[str, Any]:
-    """The claims of a JWT, unverified: only to read `tid` and `exp` of our own tokens."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return {}
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
-        return {}
-    return claims if isinstance(claims, dict) else {}
 
 
 def _first_line(text: Any, limit: int = 200) -> str:

@@ -1,8 +1,8 @@
 """
 The blocking token client behind the `.authn` plugin.
 
-The plugin calls it through `asyncio.to_thread`, so it is written with `requests`
-and is thread-safe: tokens are cached per (upstream, scope, credentials) and
+It runs in the route's worker thread (the event loop only reads its cache), so it is
+written with `requests` and is thread-safe: tokens are cached per (upstream, scope, credentials) and
 concurrent misses for one key share a single fetch. No token, password or
 Authorization value is ever logged or put into an exception message.
 """
@@ -10,7 +10,6 @@ Authorization value is ever logged or put into an exception message.
 from __future__ import annotations
 
 import base64
-import binascii
 import collections
 import dataclasses
 import hashlib
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import requests
 
 from addons.core.address import is_loopback
@@ -162,16 +162,17 @@ class AuthError(Exception):
 # --- token client ------------------------------------------------------------
 
 
+def jwt_claims(token: str) -> dict[str, Any]:
+    """The claims of a JWT, unverified: only to read when our own tokens expire and their tenant."""
+    try:
+        return jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return {}
+
+
 def jwt_expiry(token: str) -> float | None:
     """The `exp` claim of a JWT, read without verifying: only to know when to refresh."""
-    if not _JWT_RE.fullmatch(token):
-        return None
-    payload = token.split(".")[1]
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    exp = jwt_claims(token).get("exp")
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         return None
     return float(exp)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,6 @@ class EnginePlugin(Plugin):
 
 class Event(EnginePlugin):
     plugin = "event"
-    summary = "run the blocks '``` NAME ENGINE': their runtime steps, then their proxy until it exits"
 
     @classmethod
     def parse(cls, text: str) -> str:
@@ -69,7 +68,6 @@ class BackoffPolicy:
 
 class Loop(EnginePlugin):
     plugin = "loop"
-    summary = "start over from the first event after a back-off: '.loop [INITIAL, MAX]' (default 1s, 60s)"
 
     @classmethod
     def parse(cls, text: str) -> BackoffPolicy:
@@ -86,7 +84,6 @@ class Loop(EnginePlugin):
 
 class Exit(EnginePlugin):
     plugin = "exit"
-    summary = "end the engine"
 
 
 class Backoff:
@@ -256,11 +253,18 @@ class ProxyExit(Exception):
 class Engine:
     """Runs one engine's actions; `serve_argv` is the command of the proxy child."""
 
-    def __init__(self, spec: EngineSpec, runtime: Runtime, serve_argv: Sequence[str]) -> None:
+    def __init__(
+        self, spec: EngineSpec, runtime: Runtime, serve_argv: Sequence[str], *,
+        clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], bool] | None = None,
+    ) -> None:
         self.spec = spec
         self.runtime = runtime
         self.serve_argv = list(serve_argv)
         self.rounds = 0
+        #: How long a round ran, and the wait before the next (True when asked to stop): a test
+        #: gives its own, so the back-off is checked without waiting for it.
+        self.clock = clock
+        self.sleep = sleep or runtime.children.sleep
 
     @property
     def stopping(self) -> bool:
@@ -292,7 +296,7 @@ class Engine:
         index, first_id = start_point(spec, start_id)
         while True:
             self.rounds += 1
-            began = time.monotonic()
+            began = self.clock()
             failed = False
             for action in spec.actions[index:]:
                 if self.stopping:
@@ -326,9 +330,9 @@ class Engine:
                 return 0
             if self.stopping:
                 return 0
-            delay = backoff.after(failed, time.monotonic() - began)
+            delay = backoff.after(failed, self.clock() - began)
             logger.info("engine %s: starting over in %s", spec.label, format_duration(delay))
-            if self.runtime.children.sleep(delay):
+            if self.sleep(delay):
                 return 0
             index, first_id = 0, 0
 

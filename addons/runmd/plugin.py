@@ -46,8 +46,6 @@ class Plugin:
     roots: ClassVar[frozenset[str]] = frozenset()
     #: Names of lines (`: .arg ...`) that qualify this step instead of being steps.
     attributes: ClassVar[tuple[str, ...]] = ()
-    #: One line for `acr dump --plugins` and error messages.
-    summary: ClassVar[str] = ""
 
     @classmethod
     def parse(cls, text: str) -> Any:

@@ -96,7 +96,6 @@ def build_command(program: tuple[str, ...], attributes: Iterable[Attribute]) -> 
 class Process(RuntimePlugin):
     plugin = "process"
     attributes = ("arg", "flag", "env", "timeout")
-    summary = "run a program (no shell), stream its output into the log, fail on a non-zero exit"
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:

@@ -22,12 +22,10 @@ class StepError(Exception):
 
 class RuntimeRoot(Plugin):
     plugin = "runtime"
-    summary = "steps run once, in order, when the mirror starts"
 
 
 class EngineRoot(Plugin):
     plugin = "engine"
-    summary = "a sequence of blocks to run (events)"
 
 
 class RuntimePlugin(Plugin):

@@ -1,7 +1,7 @@
 """`.discover TYPE[, TYPE ...]`: the referrers of the resolved manifest, of the listed types.
 
 Registries expose referrers three ways: the OCI 1.1 referrers API, the spec's fallback tag
-`sha256-<hex>`, and the legacy ORAS endpoint of the seed's era. Which one an upstream speaks
+`sha256-<hex>`, and ORAS's own endpoint, which early converters use. Which one an upstream speaks
 is learned on its first lookup and remembered, so a cold tag pull costs one referrers call
 and a warm one none: results are cached per digest (found referrers for long, since a digest
 never changes; "none found" only briefly, since a conversion may finish after a first pull).
@@ -30,6 +30,7 @@ from addons.runmd.plugin import split_list
 from addons.proxy.context import Referrers, RequestContext
 from addons.proxy.state import MirrorState
 from addons.proxy.upstream import Authorizer, NeedsIO, UpstreamError, send
+from addons.teleport.gate import Gate
 
 logger = logging.getLogger(__name__)
 
@@ -204,14 +205,30 @@ class ReferrersClient:
         return parse_referrers(body, "tagschema")
 
 
-def referrers_client(state: MirrorState) -> ReferrersClient:
-    return state.service("referrers", lambda: ReferrersClient(state))
+@dataclass
+class TeleportShared:
+    """One per `MirrorState` (its `teleport` field), made by addons.chain.build_state."""
+
+    referrers: ReferrersClient
+    #: The node's verdict; None when the runmd has no `.teleport` step (and /status shows none).
+    gate: Gate | None = None
+
+    @classmethod
+    def of(cls, state: MirrorState, teleports: bool) -> TeleportShared:
+        """The shared part of `state`; `teleports`: the runmd has `.teleport` steps."""
+        return cls(ReferrersClient(state), Gate() if teleports else None)
+
+
+def teleport_shared(state: MirrorState) -> TeleportShared:
+    """The teleport steps' shared part of `state`."""
+    if not isinstance(state.teleport, TeleportShared):
+        raise TypeError("the mirror's state has no teleport part: make it with addons.chain.build_state")
+    return state.teleport
 
 
 class Discover(ProxyPlugin):
     plugin = "discover"
     routes = frozenset({"manifests"})
-    summary = "look up referrers of these artifact types, in order of preference"
 
     @classmethod
     def parse(cls, text: str) -> tuple[str, ...]:
@@ -236,7 +253,7 @@ class Discover(ProxyPlugin):
 
     def lookup(self, ctx: RequestContext, digest: str, io: bool = True) -> tuple[list[Descriptor], str, bool]:
         """Referrers of `digest` in the request's repository; raises DiscoverError (or NeedsIO)."""
-        return referrers_client(self.state).referrers(ctx.upstream, ctx.name, digest, self.config, ctx.authorizer, io)
+        return teleport_shared(self.state).referrers.referrers(ctx.upstream, ctx.name, digest, self.config, ctx.authorizer, io)
 
     def applies(self, ctx: RequestContext) -> bool:
         """A resolved manifest is being answered with 200: find what refers to it. Not when the

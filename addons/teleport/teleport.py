@@ -30,7 +30,7 @@ from mitmproxy import ctx as mitmctx
 from mitmproxy import exceptions
 
 from addons.registry import oci
-from addons.teleport.discover import DiscoverError
+from addons.teleport.discover import DiscoverError, teleport_shared
 from addons.registry.oci import Descriptor, Manifest, Platform
 from addons.proxy.plugin import ProxyPlugin
 from addons.proxy.context import ROCKET, RequestContext, TeleportDecision
@@ -48,8 +48,8 @@ OVERLAYBD_NATIVE = "application/vnd.containerd.overlaybd.native.v1+json"
 DADI = "dadi.image.v1"
 #: Streamable digests remembered with the tag they were served for (their follow-up GET names it).
 MAX_TARGETS_KEPT = 1024
-#: Seed-era artifact manifests (ORAS, then the OCI 1.1 release candidates): a `dadi.image.v1`
-#: referrer of this kind lists the converted image manifest among its `blobs`.
+#: Artifact manifests (ORAS's, and the OCI 1.1 release candidates') that early overlaybd converters
+#: push: a `dadi.image.v1` referrer of this kind lists the converted image manifest among its `blobs`.
 ARTIFACT_MANIFESTS = ("application/vnd.cncf.oras.artifact.manifest.v1+json", "application/vnd.oci.artifact.manifest.v1+json")
 #: The layer annotations overlaybd's converter writes (accelerated-container-image): the
 #: blob's digest and size; without them the snapshotter would not know the layer is overlaybd.
@@ -226,7 +226,7 @@ def choose(referrers: list[Descriptor], formats: tuple[str, ...], want: Platform
 def linked_manifest(body: bytes) -> Descriptor | None:
     """The image manifest a `dadi.image.v1` artifact lists in its `blobs` (or `layers`), if any.
 
-    The seed's converter pushed an artifact manifest whose `blobs[0]` is the overlaybd image
+    Early overlaybd converters push an artifact manifest whose `blobs[0]` is the overlaybd image
     manifest; a referrer without such an entry is taken to be the image manifest itself.
     """
     try:
@@ -268,7 +268,6 @@ def platform_child(body: bytes, want: Platform) -> Descriptor:
 class Teleport(ProxyPlugin):
     plugin = "teleport"
     routes = frozenset({"manifests"})
-    summary = "answer tag resolution with the streamable copy (overlaybd, estargz) the node can run"
 
     @classmethod
     def parse(cls, text: str) -> TeleportConfig:
@@ -292,7 +291,9 @@ class Teleport(ProxyPlugin):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: The node's verdict, shared by every teleport step of this mirror.
-        self.gate: Gate = self.state.service("teleport_gate", Gate)
+        gate = teleport_shared(self.state).gate
+        assert gate is not None, "build_state makes the gate for a runmd with .teleport steps"
+        self.gate: Gate = gate
         self.gate.mode = self.mode
         if self.state.settings.containerd_config:  # a state made from another's settings (offline replay)
             self.gate.configure(Path(self.state.settings.containerd_config))
@@ -421,7 +422,7 @@ class Teleport(ProxyPlugin):
         original = ctx.manifest.digest
         if oci.is_digest(ctx.reference):
             # A teleport's follow-up GET: the client fetches the streamable manifest it was served.
-            ctx.teleport_target_of = self.state.service("teleport_targets", dict).get(ctx.reference)
+            ctx.teleport_target_of = self.state.teleport_targets.get(ctx.reference)
             self._record(ctx, "digest-pinned", "pulled by digest: served as asked")
             return True
         mode = self.mode
@@ -461,7 +462,7 @@ class Teleport(ProxyPlugin):
         self.state.counters["teleports"] += 1
         self.state.counters["teleport:teleported"] += 1
         ctx.marked = ROCKET
-        targets = self.state.service("teleport_targets", dict)
+        targets = self.state.teleport_targets
         targets.pop(streamable.digest, None)
         targets[streamable.digest] = f"{ctx.name}:{ctx.reference}"
         while len(targets) > MAX_TARGETS_KEPT:

@@ -24,7 +24,7 @@ def drive(mirror: Any, flow: http.HTTPFlow, hooks: Sequence[str] = REQUEST_HOOKS
 def install(state: MirrorState, answer: Callable[[requests.PreparedRequest], Answer]) -> AnswerAdapter:
     """Make `answer` the upstream of every request the mirror sends with its own session."""
     session, adapter = answering_session(answer)
-    state.services["session"] = session
+    state.use_session(session)
     return adapter
 
 

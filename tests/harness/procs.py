@@ -1,10 +1,13 @@
-"""Process-group handling: whatever a fixture starts must be gone when the test ends."""
+"""Process-group handling (whatever a fixture starts must be gone when the test ends), and waiting
+for what another process does."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -70,3 +73,14 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Whether `predicate` came true within `timeout` seconds: for what another process does
+    (a log line it writes after its answer), never instead of an event of our own."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

@@ -23,7 +23,7 @@ mitmweb, flow files and /metrics see) while its *body* bypasses the layers:
 
 Only plain-TCP HTTP/1 client connections are handed off (a TLS or HTTP/2 connection frames
 bytes itself): `can_hand_off` says so before the upstream request is made, and the caller
-streams those through mitmproxy as before. tests/test_datapath_unit.py pins what this relies on.
+streams those through mitmproxy (addons.proxy.stream). tests/test_datapath_unit.py pins what this relies on.
 """
 
 from __future__ import annotations
