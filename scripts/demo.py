@@ -1,9 +1,15 @@
-"""The demo behind ./scripts/demo: a real containerd pull through the mirror, teleported.
+"""The demo behind ./scripts/demo: a real containerd pull through the mirror, teleported, and a
+container started from the streamed copy before the image is downloaded.
 
-It starts everything on loopback in a temporary folder and stops it all at the end:
-a Debian `docker-registry` holding `demo/hello:v1` and its streamable copy (an ACR Artifact
-Streaming style referrer), the mirror (`acr init --upstream ...`, `acr mirror start`), and a
-private containerd daemon that pulls the tag through the mirror with no credentials.
+It starts everything on loopback in a temporary folder and stops it all at the end: a Debian
+`docker-registry` holding `demo/hello:v1` (one layer: a file to print and 32 MiB the container
+never reads) and its eStargz copy (made by `ctr-remote image convert --estargz --oci`, linked as
+an ACR Artifact Streaming style referrer), the mirror as `acr init` writes it (teleport `auto`),
+and a node: the stargz snapshotter (built from Debian's Go packages on the first run) with FUSE
+and a private containerd. containerd pulls the original on overlayfs and the tag on stargz, both
+through the mirror, and runs each; the demo prints pull time, bytes fetched against the image's
+size and the time to the container's first output. Where FUSE is missing it says why in one
+line and shows the digest swap alone, to an overlaybd-style copy, with `acr_teleport=always`.
 Whatever happens, the temporary folder is removed (unless --keep) and the logs of the
 registry, the mirror and containerd are copied to LOGS first, which the last lines name.
 """
@@ -24,13 +30,19 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from tests.harness import images  # noqa: E402
+from tests.harness.coldstart import cold_start  # noqa: E402
 from tests.harness.containerd import Containerd, write_hosts_toml  # noqa: E402
+from tests.harness.estargz import log_since, log_size, push_pair  # noqa: E402
 from tests.harness.mirror import Mirror  # noqa: E402
-from tests.harness.ports import ClosedPort  # noqa: E402
+from tests.harness.ports import ClosedPort, free_port  # noqa: E402
 from tests.harness.registry import Registry  # noqa: E402
+from tests.harness.stargz import StargzNode, estargz_mirror, fuse_missing  # noqa: E402
 
 STREAMING = "application/vnd.azure.artifact.streaming.v1"
 REPO = "demo/hello"
+STARGZ_HELLO = b"hello from demo/hello:v1\n"
+#: Incompressible data in the demo image that the container never reads.
+FILLER = 32 << 20
 #: Where the logs of the last run stay after the demo folder is gone.
 LOGS = ROOT / ".demo-logs"
 #: The last lines of ./scripts/demo and ./scripts/test: the commands are in the venv.
@@ -70,6 +82,73 @@ def keep_logs(logs: dict[str, Path]) -> None:
 
 def run(work: Path, logs: dict[str, Path]) -> int:
     """The demo itself; every server it starts is stopped when this returns or raises."""
+    reason = fuse_missing()
+    if reason:
+        say(f"no stargz snapshotter here ({reason}): showing the digest swap with an overlaybd-style copy instead")
+        return run_swap_only(work, logs)
+    return run_stargz(work, logs)
+
+
+def run_stargz(work: Path, logs: dict[str, Path]) -> int:
+    """A real lazy start: the tag pulled through the mirror in `auto` on a stargz node, against
+    the original on overlayfs."""
+    with Registry("anonymous", workdir=work / "registry") as reg, ClosedPort() as closed:
+        logs["registry.log"] = reg.log_path
+        say(f"registry (CNCF distribution) on {reg.url}")
+        port = free_port()
+        with StargzNode({reg.host: f"127.0.0.1:{port}"}, say=say) as node:
+            logs["stargz.log"] = node.snapshotter.log_path
+            logs["containerd.log"] = node.containerd.log_path
+            say("containerd with the stargz snapshotter (FUSE) as CRI's snapshotter; "
+                "the snapshotter reads blobs through the mirror")
+            pair = push_pair(reg, node.containerd.client("conversion"), REPO, "v1", hello=STARGZ_HELLO,
+                             filler_bytes=FILLER)
+            say(f"pushed {REPO}:v1 = {pair.original} ({mib(pair.original_size)} layer)")
+            say(f"pushed its eStargz copy (ctr-remote image convert --estargz --oci) as its streaming referrer = {pair.copy}")
+            mirror = estargz_mirror(work / "mirror", reg.url, node.containerd.config_path, port=port)
+            logs["mirror.log"] = mirror.log_path
+            say(f"acr init --upstream {reg.url} --teleport-format estargz wrote {mirror.runmd_path}; its teleport step:")
+            print("    " + next(line for line in mirror.runmd_path.read_text().splitlines() if ".teleport" in line.split()[1:2]))
+            mirror.start(timeout=60)
+            keep_logs(logs)
+            try:
+                hosts = work / "certs.d"
+                write_hosts_toml(hosts, reg.host, closed.url, hosts=[(mirror.url, ["pull", "resolve"])])
+                ctr = node.containerd.client("demo")
+                say("containerd pulls the original by digest on overlayfs through the mirror, and runs it")
+                original = cold_start(ctr, reg, f"{reg.host}/{REPO}@{pair.original}", hosts, pair.original_layer, lazy=False)
+                say(f"containerd pulls the tag {reg.host}/{REPO}:v1 on stargz through the mirror "
+                    "(ctr-remote image rpull; CRI pulls alike), and runs it")
+                mark = log_size(mirror.log_path)
+                copy = cold_start(ctr, reg, f"{reg.host}/{REPO}:v1", hosts, pair.copy_layer, lazy=True)
+            finally:
+                mirror.stop()
+                keep_logs(logs)
+        say("the mirror's log of the tag pull and the snapshotter's reads:")
+        for line in log_since(mirror.log_path, mark).splitlines():
+            if " -> " in line:
+                print("    " + line)
+        say(f"each container printed: {original.output.decode().strip()!r}, {copy.output.decode().strip()!r}")
+        say(f"{'':<24}{'pull':>8}  {'fetched before the output':<31}{'first output':>12}")
+        for what, c, size in (("original on overlayfs", original, pair.original_size),
+                              ("eStargz on stargz", copy, pair.copy_size)):
+            fetched = f"{mib(c.fetched_bytes)} of {mib(size)} ({100 * c.fetched_bytes / size:.1f}%)"
+            say(f"{what:<24}{c.pull_s:>6.2f} s  {fetched:<31}{c.first_output_s:>6.2f} s later")
+        teleported = copy.target == pair.copy
+        if teleported:
+            say(f"TELEPORTED: {REPO}:v1 {pair.original} -> {pair.copy}: "
+                f"first output after {copy.total_s:.2f} s instead of {original.total_s:.2f} s")
+        else:
+            say(f"not teleported: containerd has {copy.target}")
+    return 0 if teleported else 1
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def run_swap_only(work: Path, logs: dict[str, Path]) -> int:
+    """Where the stargz snapshotter cannot run: the digest swap alone, to an overlaybd-style copy."""
     with Registry("anonymous", workdir=work / "registry") as reg, ClosedPort() as closed:
         logs["registry.log"] = reg.log_path
         say(f"registry (CNCF distribution) on {reg.url}")

@@ -135,7 +135,7 @@ def test_the_readme_names_every_script_and_the_test_folders() -> None:
         assert listed(f"{path.name}/" if path.is_dir() else path.name, text), path.name
     for path in sorted((ROOT / "scripts" / "deploy").iterdir()):
         assert listed(path.name, text), f"deploy/{path.name}"
-    assert {k for k in tree["tests/"] if k} == {"harness/", "golden/", "replay/"}
+    assert {k for k in tree["tests/"] if k} == {"harness/", "stargz/", "golden/", "replay/"}
     for module in sorted((ROOT / "tests" / "harness").glob("*.py")):
         if module.stem != "__init__":
             assert listed(module.stem, tree["tests/"]["harness/"]), f"tests/harness/{module.name}"

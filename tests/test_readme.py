@@ -28,6 +28,7 @@ from tests.harness.mirror import ACR
 from tests.harness.ports import free_port, wait_port
 from tests.harness.procs import kill_group
 from tests.harness.replay import ROOT
+from tests.harness.stargz import fuse_missing
 
 README = ROOT / "README.md"
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
@@ -228,9 +229,13 @@ def test_acr_stargz_configure_shown_is_what_it_prints(tmp_path: Path) -> None:
 
 
 def normalize_demo(text: str) -> str:
-    """Ports, clock times and durations vary; containerd fetches the blobs in parallel, in any order."""
+    """Ports, clock times, durations and the bytes a lazy start happens to read vary (and with them
+    a table's padding); containerd fetches the blobs in parallel, in any order."""
     text = re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z ", "", text)
+    text = re.sub(r"\[\d\d:\d\d:\d\d\.\d+\] ", "", text)
     text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
+    text = re.sub(r"\d+\.\d+ MiB of (\S+ MiB) \(\d+\.\d+%\)", r"N MiB of \1 (N%)", text)
+    text = re.sub(r"(?<=\S)  +", " ", text)
     lines = re.sub(r"\d+\.\d+ s\b", "N s", text).splitlines()
     blobs = iter(sorted(line for line in lines if " GET blobs " in line))
     return "\n".join(next(blobs) if " GET blobs " in line else line for line in lines)
@@ -242,13 +247,15 @@ def test_what_the_demo_shows_is_its_real_output(tmp_path: Path) -> None:
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    start = out.index("==> containerd pulls")
-    end = out.index("\n", out.index("==> TELEPORTED"))
-    check("demo", "```text\n" + out[start:end + 1] + "```\n", normalize_demo)
+    if not fuse_missing():  # the README shows the real lazy start; elsewhere the demo shows the swap alone
+        start = out.index("==> containerd pulls")
+        end = out.index("\n", out.index("==> TELEPORTED"))
+        check("demo", "```text\n" + out[start:end + 1] + "```\n", normalize_demo)
     # Every path cleans up: the demo folder is gone, the logs are where the last lines say.
     work = re.search(r"==> working in (\S+)", out).group(1)
     assert not Path(work).exists()
-    assert "==> logs of this run: .demo-logs/ (containerd.log, mirror.log, registry.log)" in out
+    logs = "containerd.log, mirror.log, registry.log" + ("" if fuse_missing() else ", stargz.log")
+    assert f"==> logs of this run: .demo-logs/ ({logs})" in out
     assert out.rstrip().endswith("==> " + HINT)
 
 

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from .procs import kill_group
 
@@ -130,10 +130,12 @@ class Containerd(Ctr):
 
     ``hosts_dir`` (``<tmp>/certs.d``) is the CRI ``registry.config_path``; ``ctr`` pulls need
     ``--hosts-dir`` given explicitly (ctr does not read the daemon's CRI config).
+    ``proxy_snapshotters`` ({name: socket}) become ``[proxy_plugins.NAME]`` entries; naming one as
+    ``snapshotter`` makes it CRI's snapshotter, with snapshot annotations passed on to it.
     """
 
     def __init__(self, *, snapshotter: Optional[str] = None, namespace: str = "lifec-test",
-                 timeout: float = 20.0) -> None:
+                 timeout: float = 20.0, proxy_snapshotters: Mapping[str, str] = {}) -> None:
         if os.geteuid() != 0:
             raise PermissionError("containerd needs root")
         for binary in (CONTAINERD_BIN, CTR_BIN):
@@ -152,10 +154,11 @@ class Containerd(Ctr):
         wanted = snapshotter or os.environ.get("LIFEC_TEST_SNAPSHOTTER") or "overlayfs"
         super().__init__(address, namespace, snapshotter=None)
         self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proxy_snapshotters = dict(proxy_snapshotters)
         self._log = open(self.log_path, "ab")
         try:
             self._start(wanted, timeout)
-            if self._plugin_status("io.containerd.snapshotter.v1", wanted) != "ok":
+            if wanted not in self.proxy_snapshotters and self._plugin_status("io.containerd.snapshotter.v1", wanted) != "ok":
                 # e.g. overlayfs on a root that does not support it: restart on native.
                 self._kill()
                 self._start("native", timeout)
@@ -167,6 +170,8 @@ class Containerd(Ctr):
 
     def _write_config(self, snapshotter: str) -> None:
         d = self.dir
+        proxies = "".join(f'  [proxy_plugins.{name}]\n    type = "snapshot"\n    address = "{socket}"\n'
+                          for name, socket in self.proxy_snapshotters.items())
         self.config_path.write_text(f"""\
 version = 2
 root = "{self.root}"
@@ -185,6 +190,8 @@ state = "{self.state}"
 [metrics]
   address = ""
 
+[proxy_plugins]
+{proxies}
 [plugins]
   [plugins."io.containerd.metadata.v1.bolt"]
     content_sharing_policy = "isolated"
@@ -199,6 +206,7 @@ state = "{self.state}"
       conf_dir = "{d}/cni/net.d"
     [plugins."io.containerd.grpc.v1.cri".containerd]
       snapshotter = "{snapshotter}"
+      disable_snapshot_annotations = {"false" if snapshotter in self.proxy_snapshotters else "true"}
     [plugins."io.containerd.grpc.v1.cri".registry]
       config_path = "{self.hosts_dir}"
 """)

@@ -135,7 +135,8 @@ class Layer(Blob):
 
 
 def layer_tar(files: Mapping[str, bytes]) -> bytes:
-    """A deterministic uncompressed tar of files (parents added as dirs), mtime 0, root-owned."""
+    """A deterministic uncompressed tar of files (parents added as dirs), mtime 0, root-owned;
+    files under ``bin/`` are executable, so an image can carry a program a container runs."""
     dirs: set[str] = set()
     for path in files:
         parts = path.strip("/").split("/")[:-1]
@@ -150,7 +151,8 @@ def layer_tar(files: Mapping[str, bytes]) -> bytes:
         for path in sorted(files):
             data = files[path]
             info = tarfile.TarInfo(path.strip("/"))
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            info.size, info.mtime = len(data), 0
+            info.mode = 0o755 if path.strip("/").startswith("bin/") else 0o644
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
