@@ -57,7 +57,8 @@ def test_the_unit_runs_acr_mirror_start_in_its_home(home: Path) -> None:
     assert exec_argv(unit) == [ACR, "--runmd", str(home / "mirror.runmd"), "mirror", "start"]
     assert exec_argv(unit) == service.command(ACR, home)
     assert s["WorkingDirectory"] == str(home)
-    assert s["Restart"] == "on-failure" and s["Type"] == "simple"
+    # systemd waits for READY=1 and restarts a mirror that stops feeding its watchdog.
+    assert s["Restart"] == "on-failure" and s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert s["KillMode"] == "mixed" and s["UMask"] == "0077"
     assert "network-online.target" in unit["Unit"]["After"]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
@@ -188,9 +189,10 @@ def test_the_configmap_pipeline_listens_on_loopback(manifests: dict[str, Any], t
     hosts = [compiled.config(s) for _, s in compiled.document.steps("host")]
     assert hosts, "the pipeline installs hosts.toml"
     (mirror,) = manifests["DaemonSet"]["spec"]["template"]["spec"]["containers"]
-    for probe in (mirror["livenessProbe"], mirror["readinessProbe"]):
-        get = probe["httpGet"]
-        assert get["host"] == "127.0.0.1" and get["port"] == address.port and get["path"] == "/status"
+    paths = {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+    for name, path in paths.items():
+        get = mirror[name]["httpGet"]
+        assert get["host"] == "127.0.0.1" and get["port"] == address.port and get["path"] == path
 
 
 def test_the_deploy_folder_holds_the_daemonset_the_containerfile_and_the_monitoring() -> None:
