@@ -258,15 +258,13 @@ def test_two_mirrors_in_one_process_count_apart(tmp_path: Path) -> None:
 
 
 def test_throttling_upstream_answers_are_counted(metrics: Metrics) -> None:
-    import datetime
-
-    for status, headers in ((429, {}), (503, {"Retry-After": "3"}), (503, {}), (200, {})):
-        resp = requests.Response()
-        resp.status_code, resp.elapsed = status, datetime.timedelta(milliseconds=5)
-        resp.headers.update(headers)
-        resp.request = requests.Request("GET", "http://127.0.0.1:5000/v2/a/manifests/v1").prepare()
-        metrics.observe_upstream(resp)
-    assert samples_of(metrics)['acr_upstream_throttled_total{upstream="127.0.0.1:5000"}'] == 2
+    # What the mirror's upstream requests report to the back-off (addons.proxy.upstream): a 429,
+    # or a 503 that names a time, throttles; a bare 503 and a 200 do not.
+    for status, retry_after in ((429, None), (503, "3"), (503, None), (200, None)):
+        metrics.state.backoff.observe("127.0.0.1:5000", status, retry_after)
+    samples = samples_of(metrics)
+    assert samples['acr_upstream_throttled_total{upstream="127.0.0.1:5000"}'] == 2
+    assert 0 < samples['acr_upstream_backoff_seconds{upstream="127.0.0.1:5000"}'] <= 10
 
 
 def test_credential_expiry_is_the_refresh_tokens(token_server: TokenServer, token_registry: Registry,
