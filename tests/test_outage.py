@@ -97,11 +97,13 @@ def path(stand_in: StandIn, ref: str = "v1", kind: str = "manifests") -> str:
 
 
 def metric(m: Mirror, name: str, **labels: str) -> float:
-    text = m.get("/metrics").text
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(f"{name} ")):
-            return float(line.rsplit(" ", 1)[1])
+    """One sample of the mirror's /metrics, read by prometheus_client's parser (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(m.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
     return 0.0
 
 
