@@ -110,8 +110,7 @@ class _Declared:
 
 def declared_options() -> set[str]:
     """The options the steps and the chain's own addons declare, whether a runmd has them or not:
-    their `load` only declares options, so it runs on a bare instance. A `load` whose defaults
-    read the instance (teleport's containerd config path) gives the options it declared first."""
+    their `load` only declares options, so it runs on a bare instance."""
     declared = _Declared()
     classes = {cls for kind in catalog.plugins().values() for cls in kind.values()} | set(catalog.roots().values())
     classes |= {Endpoints, Metrics, ReplayCheck, LoginRefresh, hostswatch.HostsWatch}

@@ -64,7 +64,7 @@ def test_containerd_pulls_tags_it_saw_while_the_registry_is_down_and_after_a_mir
             assert pull(containerd, tmp_hosts_dir, ref) == digest, when
 
     def lines_since(mark: int) -> list[str]:
-        return [line for line in m.log_text().splitlines()[mark:] if re.search(r"\] (HEAD|GET) ", line)]
+        return [line for line in m.log_text().splitlines()[mark:] if re.search(r"addons\.proxy\.tail: (HEAD|GET) ", line)]
 
     reg.stop()  # the registry is down: connections are refused
     mark = len(m.log_text().splitlines())

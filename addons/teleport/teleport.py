@@ -37,6 +37,7 @@ from addons.proxy.context import ROCKET, RequestContext, TeleportDecision
 from addons.proxy.resolve import accepts, fetch_manifest, manifest_response
 from addons.proxy.upstream import NeedsIO, UpstreamError
 from addons.runmd.plugin import split_list
+from addons.node.containerd_config import DEFAULT_CONFIG
 from addons.teleport.gate import MODES, Gate, parse_mode
 
 logger = logging.getLogger(__name__)
@@ -309,8 +310,10 @@ class Teleport(ProxyPlugin):
             f"Teleport mode, overriding '.teleport FORMATS, MODE' in mirror.runmd: {', '.join(MODES)} "
             "(auto: only the format this node's containerd streams: overlaybd or estargz).",
         )
+        # The option check (addons.chain.declared_options) loads a bare instance, without a gate.
+        gate = getattr(self, "gate", None)
         loader.add_option(
-            "acr_containerd_config", str, str(self.gate.config),
+            "acr_containerd_config", str, str(gate.config if gate is not None else DEFAULT_CONFIG),
             "containerd's config.toml, read to tell which format this node streams (overlaybd with the "
             "overlaybd snapshotter, estargz with stargz): teleport's auto mode.",
         )
