@@ -115,6 +115,23 @@ class TextEdit(Protocol):
     new: str
 
 
+@dataclass
+class FileEdit:
+    """A config file's text before (None: no file yet) and after an edit, and what changed: what
+    the `configure` commands of the other programs the mirror sets up (overlaybd, stargz) return."""
+
+    old: str | None
+    new: str
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+    def diff(self, path: str) -> str:
+        return unified_diff(self.old, self.new, path)
+
+
 def unified_diff(old: str | None, new: str, path: str) -> str:
     """The edit as `diff -u` shows it (a missing file is /dev/null), for `--dry-run`."""
     return "".join(

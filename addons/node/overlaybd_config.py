@@ -17,12 +17,12 @@ is not overlaybd's config is refused and left alone.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from addons.core import jsonedit
-from addons.node.containerd_config import ConfigError, read, unified_diff, write
+from addons.node.containerd_config import ConfigError, read, write
+from addons.node.containerd_config import FileEdit as Edit
 from addons.node.https import cert_file
 from addons.runmd.compile import Compiled
 
@@ -35,22 +35,6 @@ GLOBAL_KEYS = frozenset({
     "prefetchConfig", "certConfig", "userAgent",
 })
 RESTART_NOTE = "restart overlaybd to apply this (e.g. 'systemctl restart overlaybd-tcmu'): it reads its config when it starts"
-
-
-@dataclass
-class Edit:
-    """The result of editing one overlaybd.json text."""
-
-    old: str
-    new: str
-    changes: list[str] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return self.old != self.new
-
-    def diff(self, path: str) -> str:
-        return unified_diff(self.old, self.new, path)
 
 
 def parse(text: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ nothing. The keys are upstream's own (service/resolver's `MirrorConfig`).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import AoT
 
-from addons.node.containerd_config import ConfigError, read, unified_diff, write
+from addons.node.containerd_config import ConfigError, read, write
+from addons.node.containerd_config import FileEdit as Edit
 from addons.node.https import cert_file
 from addons.node.listen import upstream_listens
 from addons.runmd.compile import Compiled
@@ -44,22 +45,6 @@ class MirrorEntry:
     registry: str
     host: str
     insecure: bool
-
-
-@dataclass
-class Edit:
-    """The result of editing one config.toml text of the snapshotter."""
-
-    old: str | None
-    new: str
-    changes: list[str] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return self.old != self.new
-
-    def diff(self, path: str) -> str:
-        return unified_diff(self.old, self.new, path)
 
 
 def entries(compiled: Compiled) -> list[MirrorEntry]:
