@@ -6,6 +6,8 @@ import re
 from typing import NamedTuple
 
 TEXT_LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (DEBUG|INFO|WARN|ERROR) ([\w.]+): (\S.*)$")
+#: The time in front of a text line, as README excerpts compare it (it changes from run to run).
+TEXT_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
 
 
 class LogLine(NamedTuple):
