@@ -165,6 +165,8 @@ class AcrMirror:
                 except (RunmdError, exceptions.OptionsError) as e:  # a bad file, or a bad value of a step's option
                     if not self._refuse_at_start(str(e)):
                         raise exceptions.OptionsError(str(e)) from None
+                    return
+                self._check_deferred()
 
     def _replace(self, children: list[Any]) -> None:
         """Swap the plugin addons, the way mitmproxy's script loader swaps a script's addons."""
@@ -220,19 +222,26 @@ class AcrMirror:
         except (RunmdError, exceptions.OptionsError) as e:
             self._refuse_at_start(str(e))
 
+    def _check_deferred(self) -> None:
+        """Under `mitmdump -s`, once the runmd's steps are loaded: mitmproxy keeps an unknown
+        `--set` aside for an addon still to come; every addon has declared its options by now,
+        so what is left is a step this runmd lacks (a warning), or a typo (refused)."""
+        if not self.script or self._refused or getattr(self, "_running", False) or not ctx.options.deferred:
+            return
+        steps = declared_options()
+        for name in sorted(ctx.options.deferred):
+            if name not in steps:
+                self._refuse_at_start(f"bad option: {unknown_option(name, set(ctx.options.keys()) | steps)}")
+                return
+            logger.warning("option %s: no step of %s uses it", name, ctx.options.acr_runmd or "mirror.runmd")
+
     async def running(self) -> None:
         self._starting = True
         if self.script and self.compiled is None and not self._refused:
             self._default_runmd()
-        if self.script and not self._refused and ctx.options.deferred:
-            # mitmproxy keeps an unknown `--set` aside for an addon still to come; every addon
-            # has declared its options by now: what is left is a step this runmd lacks, or a typo.
-            steps = declared_options()
-            for name in sorted(ctx.options.deferred):
-                if name not in steps:
-                    self._refuse_at_start(f"bad option: {unknown_option(name, set(ctx.options.keys()) | steps)}")
-                    break
-                logger.warning("option %s: no step of %s uses it", name, ctx.options.acr_runmd or "mirror.runmd")
+            self._check_deferred()
+        if self._refused:
+            return  # mitmproxy exits after `running`, on the error logged: nothing to start
         self._running = True
         state, compiled = self.state, self.compiled
         if state is not None and compiled is not None and state.stale is None:

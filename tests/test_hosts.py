@@ -267,9 +267,9 @@ def test_only_the_last_host_step_writes(tmp_path: Path, caplog: pytest.LogCaptur
     compiled = compiled_of(CASES["default"], tmp_path)
     caplog.set_level("INFO")
     Runtime.for_document(compiled, tmp_path / "certs.d").run()
-    installs = [r.message for r in caplog.records if r.message.endswith(": installed")]
+    installs = [r.getMessage() for r in caplog.records if r.getMessage().endswith(": installed")]
     assert len(installs) == 2
-    assert any("written by the last .host step (4)" in r.message for r in caplog.records)
+    assert any("written by the last .host step (4)" in r.getMessage() for r in caplog.records)
 
 
 # --- .https ----------------------------------------------------------------------------------

@@ -218,8 +218,8 @@ def test_a_rewrite_by_another_tool_is_logged_once_and_our_table_put_back(
     target.write_text(SPEGEL)  # Spegel starts and writes the file whole
     watch.check()
     watch.check()
-    rewritten = [r for r in caplog.records if "was rewritten" in r.message]
-    assert len(rewritten) == 1 and "putting the mirror's table back" in rewritten[0].message
+    rewritten = [r for r in caplog.records if "was rewritten" in r.getMessage()]
+    assert len(rewritten) == 1 and "putting the mirror's table back" in rewritten[0].getMessage()
     assert hostsmerge.host_urls(target.read_text()) == [OURS, "http://10.0.0.5:30020", "http://10.0.0.5:30021"]
     [status] = watch.routing()
     assert status["routes_through_mirror"] and status["first"] and status["state"] == "shared"
@@ -238,7 +238,7 @@ def test_keep_out_only_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) ->
     target.write_text(DRAGONFLY)
     watch.check()
     watch.check()
-    assert [r.message for r in caplog.records if "was rewritten" in r.message] == [
+    assert [r.getMessage() for r in caplog.records if "was rewritten" in r.getMessage()] == [
         f"{target} was rewritten and no longer lists the mirror; keep-out: leaving it so"
     ]
     assert target.read_text() == DRAGONFLY

@@ -31,6 +31,7 @@ from addons.runmd.syntax import RunmdError
 from addons.runmd.runtime import Runtime, StepError
 from tests.harness.aad import AadStandIn
 from tests.harness.images import ACCEPT_ALL_MANIFESTS, make_image, push_image
+from tests.harness.loglines import parse
 from tests.harness.mirror import Mirror
 from tests.harness.ports import ClosedPort
 from tests.harness.registry import Registry
@@ -472,7 +473,10 @@ def test_mirror_start_fails_with_one_line(aad: AadStandIn, tmp_path: Path, close
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if not line.startswith("INFO ")]
+    # The runtime steps' lines come in the one log format, at INFO; the error is the one `acr:` line.
+    lines = [(parse(line), line) for line in result.stderr.splitlines()]
+    assert all(log.level == "INFO" for log, _ in lines if log), result.stderr
+    errors = [line for log, line in lines if not log]
     assert errors == ["acr: step 2 (.login-acr http://127.0.0.1:%d): no 'az': the Azure CLI is not installed "
                       "(not on PATH)" % closed_port.port], result.stderr
     assert not (tmp_path / "access_token").exists()

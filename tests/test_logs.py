@@ -21,11 +21,11 @@ from mitmproxy.test import taddons
 from addons.core import logformat
 from addons.core.logformat import JsonFormatter, RequestFields, TextFormatter
 from addons.observe.logs import LogFormat
+from tests.harness.loglines import TEXT_LINE
 from tests.harness.replay import http_pull, replay_runmd
 from tests.test_readme import check
 from tests.test_metrics import SESSION, replay_server  # noqa: F401  (the recorded upstream)
 
-TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARN|ERROR) [\w.]+: \S")
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from addons.cli import build_parser
+from tests.harness.loglines import parse
 from tests.harness.mirror import ACR
 from tests.harness.ports import ClosedPort, free_port
 
@@ -84,7 +85,13 @@ def test_mitmdump_stops_with_one_line(node: tuple[Path, Path], option: str, line
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "Traceback" not in out and "error in script" not in out, out
-    assert [l.split("] ", 1)[-1] for l in out.splitlines() if option.split("=")[0] in l] == [line], out
+    # mitmproxy's lines and the mirror's come in the one log format: the error is its message part.
+    logs = [(parse(l), l) for l in out.splitlines()]
+    assert [log.message for log, _ in logs if log and log.level == "ERROR"] == [line], out
+    assert [log.message if log else l for log, l in logs if option.split("=")[0] in l] == [line], out
+    # It stops before `running`: the error is the last line of the mirror's (the steps start
+    # nothing, so the teleport gate never says what it would serve).
+    assert [log.level for log, _ in logs if log and log.logger.startswith("addons.")][-1] == "ERROR", out
     assert snapshot(home, hosts) == before
 
 

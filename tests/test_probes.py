@@ -381,7 +381,7 @@ def test_a_runmd_loaded_again_says_ready_again_and_not_stopping(tmp_path: Path, 
     async def reload() -> None:
         with taddons.context(mirror) as tctx:
             tctx.configure(mirror, acr_runmd=str(first))
-            tctx.master.addons.invoke_addon_sync(mirror, hooks.RunningHook())
+            await tctx.master.addons.invoke_addon(mirror, hooks.RunningHook())  # `running` is async
             tctx.configure(mirror, acr_runmd=str(second))
 
     try:
