@@ -31,7 +31,7 @@ from addons.core.liveness import Heartbeat
 from addons.core.sdnotify import Notifier, socket_address, watchdog_interval
 from tests.harness.mirror import ACR, Mirror
 from tests.harness.ports import ClosedPort, free_port, port_open, wait_port
-from tests.harness.procs import kill_group
+from tests.harness.procs import kill_group, wait_for
 
 # --- the heartbeat -----------------------------------------------------------------------------
 
@@ -324,7 +324,10 @@ def test_readyz_follows_the_credentials_file_without_a_restart(tmp_path: Path) -
         token = mirror.home / "access_token"
         try:
             mirror.start(timeout=60)
-            # No credentials file and no ACR login to write one: anonymous pulls, ready.
+            # The port accepts before the chain's start hooks have all run: until then /readyz
+            # says "not serving yet", as a kubelet would see it. No credentials file and no ACR
+            # login to write one: anonymous pulls, ready.
+            assert wait_for(lambda: mirror.get("/readyz").status_code == 200, timeout=30)
             assert mirror.get("/readyz").json() == {"status": "ok", "problems": []}
             token.write_text("\n")
             r = mirror.get("/readyz")
