@@ -131,6 +131,20 @@ class FileEdit:
     def diff(self, path: str) -> str:
         return unified_diff(self.old, self.new, path)
 
+    def report(self, path: Path, backup: Path | None, dry_run: bool, unchanged: str, restart: str) -> list[str]:
+        """What a `configure` command prints: the diff (dry run) or what changed, then `restart`;
+        `unchanged` says why nothing had to change."""
+        if not self.changed:
+            return [f"{path}: no change ({unchanged})"]
+        if dry_run:
+            lines = [self.diff(str(path)).rstrip("\n"), f"{path}: dry run, nothing written"]
+        else:
+            made = "created" if self.old is None else "updated"
+            lines = [f"{path}: {made}" + (f"; the original is kept in {backup}" if backup else "")]
+            lines.extend(f"  {c}" for c in self.changes)
+        lines.append(f"{'then ' if dry_run else ''}{restart}")
+        return lines
+
 
 def unified_diff(old: str | None, new: str, path: str) -> str:
     """The edit as `diff -u` shows it (a missing file is /dev/null), for `--dry-run`."""

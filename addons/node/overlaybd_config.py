@@ -87,18 +87,7 @@ def configure(path: Path, auth_url: str, *, dry_run: bool = False) -> tuple[Edit
 
 def report(path: Path, edit: Edit, backup: Path | None, dry_run: bool) -> list[str]:
     """What `acr overlaybd configure` prints: the diff (dry run) or what changed."""
-    lines: list[str] = []
-    if not edit.changed:
-        lines.append(f"{path}: no change (credentialConfig already asks the mirror)")
-        return lines
-    if dry_run:
-        lines.append(edit.diff(str(path)).rstrip("\n"))
-        lines.append(f"{path}: dry run, nothing written")
-    else:
-        lines.append(f"{path}: updated" + (f"; the original is kept in {backup}" if backup else ""))
-        lines.extend(f"  {c}" for c in edit.changes)
-    lines.append(f"{'then ' if dry_run else ''}{RESTART_NOTE}")
-    return lines
+    return edit.report(path, backup, dry_run, "credentialConfig already asks the mirror", RESTART_NOTE)
 
 
 def auth_url(compiled: Compiled) -> str | None:

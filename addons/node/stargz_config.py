@@ -135,18 +135,7 @@ def configure(path: Path, wanted: list[MirrorEntry], *, dry_run: bool = False) -
 
 def report(path: Path, edit: Edit, backup: Path | None, dry_run: bool) -> list[str]:
     """What `acr stargz configure` prints: the diff (dry run) or what changed."""
-    if not edit.changed:
-        return [f"{path}: no change (the stargz snapshotter reads through the mirror)"]
-    lines: list[str] = []
-    if dry_run:
-        lines.append(edit.diff(str(path)).rstrip("\n"))
-        lines.append(f"{path}: dry run, nothing written")
-    else:
-        made = "created" if edit.old is None else "updated"
-        lines.append(f"{path}: {made}" + (f"; the original is kept in {backup}" if backup else ""))
-        lines.extend(f"  {c}" for c in edit.changes)
-    lines.append(f"{'then ' if dry_run else ''}{RESTART_NOTE}")
-    return lines
+    return edit.report(path, backup, dry_run, "the stargz snapshotter reads through the mirror", RESTART_NOTE)
 
 
 def missing_mirrors(path: Path, wanted: list[MirrorEntry]) -> list[str] | None:
